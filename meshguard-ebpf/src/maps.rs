@@ -1,0 +1,27 @@
+//! Maps shared by every program. Sizes here are placeholders: the agent sets the real ones at
+//! load time (`--flow-map-size`, `--ringbuf-bytes`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use meshguard_ebpf::{FlowState, Stat};
+
+/// Flow state by socket cookie. LRU so that a flood can never wedge the map; an eviction of a
+/// flow that is still open shows up as `Stat::FlowEvicted` when it closes.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(1024, 0);
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: a per-CPU slot, written only from this CPU with preemption disabled.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,322 @@
+//! `cgroup_skb` ingress and egress: the only per-packet path, so it stays short. Per packet it
+//! reads the IP and L4 headers, finds the flow by socket cookie and adds to its counters. Once
+//! per flow it records the socket owner's uid and whether egress was redirected away from the
+//! socket's peer; once per direction it copies the first payload bytes into a `Sample` event.
+//! It always lets the packet through.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use meshguard_ebpf::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, EventKind, FlowState, FlowTuple, Redirect, SAMPLE_LEN,
+    SampleEvent, Stat, flags,
+};
+
+use crate::{
+    flow::{add, cookie_of, emit, header, normalize_mapped},
+    maps::{EVENTS, FLOWS, count},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const BPF_NOEXIST: u64 = 1;
+
+#[cgroup_skb(egress)]
+pub fn flow_egress(ctx: SkBuffContext) -> i32 {
+    on_packet(&ctx, DIRECTION_EGRESS);
+    1
+}
+
+#[cgroup_skb(ingress)]
+pub fn flow_ingress(ctx: SkBuffContext) -> i32 {
+    on_packet(&ctx, DIRECTION_INGRESS);
+    1
+}
+
+/// What the headers say. `peer` is the destination of an egress packet, the source of an
+/// ingress one.
+struct Packet {
+    protocol: u8,
+    peer_addr: [u32; 4],
+    peer_port: u16,
+    payload_off: u32,
+    payload_len: u32,
+}
+
+#[repr(C)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+struct Ipv6Header {
+    version_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// Source and destination ports, then (TCP) up to the data offset byte.
+#[repr(C)]
+struct TcpHead {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    doff: u8,
+}
+
+#[repr(C)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+}
+
+#[inline(always)]
+fn on_packet(ctx: &SkBuffContext, direction: u8) {
+    let Some(packet) = parse(ctx, direction) else {
+        return;
+    };
+    let cookie = cookie_of(ctx.skb.skb.cast());
+    let state = match FLOWS.get_ptr_mut(&cookie) {
+        Some(state) => state,
+        None => {
+            // TCP flows start in sock_ops; one without an entry that carries data predates the
+            // agent (or was evicted). Handshake and TIME_WAIT segments carry none: skip them.
+            if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
+                return;
+            }
+            if !adopt(ctx, cookie, direction, &packet) {
+                return;
+            }
+            match FLOWS.get_ptr_mut(&cookie) {
+                Some(state) => state,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a live map value; counters are updated atomically, the once-only fields race
+    // benignly (the same values).
+    let state = unsafe { &mut *state };
+
+    // SAFETY: `skb` is this program's context.
+    let segments = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u64;
+    if direction == DIRECTION_EGRESS {
+        add(addr_of_mut!(state.counters.bytes_sent), packet.payload_len as u64);
+        add(addr_of_mut!(state.counters.packets_sent), segments);
+    } else {
+        add(addr_of_mut!(state.counters.bytes_received), packet.payload_len as u64);
+        add(addr_of_mut!(state.counters.packets_received), segments);
+    }
+
+    if state.flags & flags::UID == 0 {
+        state.uid = ctx.get_socket_uid();
+        state.flags |= flags::UID;
+    }
+    if direction == DIRECTION_EGRESS
+        && packet.protocol == IPPROTO_TCP
+        && state.flags & flags::REDIRECTED == 0
+        && (packet.peer_port != state.tuple.remote_port
+            || packet.peer_addr != state.tuple.remote_addr)
+    {
+        state.redirect = Redirect {
+            addr: packet.peer_addr,
+            port: packet.peer_port,
+            _pad: 0,
+            // SAFETY: `skb` is this program's context.
+            ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        };
+        state.flags |= flags::REDIRECTED;
+    }
+
+    let sampled = if direction == DIRECTION_EGRESS {
+        flags::SAMPLED_EGRESS
+    } else {
+        flags::SAMPLED_INGRESS
+    };
+    if packet.payload_len > 0 && state.flags & sampled == 0 && sample(ctx, cookie, direction, state, &packet) {
+        state.flags |= sampled;
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
+    let (protocol, l4_off, peer_addr) = if ethertype == ETH_P_IP {
+        let Ok(ip) = ctx.load::<Ipv4Header>(0) else {
+            count(Stat::PacketUnreadable);
+            return None;
+        };
+        let peer = if direction == DIRECTION_EGRESS { ip.daddr } else { ip.saddr };
+        (ip.protocol, ((ip.version_ihl & 0x0f) as u32) * 4, [peer, 0, 0, 0])
+    } else if ethertype == ETH_P_IPV6 {
+        let Ok(ip) = ctx.load::<Ipv6Header>(0) else {
+            count(Stat::PacketUnreadable);
+            return None;
+        };
+        let peer = if direction == DIRECTION_EGRESS { ip.daddr } else { ip.saddr };
+        // Extension headers are rare between pods; such packets are not followed.
+        (ip.next_header, 40, peer)
+    } else {
+        return None;
+    };
+
+    let (ports, payload_off) = match protocol {
+        IPPROTO_TCP => {
+            let Ok(tcp) = ctx.load::<TcpHead>(l4_off as usize) else {
+                count(Stat::PacketUnreadable);
+                return None;
+            };
+            (Ports { sport: tcp.sport, dport: tcp.dport }, l4_off + ((tcp.doff >> 4) as u32) * 4)
+        }
+        IPPROTO_UDP => {
+            let Ok(ports) = ctx.load::<Ports>(l4_off as usize) else {
+                count(Stat::PacketUnreadable);
+                return None;
+            };
+            (ports, l4_off + 8)
+        }
+        _ => return None,
+    };
+    let peer_port = if direction == DIRECTION_EGRESS { ports.dport } else { ports.sport };
+    Some(Packet {
+        protocol,
+        peer_addr,
+        peer_port: u16::from_be(peer_port),
+        payload_off,
+        payload_len: ctx.len().saturating_sub(payload_off),
+    })
+}
+
+/// Starts following a flow that `sock_ops` did not announce: UDP, or TCP already running.
+#[inline(always)]
+fn adopt(ctx: &SkBuffContext, cookie: u64, direction: u8, packet: &Packet) -> bool {
+    let skb = ctx.skb.skb;
+    let family = ctx.skb.family() as u16;
+    let mut tuple = FlowTuple {
+        local_port: ctx.skb.local_port() as u16,
+        remote_port: u32::from_be(ctx.skb.remote_port()) as u16,
+        family,
+        protocol: packet.protocol,
+        direction,
+        ..FlowTuple::default()
+    };
+    if family == AF_INET6 {
+        read_ip6(skb, &mut tuple);
+    } else if family == AF_INET {
+        tuple.local_addr[0] = ctx.skb.local_ipv4();
+        tuple.remote_addr[0] = ctx.skb.remote_ipv4();
+    }
+    normalize_mapped(&mut tuple);
+    let mut state_flags = 0;
+    if packet.protocol == IPPROTO_TCP {
+        // Which end opened it is unknown; the end with the higher (ephemeral) port most likely.
+        tuple.direction = if tuple.local_port > tuple.remote_port {
+            DIRECTION_EGRESS
+        } else {
+            DIRECTION_INGRESS
+        };
+        state_flags = flags::MIDSTREAM;
+        count(Stat::FlowMidstream);
+    } else if tuple.remote_port == 0 {
+        // An unconnected UDP socket: its peer is this packet's.
+        tuple.remote_addr = packet.peer_addr;
+        tuple.remote_port = packet.peer_port;
+    }
+    let state = FlowState {
+        tuple,
+        flags: state_flags,
+        // SAFETY: no preconditions.
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+        ..FlowState::default()
+    };
+    if FLOWS.insert(&cookie, &state, BPF_NOEXIST).is_err() {
+        // Lost a race with another CPU (fine), or the map refused the entry.
+        if FLOWS.get_ptr(&cookie).is_none() {
+            count(Stat::FlowMapFull);
+            return false;
+        }
+        return true;
+    }
+    emit(EventKind::Open, cookie, &state);
+    true
+}
+
+#[inline(always)]
+fn read_ip6(skb: *mut __sk_buff, tuple: &mut FlowTuple) {
+    // SAFETY: `skb` is the program's context; each read is one aligned u32 context field.
+    unsafe {
+        tuple.local_addr[0] = read_volatile(addr_of!((*skb).local_ip6[0]));
+        tuple.local_addr[1] = read_volatile(addr_of!((*skb).local_ip6[1]));
+        tuple.local_addr[2] = read_volatile(addr_of!((*skb).local_ip6[2]));
+        tuple.local_addr[3] = read_volatile(addr_of!((*skb).local_ip6[3]));
+        tuple.remote_addr[0] = read_volatile(addr_of!((*skb).remote_ip6[0]));
+        tuple.remote_addr[1] = read_volatile(addr_of!((*skb).remote_ip6[1]));
+        tuple.remote_addr[2] = read_volatile(addr_of!((*skb).remote_ip6[2]));
+        tuple.remote_addr[3] = read_volatile(addr_of!((*skb).remote_ip6[3]));
+    }
+}
+
+/// Copies the first payload bytes of one direction straight into the ring buffer.
+#[inline(always)]
+fn sample(
+    ctx: &SkBuffContext,
+    cookie: u64,
+    direction: u8,
+    state: &FlowState,
+    packet: &Packet,
+) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<SampleEvent>(0) else {
+        count(Stat::RingbufFull);
+        return false;
+    };
+    let len = if packet.payload_len > SAMPLE_LEN as u32 {
+        SAMPLE_LEN as u32
+    } else {
+        packet.payload_len
+    };
+    // The caller saw payload, so `len` is in 1..=SAMPLE_LEN; this form (an identity on that
+    // range) lets the verifier see both bounds after the compiler's 32-bit truncations.
+    let len = (len.wrapping_sub(1) & (SAMPLE_LEN as u32 - 1)) + 1;
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` is a reservation of size_of::<SampleEvent>(); `len` is in 1..=SAMPLE_LEN.
+    let loaded = unsafe {
+        addr_of_mut!((*event).header).write(header(EventKind::Sample, cookie));
+        addr_of_mut!((*event).flow).write(*state);
+        addr_of_mut!((*event).direction).write(direction as u32);
+        addr_of_mut!((*event).len).write(len);
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            packet.payload_off,
+            addr_of_mut!((*event).data).cast(),
+            len,
+        )
+    };
+    if loaded != 0 {
+        entry.discard(0);
+        count(Stat::PacketUnreadable);
+        return false;
+    }
+    entry.submit(0);
+    true
+}

@@ -1,0 +1,232 @@
+//! Decoding of ring-buffer events. The kernel writes `#[repr(C)]` structs from
+//! `meshguard_ebpf`; this is the one place that turns those bytes back into values, and it
+//! rejects anything of the wrong size, kind or layout version instead of misreading it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use meshguard_ebpf::{
+    EventHeader, EventKind, FlowEvent, FlowState, LAYOUT_VERSION, SampleEvent, SAMPLE_LEN,
+};
+
+/// A decoded kernel event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub kind: EventKind,
+    pub cookie: u64,
+    pub ktime_ns: u64,
+    /// The flow's state when the event was written: every event carries it, so a flow can be
+    /// picked up from whichever of its events arrives first.
+    pub flow: FlowState,
+    pub sample: Option<Sample>,
+}
+
+/// The first payload bytes of one direction of a flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// `DIRECTION_EGRESS` or `DIRECTION_INGRESS`.
+    pub direction: u8,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("event has layout version {found}, this agent reads version {LAYOUT_VERSION}")]
+    Version { found: u16 },
+    #[error("unknown event kind {0}")]
+    Kind(u16),
+    #[error("{kind:?} event of {len} bytes, expected {expected}")]
+    Size {
+        kind: EventKind,
+        len: usize,
+        expected: usize,
+    },
+    #[error("sample claims {0} bytes, at most {SAMPLE_LEN} fit")]
+    SampleLength(u32),
+}
+
+/// Reads a `T` from the front of `bytes`, which must be at least `size_of::<T>()` long.
+fn read<T: Copy>(bytes: &[u8]) -> T {
+    assert!(bytes.len() >= size_of::<T>());
+    // SAFETY: the length is checked above; `T` is one of the padding-free `repr(C)` types of
+    // `meshguard_ebpf`, valid for any bit pattern; `read_unaligned` needs no alignment.
+    unsafe { bytes.as_ptr().cast::<T>().read_unaligned() }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+    if bytes.len() < size_of::<EventHeader>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    let header: EventHeader = read(bytes);
+    if header.version != LAYOUT_VERSION {
+        return Err(DecodeError::Version {
+            found: header.version,
+        });
+    }
+    let kind = EventKind::from_u16(header.kind).ok_or(DecodeError::Kind(header.kind))?;
+    let expected = match kind {
+        EventKind::Sample => size_of::<SampleEvent>(),
+        _ => size_of::<FlowEvent>(),
+    };
+    // The ring buffer rounds records up to 8 bytes, so a record may be longer than its type.
+    if bytes.len() < expected {
+        return Err(DecodeError::Size {
+            kind,
+            len: bytes.len(),
+            expected,
+        });
+    }
+    let (flow, sample) = if kind == EventKind::Sample {
+        let event: SampleEvent = read(bytes);
+        let len = event.len as usize;
+        if len > SAMPLE_LEN {
+            return Err(DecodeError::SampleLength(event.len));
+        }
+        let sample = Sample {
+            direction: event.direction as u8,
+            bytes: event.data[..len].to_vec(),
+        };
+        (event.flow, Some(sample))
+    } else {
+        (read::<FlowEvent>(bytes).flow, None)
+    };
+    Ok(KernelEvent {
+        kind,
+        cookie: header.cookie,
+        ktime_ns: header.ktime_ns,
+        flow,
+        sample,
+    })
+}
+
+/// An address as the kernel stores it (network-order words, IPv4 in word 0).
+pub fn ip_addr(family: u16, words: [u32; 4]) -> IpAddr {
+    const AF_INET6: u16 = 10;
+    if family == AF_INET6 {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use meshguard_ebpf::{FlowTuple, DIRECTION_EGRESS};
+
+    use super::*;
+
+    pub(crate) fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a padding-free `repr(C)` value.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    pub(crate) fn flow_event(kind: EventKind, cookie: u64, flow: FlowState) -> Vec<u8> {
+        bytes_of(&FlowEvent {
+            header: EventHeader {
+                kind: kind as u16,
+                version: LAYOUT_VERSION,
+                _pad: 0,
+                cookie,
+                ktime_ns: 7,
+            },
+            flow,
+        })
+    }
+
+    pub(crate) fn sample_event(cookie: u64, flow: FlowState, direction: u8, data: &[u8]) -> Vec<u8> {
+        let mut event = SampleEvent {
+            header: EventHeader {
+                kind: EventKind::Sample as u16,
+                version: LAYOUT_VERSION,
+                _pad: 0,
+                cookie,
+                ktime_ns: 9,
+            },
+            flow,
+            direction: direction as u32,
+            len: data.len() as u32,
+            data: [0; SAMPLE_LEN],
+        };
+        event.data[..data.len()].copy_from_slice(data);
+        bytes_of(&event)
+    }
+
+    fn ipv4_flow() -> FlowState {
+        FlowState {
+            tuple: FlowTuple {
+                local_addr: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
+                remote_addr: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+                local_port: 40000,
+                remote_port: 80,
+                family: 2,
+                protocol: 6,
+                direction: DIRECTION_EGRESS,
+            },
+            ..FlowState::default()
+        }
+    }
+
+    #[test]
+    fn decodes_each_kind() {
+        let flow = ipv4_flow();
+        for kind in [EventKind::Open, EventKind::Process, EventKind::Close] {
+            let event = decode(&flow_event(kind, 42, flow)).unwrap();
+            assert_eq!((event.kind, event.cookie, event.flow), (kind, 42, flow));
+            assert_eq!(event.sample, None);
+        }
+        let event = decode(&sample_event(5, flow, DIRECTION_EGRESS, b"GET / HTTP/1.1\r\n")).unwrap();
+        assert_eq!(event.kind, EventKind::Sample);
+        let sample = event.sample.unwrap();
+        assert_eq!(sample.bytes, b"GET / HTTP/1.1\r\n");
+        assert_eq!(sample.direction, DIRECTION_EGRESS);
+    }
+
+    #[test]
+    fn rejects_malformed_events() {
+        let flow = ipv4_flow();
+        let good = flow_event(EventKind::Open, 1, flow);
+
+        let mut wrong_version = good.clone();
+        wrong_version[2] = 99;
+        let mut wrong_kind = good.clone();
+        wrong_kind[0] = 77;
+        let mut long_sample = sample_event(1, flow, 1, b"x");
+        let len_at = std::mem::offset_of!(SampleEvent, len);
+        long_sample[len_at..len_at + 4].copy_from_slice(&(SAMPLE_LEN as u32 + 1).to_ne_bytes());
+
+        let cases: [(&[u8], DecodeError); 6] = [
+            (&[], DecodeError::Short(0)),
+            (&good[..10], DecodeError::Short(10)),
+            (&wrong_version, DecodeError::Version { found: 99 }),
+            (&wrong_kind, DecodeError::Kind(77)),
+            (
+                &good[..100],
+                DecodeError::Size {
+                    kind: EventKind::Open,
+                    len: 100,
+                    expected: size_of::<FlowEvent>(),
+                },
+            ),
+            (&long_sample, DecodeError::SampleLength(SAMPLE_LEN as u32 + 1)),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(decode(bytes), Err(want));
+        }
+    }
+
+    #[test]
+    fn addresses_in_kernel_byte_order() {
+        let v4 = [u32::from_ne_bytes([192, 0, 2, 7]), 0, 0, 0];
+        assert_eq!(ip_addr(2, v4).to_string(), "192.0.2.7");
+        let v6: Ipv6Addr = "fd00:1::2".parse().unwrap();
+        let o = v6.octets();
+        let words = [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]));
+        assert_eq!(ip_addr(10, words).to_string(), "fd00:1::2");
+    }
+}

@@ -1,0 +1,419 @@
+//! The agent's table of flows, keyed by socket cookie, and the records it publishes. Kernel
+//! events update it; it says when a flow has been classified (its first payload sample) and when
+//! it closed. Bounded: when full, the oldest flow makes room and the eviction is counted.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use meshguard_ebpf::{flags, EventKind, FlowState, DIRECTION_EGRESS};
+use serde::Serialize;
+
+use crate::{
+    event::{ip_addr, KernelEvent},
+    fingerprint::{fingerprint, Fingerprint, PlaintextHint, TlsInfo},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    Tls,
+    Plaintext,
+    /// No payload seen yet.
+    Unknown,
+}
+
+/// One flow as the agent knows it.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub cookie: u64,
+    /// The kernel's view, merged from every event seen so far.
+    pub kernel: FlowState,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub closed: bool,
+    pub encryption: Encryption,
+    pub tls: Option<TlsInfo>,
+    pub plaintext: Option<PlaintextHint>,
+}
+
+/// What a kernel event changed, worth publishing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// The flow's first payload sample decided its encryption.
+    Classified,
+    Closed,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub tracked: usize,
+    /// Flows dropped to make room before they closed.
+    pub evicted: u64,
+}
+
+pub struct FlowTable {
+    flows: HashMap<u64, Flow>,
+    /// Cookies in arrival order; may hold cookies of flows already gone (skipped on eviction,
+    /// compacted when it grows past twice the capacity).
+    order: VecDeque<u64>,
+    capacity: usize,
+    evicted: u64,
+    /// Wall-clock time at boot: kernel timestamps are nanoseconds since boot (CLOCK_MONOTONIC).
+    boot: SystemTime,
+}
+
+impl FlowTable {
+    pub fn new(capacity: usize, boot: SystemTime) -> Self {
+        Self {
+            flows: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            evicted: 0,
+            boot,
+        }
+    }
+
+    pub fn stats(&self) -> TableStats {
+        TableStats {
+            tracked: self.flows.len(),
+            evicted: self.evicted,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, cookie: u64) -> Option<&Flow> {
+        self.flows.get(&cookie)
+    }
+
+    /// Applies one kernel event. Returns the flow and what changed, if anything worth publishing
+    /// did; a closed flow leaves the table.
+    pub fn apply(&mut self, event: &KernelEvent) -> Option<(Flow, Change)> {
+        let at = self.boot + Duration::from_nanos(event.ktime_ns);
+        if !self.flows.contains_key(&event.cookie) {
+            self.make_room();
+            self.order.push_back(event.cookie);
+        }
+        let flow = self.flows.entry(event.cookie).or_insert_with(|| Flow {
+            cookie: event.cookie,
+            kernel: event.flow,
+            first_seen: at,
+            last_seen: at,
+            closed: false,
+            encryption: Encryption::Unknown,
+            tls: None,
+            plaintext: None,
+        });
+        merge(&mut flow.kernel, &event.flow);
+        flow.last_seen = flow.last_seen.max(at);
+
+        let mut change = None;
+        if let Some(sample) = &event.sample {
+            let first = flow.encryption == Encryption::Unknown;
+            flow.learn(fingerprint(&sample.bytes), sample.direction);
+            if first {
+                change = Some(Change::Classified);
+            }
+        }
+        if event.kind == EventKind::Close {
+            flow.closed = true;
+            change = Some(Change::Closed);
+        }
+        let change = change?;
+        let snapshot = flow.clone();
+        if change == Change::Closed {
+            self.flows.remove(&event.cookie);
+        }
+        Some((snapshot, change))
+    }
+
+    fn make_room(&mut self) {
+        while self.flows.len() >= self.capacity {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if self.flows.remove(&oldest).is_some() {
+                self.evicted += 1;
+            }
+        }
+        if self.order.len() > 2 * self.capacity {
+            let flows = &self.flows;
+            self.order.retain(|cookie| flows.contains_key(cookie));
+        }
+    }
+}
+
+/// Counters only grow, and once-only facts (uid, process, redirect) stay once learnt: events
+/// from different CPUs may arrive slightly out of order.
+fn merge(into: &mut FlowState, from: &FlowState) {
+    let c = &mut into.counters;
+    c.bytes_sent = c.bytes_sent.max(from.counters.bytes_sent);
+    c.bytes_received = c.bytes_received.max(from.counters.bytes_received);
+    c.packets_sent = c.packets_sent.max(from.counters.packets_sent);
+    c.packets_received = c.packets_received.max(from.counters.packets_received);
+    let new = from.flags & !into.flags;
+    if new & flags::UID != 0 {
+        into.uid = from.uid;
+    }
+    if new & flags::PROCESS != 0 {
+        into.pid = from.pid;
+        into.comm = from.comm;
+    }
+    if new & flags::REDIRECTED != 0 {
+        into.redirect = from.redirect;
+    }
+    into.flags |= from.flags;
+}
+
+impl Flow {
+    /// Folds a payload sample into what is known. TLS in either direction makes the flow TLS;
+    /// the ClientHello names SNI and ALPN, the ServerHello the negotiated version.
+    fn learn(&mut self, fp: Fingerprint, direction: u8) {
+        match fp {
+            Fingerprint::Tls(info) => {
+                self.encryption = Encryption::Tls;
+                let tls = self.tls.get_or_insert_with(TlsInfo::default);
+                if info.handshake == Some(crate::fingerprint::Handshake::ServerHello) {
+                    tls.version = info.version;
+                } else {
+                    tls.version = tls.version.or(info.version);
+                }
+                tls.sni = tls.sni.take().or(info.sni);
+                if tls.alpn.is_empty() {
+                    tls.alpn = info.alpn;
+                }
+            }
+            Fingerprint::Plaintext(hint) => {
+                if self.encryption == Encryption::Unknown {
+                    self.encryption = Encryption::Plaintext;
+                }
+                // The request names the protocol better than the response.
+                if self.plaintext.is_none() || direction == self.kernel.tuple.direction {
+                    self.plaintext = Some(hint);
+                }
+            }
+        }
+    }
+
+    pub fn record(&self, node: &str, change: Change) -> FlowRecord {
+        let k = &self.kernel;
+        let t = &k.tuple;
+        let comm_len = k.comm.iter().position(|&b| b == 0).unwrap_or(k.comm.len());
+        FlowRecord {
+            id: format!("{:016x}", self.cookie),
+            node: node.to_string(),
+            event: change,
+            first_seen: humantime::format_rfc3339_millis(self.first_seen).to_string(),
+            last_seen: humantime::format_rfc3339_millis(self.last_seen).to_string(),
+            state: if self.closed { "closed" } else { "open" },
+            direction: if t.direction == DIRECTION_EGRESS { "egress" } else { "ingress" },
+            protocol: if t.protocol == 17 { "udp" } else { "tcp" },
+            local: Endpoint {
+                ip: ip_addr(t.family, t.local_addr),
+                port: t.local_port,
+            },
+            remote: Endpoint {
+                ip: ip_addr(t.family, t.remote_addr),
+                port: t.remote_port,
+            },
+            process: Process {
+                pid: (k.flags & flags::PROCESS != 0).then_some(k.pid),
+                comm: (k.flags & flags::PROCESS != 0)
+                    .then(|| String::from_utf8_lossy(&k.comm[..comm_len]).into_owned()),
+                uid: (k.flags & flags::UID != 0).then_some(k.uid),
+            },
+            encryption: self.encryption,
+            tls: self.tls.clone(),
+            plaintext: self.plaintext.as_ref().map(|hint| PlaintextRecord {
+                protocol: hint.protocol(),
+                method: match hint {
+                    PlaintextHint::HttpRequest { method } => Some(method.clone()),
+                    _ => None,
+                },
+            }),
+            redirect: (k.flags & flags::REDIRECTED != 0).then(|| RedirectRecord {
+                ip: ip_addr(t.family, k.redirect.addr),
+                port: k.redirect.port,
+                ifindex: k.redirect.ifindex,
+            }),
+            bytes_sent: k.counters.bytes_sent,
+            bytes_received: k.counters.bytes_received,
+            packets_sent: k.counters.packets_sent,
+            packets_received: k.counters.packets_received,
+            midstream: k.flags & flags::MIDSTREAM != 0,
+            netns_cookie: k.netns,
+        }
+    }
+}
+
+/// A flow as `--log-flows` and, later, the API and CLI show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRecord {
+    pub id: String,
+    pub node: String,
+    pub event: Change,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub state: &'static str,
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub process: Process,
+    pub encryption: Encryption,
+    pub tls: Option<TlsInfo>,
+    pub plaintext: Option<PlaintextRecord>,
+    /// Where egress really went when netfilter sent it elsewhere than the socket's peer.
+    pub redirect: Option<RedirectRecord>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    /// First seen mid-connection: its start predates the agent.
+    pub midstream: bool,
+    pub netns_cookie: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Process {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PlaintextRecord {
+    pub protocol: &'static str,
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RedirectRecord {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Interface index in the flow's network namespace (1 is loopback).
+    pub ifindex: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use meshguard_ebpf::{FlowCounters, FlowTuple, DIRECTION_INGRESS};
+
+    use super::*;
+    use crate::{
+        event::{decode, tests::{flow_event, sample_event}},
+        fingerprint::tests::{client_hello, server_hello},
+    };
+
+    fn state(direction: u8, bytes_sent: u64, extra_flags: u32) -> FlowState {
+        FlowState {
+            tuple: FlowTuple {
+                local_addr: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
+                remote_addr: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+                local_port: 40000,
+                remote_port: 443,
+                family: 2,
+                protocol: 6,
+                direction,
+            },
+            flags: flags::LIFECYCLE | extra_flags,
+            counters: FlowCounters { bytes_sent, ..Default::default() },
+            ..FlowState::default()
+        }
+    }
+
+    fn apply(table: &mut FlowTable, bytes: Vec<u8>) -> Option<Change> {
+        table.apply(&decode(&bytes).unwrap()).map(|(_, change)| change)
+    }
+
+    #[test]
+    fn lifecycle_publishes_classified_then_closed() {
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        let s = state(DIRECTION_EGRESS, 0, 0);
+        let ch = client_hello(Some("svc.test"), &["h2"], &[0x0304]);
+        let steps: Vec<(Vec<u8>, Option<Change>)> = vec![
+            (flow_event(EventKind::Open, 1, s), None),
+            (sample_event(1, state(DIRECTION_EGRESS, 300, 0), DIRECTION_EGRESS, &ch), Some(Change::Classified)),
+            (flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 300, flags::PROCESS)), None),
+            (sample_event(1, s, DIRECTION_INGRESS, &server_hello(Some(0x0304))), None),
+            (flow_event(EventKind::Close, 1, state(DIRECTION_EGRESS, 900, 0)), Some(Change::Closed)),
+        ];
+        for (i, (bytes, want)) in steps.into_iter().enumerate() {
+            if want == Some(Change::Closed) {
+                let (flow, _) = table.apply(&decode(&bytes).unwrap()).unwrap();
+                let record = flow.record("node-a", Change::Closed);
+                assert_eq!(record.encryption, Encryption::Tls);
+                let tls = record.tls.unwrap();
+                assert_eq!(tls.sni.as_deref(), Some("svc.test"));
+                assert_eq!(tls.alpn, ["h2"]);
+                assert_eq!(record.bytes_sent, 900);
+                assert_eq!(record.state, "closed");
+                assert!(record.process.pid.is_some(), "the process learnt earlier is kept");
+            } else {
+                assert_eq!(apply(&mut table, bytes), want, "step {i}");
+            }
+        }
+        assert_eq!(table.stats().tracked, 0, "closed flows leave the table");
+    }
+
+    #[test]
+    fn classification_per_first_sample() {
+        let cases: [(&[u8], Encryption, Option<&str>); 3] = [
+            (b"GET / HTTP/1.1\r\n\r\n", Encryption::Plaintext, Some("http/1")),
+            (&[22, 3, 1, 0, 1, 1], Encryption::Tls, None),
+            (b"\x00\x01binary", Encryption::Plaintext, Some("unknown")),
+        ];
+        for (bytes, encryption, protocol) in cases {
+            let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+            let (flow, change) = table
+                .apply(&decode(&sample_event(3, state(DIRECTION_EGRESS, 0, 0), DIRECTION_EGRESS, bytes)).unwrap())
+                .unwrap();
+            assert_eq!(change, Change::Classified);
+            let record = flow.record("n", change);
+            assert_eq!(record.encryption, encryption, "{bytes:?}");
+            assert_eq!(record.plaintext.map(|p| p.protocol), protocol);
+        }
+    }
+
+    #[test]
+    fn a_flow_closed_without_payload_is_unknown() {
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let (flow, change) = table
+            .apply(&decode(&flow_event(EventKind::Close, 9, state(DIRECTION_INGRESS, 0, 0))).unwrap())
+            .unwrap();
+        assert_eq!(change, Change::Closed);
+        assert_eq!(flow.record("n", change).encryption, Encryption::Unknown);
+    }
+
+    #[test]
+    fn counters_never_go_back() {
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        apply(&mut table, flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 500, 0)));
+        apply(&mut table, flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 200, 0)));
+        assert_eq!(table.get(1).unwrap().kernel.counters.bytes_sent, 500);
+    }
+
+    #[test]
+    fn bounded_with_evictions_counted() {
+        let mut table = FlowTable::new(3, SystemTime::UNIX_EPOCH);
+        for cookie in 0..10 {
+            apply(&mut table, flow_event(EventKind::Open, cookie, state(DIRECTION_EGRESS, 0, 0)));
+        }
+        assert_eq!(table.stats(), TableStats { tracked: 3, evicted: 7 });
+        assert!(table.get(9).is_some() && table.get(0).is_none(), "the oldest flows go first");
+        // Closed flows free their place without counting as evictions.
+        for cookie in 7..10 {
+            apply(&mut table, flow_event(EventKind::Close, cookie, state(DIRECTION_EGRESS, 0, 0)));
+        }
+        assert_eq!(table.stats(), TableStats { tracked: 0, evicted: 7 });
+    }
+}

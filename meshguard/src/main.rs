@@ -1,0 +1,125 @@
+//! meshguard: did every pod-to-pod byte really go through the mesh, encrypted?
+//!
+//! One binary: `meshguard agent` runs on every node; the other verbs are for people.
+
+mod agent;
+mod event;
+mod fingerprint;
+mod flow;
+mod kernel;
+mod prereq;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "meshguard", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the kernel programs on this node and watch every pod-to-pod flow.
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Write one JSON line per flow record to stdout: when a flow is classified and when it closes.
+    #[arg(long)]
+    log_flows: bool,
+    /// Name of this node in flow records.
+    #[arg(long, env = "NODE_NAME", default_value_t = agent::default_node_name(), hide_default_value = true)]
+    node_name: String,
+    /// Flows the kernel tracks at once (least recently used beyond that, and counted).
+    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+    flow_map_size: u32,
+    /// Ring buffer size in bytes: a power of two, at least 4096.
+    #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf_bytes)]
+    ringbuf_bytes: u32,
+    /// Flows the agent keeps in memory at once.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    max_flows: u64,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096 (try {})", n.max(4096).next_power_of_two()));
+    }
+    Ok(n)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => {
+            init_logging(args.log_format);
+            let options = agent::Options {
+                node_name: args.node_name,
+                log_flows: args.log_flows,
+                sizes: kernel::Sizes {
+                    flow_map_entries: args.flow_map_size,
+                    ringbuf_bytes: args.ringbuf_bytes,
+                },
+                max_flows: args.max_flows as usize,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(options)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ringbuf_size_must_be_a_power_of_two() {
+        assert_eq!(parse_ringbuf_bytes("65536"), Ok(65536));
+        assert!(parse_ringbuf_bytes("5000").unwrap_err().contains("try 8192"));
+        assert!(parse_ringbuf_bytes("1024").is_err());
+        assert!(parse_ringbuf_bytes("many").is_err());
+    }
+}
