@@ -2,14 +2,14 @@
 
 use core::{
     ffi::c_void,
+    intrinsics::{atomic_xadd, AtomicOrdering},
     ptr::addr_of_mut,
-    intrinsics::{AtomicOrdering, atomic_xadd},
 };
 
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};
-use meshguard_ebpf::{EventHeader, EventKind, FlowEvent, FlowState, LAYOUT_VERSION, Stat};
+use meshguard_ebpf::{EventHeader, EventKind, FlowEvent, FlowState, Stat, LAYOUT_VERSION};
 
-use crate::maps::{EVENTS, count};
+use crate::maps::{count, EVENTS};
 
 /// Adds to a counter shared between CPUs. `AtomicU64::fetch_add` does not lower on the BPF
 /// target; this intrinsic emits `lock xadd`.

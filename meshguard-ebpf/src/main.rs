@@ -5,7 +5,10 @@
 //! namespace on the node. One file per attach point; the maps and helpers they share are in
 //! `maps.rs` and `flow.rs`.
 #![cfg_attr(target_arch = "bpf", no_std, no_main, feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd, see flow.rs"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "atomic_xadd, see flow.rs")
+)]
 
 #[cfg(target_arch = "bpf")]
 mod flow;

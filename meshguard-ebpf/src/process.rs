@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use meshguard_ebpf::{EventKind, flags};
+use meshguard_ebpf::{flags, EventKind};
 
 use crate::{
     flow::{cookie_of, emit},
@@ -23,7 +23,7 @@ pub fn flow_sender(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let cookie = cookie_of(sk);
-    let Some(state) = FLOWS.get_ptr_mut(&cookie) else {
+    let Some(state) = FLOWS.get_ptr_mut(cookie) else {
         return 0;
     };
     // SAFETY: a live map value; racing writers only set the same fields to the same task.

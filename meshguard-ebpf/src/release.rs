@@ -2,7 +2,7 @@
 //! connections that predate the agent).
 
 use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
-use meshguard_ebpf::{EventKind, flags};
+use meshguard_ebpf::{flags, EventKind};
 
 use crate::{
     flow::{cookie_of, emit},
@@ -12,13 +12,13 @@ use crate::{
 #[cgroup_sock(sock_release)]
 pub fn flow_release(ctx: SockContext) -> i32 {
     let cookie = cookie_of(ctx.sock.cast());
-    if let Some(state) = FLOWS.get_ptr(&cookie) {
+    if let Some(state) = FLOWS.get_ptr(cookie) {
         // SAFETY: a live map value, read before the entry is removed.
         let state = unsafe { &*state };
         // A followed TCP socket may still be closing: its STATE_CB close has the final counts.
         if state.flags & flags::LIFECYCLE == 0 {
             emit(EventKind::Close, cookie, state);
-            let _ = FLOWS.remove(&cookie);
+            let _ = FLOWS.remove(cookie);
         }
     }
     1

@@ -13,13 +13,13 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use meshguard_ebpf::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, EventKind, FlowState, FlowTuple, Redirect, SAMPLE_LEN,
-    SampleEvent, Stat, flags,
+    flags, EventKind, FlowState, FlowTuple, Redirect, SampleEvent, Stat, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, SAMPLE_LEN,
 };
 
 use crate::{
     flow::{add, cookie_of, emit, header, normalize_mapped},
-    maps::{EVENTS, FLOWS, count},
+    maps::{count, EVENTS, FLOWS},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -98,7 +98,7 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
         return;
     };
     let cookie = cookie_of(ctx.skb.skb.cast());
-    let state = match FLOWS.get_ptr_mut(&cookie) {
+    let state = match FLOWS.get_ptr_mut(cookie) {
         Some(state) => state,
         None => {
             // TCP flows start in sock_ops; one without an entry that carries data predates the
@@ -109,7 +109,7 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
             if !adopt(ctx, cookie, direction, &packet) {
                 return;
             }
-            match FLOWS.get_ptr_mut(&cookie) {
+            match FLOWS.get_ptr_mut(cookie) {
                 Some(state) => state,
                 None => return,
             }
@@ -122,10 +122,16 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     // SAFETY: `skb` is this program's context.
     let segments = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u64;
     if direction == DIRECTION_EGRESS {
-        add(addr_of_mut!(state.counters.bytes_sent), packet.payload_len as u64);
+        add(
+            addr_of_mut!(state.counters.bytes_sent),
+            packet.payload_len as u64,
+        );
         add(addr_of_mut!(state.counters.packets_sent), segments);
     } else {
-        add(addr_of_mut!(state.counters.bytes_received), packet.payload_len as u64);
+        add(
+            addr_of_mut!(state.counters.bytes_received),
+            packet.payload_len as u64,
+        );
         add(addr_of_mut!(state.counters.packets_received), segments);
     }
 
@@ -154,7 +160,10 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     } else {
         flags::SAMPLED_INGRESS
     };
-    if packet.payload_len > 0 && state.flags & sampled == 0 && sample(ctx, cookie, direction, state, &packet) {
+    if packet.payload_len > 0
+        && state.flags & sampled == 0
+        && sample(ctx, cookie, direction, state, &packet)
+    {
         state.flags |= sampled;
     }
 }
@@ -167,14 +176,26 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
             count(Stat::PacketUnreadable);
             return None;
         };
-        let peer = if direction == DIRECTION_EGRESS { ip.daddr } else { ip.saddr };
-        (ip.protocol, ((ip.version_ihl & 0x0f) as u32) * 4, [peer, 0, 0, 0])
+        let peer = if direction == DIRECTION_EGRESS {
+            ip.daddr
+        } else {
+            ip.saddr
+        };
+        (
+            ip.protocol,
+            ((ip.version_ihl & 0x0f) as u32) * 4,
+            [peer, 0, 0, 0],
+        )
     } else if ethertype == ETH_P_IPV6 {
         let Ok(ip) = ctx.load::<Ipv6Header>(0) else {
             count(Stat::PacketUnreadable);
             return None;
         };
-        let peer = if direction == DIRECTION_EGRESS { ip.daddr } else { ip.saddr };
+        let peer = if direction == DIRECTION_EGRESS {
+            ip.daddr
+        } else {
+            ip.saddr
+        };
         // Extension headers are rare between pods; such packets are not followed.
         (ip.next_header, 40, peer)
     } else {
@@ -187,7 +208,13 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
                 count(Stat::PacketUnreadable);
                 return None;
             };
-            (Ports { sport: tcp.sport, dport: tcp.dport }, l4_off + ((tcp.doff >> 4) as u32) * 4)
+            (
+                Ports {
+                    sport: tcp.sport,
+                    dport: tcp.dport,
+                },
+                l4_off + ((tcp.doff >> 4) as u32) * 4,
+            )
         }
         IPPROTO_UDP => {
             let Ok(ports) = ctx.load::<Ports>(l4_off as usize) else {
@@ -198,7 +225,11 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
         }
         _ => return None,
     };
-    let peer_port = if direction == DIRECTION_EGRESS { ports.dport } else { ports.sport };
+    let peer_port = if direction == DIRECTION_EGRESS {
+        ports.dport
+    } else {
+        ports.sport
+    };
     Some(Packet {
         protocol,
         peer_addr,
@@ -250,9 +281,9 @@ fn adopt(ctx: &SkBuffContext, cookie: u64, direction: u8, packet: &Packet) -> bo
         opened_ns: unsafe { bpf_ktime_get_ns() },
         ..FlowState::default()
     };
-    if FLOWS.insert(&cookie, &state, BPF_NOEXIST).is_err() {
+    if FLOWS.insert(cookie, state, BPF_NOEXIST).is_err() {
         // Lost a race with another CPU (fine), or the map refused the entry.
-        if FLOWS.get_ptr(&cookie).is_none() {
+        if FLOWS.get_ptr(cookie).is_none() {
             count(Stat::FlowMapFull);
             return false;
         }

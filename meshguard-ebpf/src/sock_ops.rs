@@ -5,20 +5,20 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
+        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use meshguard_ebpf::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, EventKind, FlowState, FlowTuple, Stat, flags,
+    flags, EventKind, FlowState, FlowTuple, Stat, DIRECTION_EGRESS, DIRECTION_INGRESS,
 };
 
 use crate::{
     flow::{cookie_of, emit, normalize_mapped},
-    maps::{FLOWS, count},
+    maps::{count, FLOWS},
 };
 
 const AF_INET6: u32 = 10;
@@ -66,7 +66,7 @@ fn established(ctx: &SockOpsContext, direction: u8) {
         opened_ns: unsafe { bpf_ktime_get_ns() },
         ..FlowState::default()
     };
-    if FLOWS.insert(&cookie, &state, 0).is_err() {
+    if FLOWS.insert(cookie, state, 0).is_err() {
         count(Stat::FlowMapFull);
     }
     emit(EventKind::Open, cookie, &state);
@@ -92,11 +92,11 @@ fn read_ip6(ops: *mut bpf_sock_ops, tuple: &mut FlowTuple) {
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx.ops.cast());
-    match FLOWS.get_ptr(&cookie) {
+    match FLOWS.get_ptr(cookie) {
         Some(state) => {
             // SAFETY: a live map value, read before the entry is removed.
             emit(EventKind::Close, cookie, unsafe { &*state });
-            let _ = FLOWS.remove(&cookie);
+            let _ = FLOWS.remove(cookie);
         }
         None => count(Stat::FlowEvicted),
     }

@@ -107,7 +107,10 @@ impl Losses {
             Err(e) => warn!(%e, "cannot read kernel counters"),
         }
         if evicted > self.evicted {
-            warn!(total = evicted, "flows evicted from the agent's table before they closed");
+            warn!(
+                total = evicted,
+                "flows evicted from the agent's table before they closed"
+            );
             self.evicted = evicted;
         }
     }

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use meshguard_ebpf::{
-    EventHeader, EventKind, FlowEvent, FlowState, LAYOUT_VERSION, SampleEvent, SAMPLE_LEN,
+    EventHeader, EventKind, FlowEvent, FlowState, SampleEvent, LAYOUT_VERSION, SAMPLE_LEN,
 };
 
 /// A decoded kernel event.
@@ -139,7 +139,12 @@ pub(crate) mod tests {
         })
     }
 
-    pub(crate) fn sample_event(cookie: u64, flow: FlowState, direction: u8, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn sample_event(
+        cookie: u64,
+        flow: FlowState,
+        direction: u8,
+        data: &[u8],
+    ) -> Vec<u8> {
         let mut event = SampleEvent {
             header: EventHeader {
                 kind: EventKind::Sample as u16,
@@ -180,7 +185,13 @@ pub(crate) mod tests {
             assert_eq!((event.kind, event.cookie, event.flow), (kind, 42, flow));
             assert_eq!(event.sample, None);
         }
-        let event = decode(&sample_event(5, flow, DIRECTION_EGRESS, b"GET / HTTP/1.1\r\n")).unwrap();
+        let event = decode(&sample_event(
+            5,
+            flow,
+            DIRECTION_EGRESS,
+            b"GET / HTTP/1.1\r\n",
+        ))
+        .unwrap();
         assert_eq!(event.kind, EventKind::Sample);
         let sample = event.sample.unwrap();
         assert_eq!(sample.bytes, b"GET / HTTP/1.1\r\n");
@@ -213,7 +224,10 @@ pub(crate) mod tests {
                     expected: size_of::<FlowEvent>(),
                 },
             ),
-            (&long_sample, DecodeError::SampleLength(SAMPLE_LEN as u32 + 1)),
+            (
+                &long_sample,
+                DecodeError::SampleLength(SAMPLE_LEN as u32 + 1),
+            ),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode(bytes), Err(want));

@@ -61,7 +61,9 @@ impl Serialize for TlsVersion {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PlaintextHint {
     /// An HTTP/1 request with its method.
-    HttpRequest { method: String },
+    HttpRequest {
+        method: String,
+    },
     HttpResponse,
     /// The HTTP/2 connection preface (h2c, prior knowledge).
     Http2Preface,
@@ -314,7 +316,12 @@ pub(crate) mod tests {
         exts.extend(data);
     }
 
-    fn tls_info(version: u16, sni: Option<&str>, alpn: &[&str], hs: Option<Handshake>) -> Fingerprint {
+    fn tls_info(
+        version: u16,
+        sni: Option<&str>,
+        alpn: &[&str],
+        hs: Option<Handshake>,
+    ) -> Fingerprint {
         Fingerprint::Tls(TlsInfo {
             version: Some(TlsVersion(version)),
             sni: sni.map(str::to_string),
@@ -368,8 +375,18 @@ pub(crate) mod tests {
     #[test]
     fn reads_plaintext() {
         let cases: [(&[u8], PlaintextHint); 7] = [
-            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PlaintextHint::HttpRequest { method: "GET".into() }),
-            (b"POST /api HTTP/1.1\r\n", PlaintextHint::HttpRequest { method: "POST".into() }),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                PlaintextHint::HttpRequest {
+                    method: "GET".into(),
+                },
+            ),
+            (
+                b"POST /api HTTP/1.1\r\n",
+                PlaintextHint::HttpRequest {
+                    method: "POST".into(),
+                },
+            ),
             (b"HTTP/1.0 200 OK\r\n", PlaintextHint::HttpResponse),
             (HTTP2_PREFACE, PlaintextHint::Http2Preface),
             (b"SSH-2.0-OpenSSH_9.2\r\n", PlaintextHint::Ssh),
@@ -377,7 +394,11 @@ pub(crate) mod tests {
             (b"\x16\x03\x09 not tls", PlaintextHint::Unknown),
         ];
         for (bytes, want) in cases {
-            assert_eq!(fingerprint(bytes), Fingerprint::Plaintext(want), "{bytes:?}");
+            assert_eq!(
+                fingerprint(bytes),
+                Fingerprint::Plaintext(want),
+                "{bytes:?}"
+            );
         }
     }
 
@@ -389,7 +410,9 @@ pub(crate) mod tests {
         for cut in 0..full.len() {
             let fp = fingerprint(&full[..cut]);
             if cut >= 5 {
-                let Fingerprint::Tls(info) = fp else { panic!("cut {cut}: not TLS") };
+                let Fingerprint::Tls(info) = fp else {
+                    panic!("cut {cut}: not TLS")
+                };
                 assert_eq!(info.sni.is_some(), cut >= sni_end, "cut {cut}");
             }
         }

@@ -209,7 +209,11 @@ impl Flow {
             first_seen: humantime::format_rfc3339_millis(self.first_seen).to_string(),
             last_seen: humantime::format_rfc3339_millis(self.last_seen).to_string(),
             state: if self.closed { "closed" } else { "open" },
-            direction: if t.direction == DIRECTION_EGRESS { "egress" } else { "ingress" },
+            direction: if t.direction == DIRECTION_EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            },
             protocol: if t.protocol == 17 { "udp" } else { "tcp" },
             local: Endpoint {
                 ip: ip_addr(t.family, t.local_addr),
@@ -310,7 +314,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        event::{decode, tests::{flow_event, sample_event}},
+        event::{
+            decode,
+            tests::{flow_event, sample_event},
+        },
         fingerprint::tests::{client_hello, server_hello},
     };
 
@@ -326,13 +333,18 @@ mod tests {
                 direction,
             },
             flags: flags::LIFECYCLE | extra_flags,
-            counters: FlowCounters { bytes_sent, ..Default::default() },
+            counters: FlowCounters {
+                bytes_sent,
+                ..Default::default()
+            },
             ..FlowState::default()
         }
     }
 
     fn apply(table: &mut FlowTable, bytes: Vec<u8>) -> Option<Change> {
-        table.apply(&decode(&bytes).unwrap()).map(|(_, change)| change)
+        table
+            .apply(&decode(&bytes).unwrap())
+            .map(|(_, change)| change)
     }
 
     #[test]
@@ -342,10 +354,26 @@ mod tests {
         let ch = client_hello(Some("svc.test"), &["h2"], &[0x0304]);
         let steps: Vec<(Vec<u8>, Option<Change>)> = vec![
             (flow_event(EventKind::Open, 1, s), None),
-            (sample_event(1, state(DIRECTION_EGRESS, 300, 0), DIRECTION_EGRESS, &ch), Some(Change::Classified)),
-            (flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 300, flags::PROCESS)), None),
-            (sample_event(1, s, DIRECTION_INGRESS, &server_hello(Some(0x0304))), None),
-            (flow_event(EventKind::Close, 1, state(DIRECTION_EGRESS, 900, 0)), Some(Change::Closed)),
+            (
+                sample_event(1, state(DIRECTION_EGRESS, 300, 0), DIRECTION_EGRESS, &ch),
+                Some(Change::Classified),
+            ),
+            (
+                flow_event(
+                    EventKind::Process,
+                    1,
+                    state(DIRECTION_EGRESS, 300, flags::PROCESS),
+                ),
+                None,
+            ),
+            (
+                sample_event(1, s, DIRECTION_INGRESS, &server_hello(Some(0x0304))),
+                None,
+            ),
+            (
+                flow_event(EventKind::Close, 1, state(DIRECTION_EGRESS, 900, 0)),
+                Some(Change::Closed),
+            ),
         ];
         for (i, (bytes, want)) in steps.into_iter().enumerate() {
             if want == Some(Change::Closed) {
@@ -357,7 +385,10 @@ mod tests {
                 assert_eq!(tls.alpn, ["h2"]);
                 assert_eq!(record.bytes_sent, 900);
                 assert_eq!(record.state, "closed");
-                assert!(record.process.pid.is_some(), "the process learnt earlier is kept");
+                assert!(
+                    record.process.pid.is_some(),
+                    "the process learnt earlier is kept"
+                );
             } else {
                 assert_eq!(apply(&mut table, bytes), want, "step {i}");
             }
@@ -368,14 +399,26 @@ mod tests {
     #[test]
     fn classification_per_first_sample() {
         let cases: [(&[u8], Encryption, Option<&str>); 3] = [
-            (b"GET / HTTP/1.1\r\n\r\n", Encryption::Plaintext, Some("http/1")),
+            (
+                b"GET / HTTP/1.1\r\n\r\n",
+                Encryption::Plaintext,
+                Some("http/1"),
+            ),
             (&[22, 3, 1, 0, 1, 1], Encryption::Tls, None),
             (b"\x00\x01binary", Encryption::Plaintext, Some("unknown")),
         ];
         for (bytes, encryption, protocol) in cases {
             let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
             let (flow, change) = table
-                .apply(&decode(&sample_event(3, state(DIRECTION_EGRESS, 0, 0), DIRECTION_EGRESS, bytes)).unwrap())
+                .apply(
+                    &decode(&sample_event(
+                        3,
+                        state(DIRECTION_EGRESS, 0, 0),
+                        DIRECTION_EGRESS,
+                        bytes,
+                    ))
+                    .unwrap(),
+                )
                 .unwrap();
             assert_eq!(change, Change::Classified);
             let record = flow.record("n", change);
@@ -388,7 +431,14 @@ mod tests {
     fn a_flow_closed_without_payload_is_unknown() {
         let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
         let (flow, change) = table
-            .apply(&decode(&flow_event(EventKind::Close, 9, state(DIRECTION_INGRESS, 0, 0))).unwrap())
+            .apply(
+                &decode(&flow_event(
+                    EventKind::Close,
+                    9,
+                    state(DIRECTION_INGRESS, 0, 0),
+                ))
+                .unwrap(),
+            )
             .unwrap();
         assert_eq!(change, Change::Closed);
         assert_eq!(flow.record("n", change).encryption, Encryption::Unknown);
@@ -397,8 +447,14 @@ mod tests {
     #[test]
     fn counters_never_go_back() {
         let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
-        apply(&mut table, flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 500, 0)));
-        apply(&mut table, flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 200, 0)));
+        apply(
+            &mut table,
+            flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 500, 0)),
+        );
+        apply(
+            &mut table,
+            flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 200, 0)),
+        );
         assert_eq!(table.get(1).unwrap().kernel.counters.bytes_sent, 500);
     }
 
@@ -406,14 +462,35 @@ mod tests {
     fn bounded_with_evictions_counted() {
         let mut table = FlowTable::new(3, SystemTime::UNIX_EPOCH);
         for cookie in 0..10 {
-            apply(&mut table, flow_event(EventKind::Open, cookie, state(DIRECTION_EGRESS, 0, 0)));
+            apply(
+                &mut table,
+                flow_event(EventKind::Open, cookie, state(DIRECTION_EGRESS, 0, 0)),
+            );
         }
-        assert_eq!(table.stats(), TableStats { tracked: 3, evicted: 7 });
-        assert!(table.get(9).is_some() && table.get(0).is_none(), "the oldest flows go first");
+        assert_eq!(
+            table.stats(),
+            TableStats {
+                tracked: 3,
+                evicted: 7
+            }
+        );
+        assert!(
+            table.get(9).is_some() && table.get(0).is_none(),
+            "the oldest flows go first"
+        );
         // Closed flows free their place without counting as evictions.
         for cookie in 7..10 {
-            apply(&mut table, flow_event(EventKind::Close, cookie, state(DIRECTION_EGRESS, 0, 0)));
+            apply(
+                &mut table,
+                flow_event(EventKind::Close, cookie, state(DIRECTION_EGRESS, 0, 0)),
+            );
         }
-        assert_eq!(table.stats(), TableStats { tracked: 0, evicted: 7 });
+        assert_eq!(
+            table.stats(),
+            TableStats {
+                tracked: 0,
+                evicted: 7
+            }
+        );
     }
 }

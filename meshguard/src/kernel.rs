@@ -92,8 +92,10 @@ impl Kernel {
         let mode = CgroupAttachMode::Single;
         let name = names::SOCK_OPS;
         let prog: &mut SockOps = kernel.program(name)?;
-        prog.load().map_err(|source| KernelError::Program { name, source })?;
-        prog.attach(&cgroup, mode).map_err(|source| KernelError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.attach(&cgroup, mode)
+            .map_err(|source| KernelError::Program { name, source })?;
         kernel.attached.push(name);
 
         for (name, direction) in [
@@ -101,7 +103,8 @@ impl Kernel {
             (names::SKB_INGRESS, CgroupSkbAttachType::Ingress),
         ] {
             let prog: &mut CgroupSkb = kernel.program(name)?;
-            prog.load().map_err(|source| KernelError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
             prog.attach(&cgroup, direction, mode)
                 .map_err(|source| KernelError::Program { name, source })?;
             kernel.attached.push(name);
@@ -109,8 +112,10 @@ impl Kernel {
 
         let name = names::SOCK_RELEASE;
         let prog: &mut CgroupSock = kernel.program(name)?;
-        prog.load().map_err(|source| KernelError::Program { name, source })?;
-        prog.attach(&cgroup, mode).map_err(|source| KernelError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| KernelError::Program { name, source })?;
+        prog.attach(&cgroup, mode)
+            .map_err(|source| KernelError::Program { name, source })?;
         kernel.attached.push(name);
 
         // Process attribution is optional: without it flows still carry uid and verdict evidence.
@@ -155,7 +160,10 @@ impl Kernel {
     /// The event ring buffer; can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
         let name = names::EVENTS;
-        let map = self.ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(KernelError::MissingMap(name))?;
         RingBuf::try_from(map).map_err(|source| KernelError::Map { name, source })
     }
 

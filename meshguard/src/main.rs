@@ -9,7 +9,7 @@ mod flow;
 mod kernel;
 mod prereq;
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -58,7 +58,10 @@ enum LogFormat {
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
     if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two of at least 4096 (try {})", n.max(4096).next_power_of_two()));
+        return Err(format!(
+            "{n} is not a power of two of at least 4096 (try {})",
+            n.max(4096).next_power_of_two()
+        ));
     }
     Ok(n)
 }
@@ -67,7 +70,8 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -118,7 +122,9 @@ mod tests {
     #[test]
     fn ringbuf_size_must_be_a_power_of_two() {
         assert_eq!(parse_ringbuf_bytes("65536"), Ok(65536));
-        assert!(parse_ringbuf_bytes("5000").unwrap_err().contains("try 8192"));
+        assert!(parse_ringbuf_bytes("5000")
+            .unwrap_err()
+            .contains("try 8192"));
         assert!(parse_ringbuf_bytes("1024").is_err());
         assert!(parse_ringbuf_bytes("many").is_err());
     }

@@ -63,7 +63,10 @@ pub fn check() -> Result<Node, PrereqError> {
     let cgroup_root = find_mount(&mountinfo, "cgroup2").ok_or(PrereqError::NoCgroup2)?;
     let btf = Path::new(BTF_PATH).exists();
     if !btf {
-        warn!(path = BTF_PATH, "kernel BTF not found: flows will have no process attribution");
+        warn!(
+            path = BTF_PATH,
+            "kernel BTF not found: flows will have no process attribution"
+        );
     }
     Ok(Node {
         cgroup_root,
@@ -124,7 +127,9 @@ fn unescape_mount_path(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match (b[i], octal) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -213,7 +218,11 @@ mod tests {
             ("tracefs", None),
         ];
         for (fstype, want) in cases {
-            assert_eq!(find_mount(mountinfo, fstype), want.map(PathBuf::from), "{fstype}");
+            assert_eq!(
+                find_mount(mountinfo, fstype),
+                want.map(PathBuf::from),
+                "{fstype}"
+            );
         }
         assert_eq!(find_mount("garbage\n\n - \n", "cgroup2"), None);
     }
