@@ -27,8 +27,12 @@ pub mod names {
     pub const SKB_INGRESS: &str = "flow_ingress";
     pub const SOCK_RELEASE: &str = "flow_release";
     pub const SEND_BTF: &str = "flow_sender";
-    /// The BTF tracepoint the sender program attaches to.
+    pub const SEND_CLASSIC: &str = "flow_sender_tracepoint";
+    /// The tracepoint (`sock:sock_send_length`) both sender programs attach to.
+    pub const SEND_TRACEPOINT_CATEGORY: &str = "sock";
     pub const SEND_TRACEPOINT: &str = "sock_send_length";
+    /// Global set by the agent for the classic tracepoint: where the cookie is in `struct sock`.
+    pub const SK_COOKIE_OFFSET: &str = "SK_COOKIE_OFFSET";
 }
 
 /// What a ring-buffer event reports. One event per flow or state change, never per packet.

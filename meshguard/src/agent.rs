@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::{
     event::decode,
     flow::FlowTable,
-    kernel::{Kernel, Sizes},
+    kernel::{Kernel, ProcessAttribution, Sizes},
     prereq,
 };
 
@@ -27,13 +27,14 @@ pub struct Options {
     pub node_name: String,
     pub log_flows: bool,
     pub sizes: Sizes,
+    pub process_attribution: ProcessAttribution,
     /// Flows the agent keeps in memory at once.
     pub max_flows: usize,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let node = prereq::check()?;
-    let mut kernel = Kernel::attach(&node, options.sizes)?;
+    let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
     let events = kernel.take_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
     // that owns the ring buffer is dropped.

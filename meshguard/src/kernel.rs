@@ -7,7 +7,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, ProgramError,
-        SockOps,
+        SockOps, TracePoint,
     },
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
@@ -16,8 +16,21 @@ use tracing::{info, warn};
 
 use crate::prereq::Node;
 
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshguard"));
+
+/// Which program names the process behind each flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProcessAttribution {
+    /// The BTF tracepoint, else the classic one.
+    Auto,
+    Btf,
+    /// The classic tracepoint only (needs tracefs and kernel BTF for one offset).
+    Tracepoint,
+    Off,
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
@@ -64,7 +77,11 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    pub fn attach(node: &Node, sizes: Sizes) -> Result<Self, KernelError> {
+    pub fn attach(
+        node: &Node,
+        sizes: Sizes,
+        attribution: ProcessAttribution,
+    ) -> Result<Self, KernelError> {
         let btf = if node.btf {
             Btf::from_sys_fs()
                 .map_err(|e| warn!(%e, "cannot read kernel BTF"))
@@ -72,8 +89,16 @@ impl Kernel {
         } else {
             None
         };
+        // For the classic tracepoint fallback: where the cookie is in `struct sock`.
+        let cookie_offset = node
+            .btf
+            .then(|| std::fs::read(BTF_PATH).ok())
+            .flatten()
+            .and_then(|raw| crate::btf::socket_cookie_offset(&raw).ok().flatten())
+            .unwrap_or(0);
         let ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
+            .override_global(names::SK_COOKIE_OFFSET, &u64::from(cookie_offset), true)
             .map_max_entries(names::FLOWS, sizes.flow_map_entries)
             .map_max_entries(names::EVENTS, sizes.ringbuf_bytes)
             .load(OBJECT)?;
@@ -119,30 +144,74 @@ impl Kernel {
         kernel.attached.push(name);
 
         // Process attribution is optional: without it flows still carry uid and verdict evidence.
-        let name = names::SEND_BTF;
-        match (&btf, kernel.program::<BtfTracePoint>(name)) {
-            (Some(btf), Ok(prog)) => {
-                match prog
-                    .load(names::SEND_TRACEPOINT, btf)
-                    .and_then(|()| prog.attach().map(drop))
-                {
-                    Ok(()) => kernel.attached.push(name),
-                    Err(e) => kernel.degraded.push(format!(
-                        "no process attribution: BTF tracepoint {} refused: {e}",
-                        names::SEND_TRACEPOINT
-                    )),
-                }
-            }
-            (None, _) => kernel
+        if let Err(why) = kernel.attach_sender(btf.as_ref(), node, attribution, cookie_offset) {
+            kernel
                 .degraded
-                .push("no process attribution: the kernel has no BTF".to_string()),
-            (_, Err(e)) => return Err(e),
+                .push(format!("no process attribution: {why}"));
         }
         info!(programs = ?kernel.attached, cgroup = %node.cgroup_root.display(), "attached");
         for why in &kernel.degraded {
             warn!("degraded: {why}");
         }
         Ok(kernel)
+    }
+
+    /// Attaches one of the sender programs, as `attribution` asks; says why when none could be.
+    fn attach_sender(
+        &mut self,
+        btf: Option<&Btf>,
+        node: &Node,
+        attribution: ProcessAttribution,
+        cookie_offset: u32,
+    ) -> Result<(), String> {
+        use ProcessAttribution::*;
+        let mut why = Vec::new();
+        if matches!(attribution, Auto | Btf) {
+            match btf {
+                None => why.push("the kernel has no BTF".to_string()),
+                Some(btf) => {
+                    let name = names::SEND_BTF;
+                    match self.program::<BtfTracePoint>(name).and_then(|prog| {
+                        prog.load(names::SEND_TRACEPOINT, btf)
+                            .and_then(|()| prog.attach().map(drop))
+                            .map_err(|source| KernelError::Program { name, source })
+                    }) {
+                        Ok(()) => {
+                            self.attached.push(name);
+                            return Ok(());
+                        }
+                        Err(e) => why.push(format!("BTF tracepoint refused: {e}")),
+                    }
+                }
+            }
+        }
+        if matches!(attribution, Auto | Tracepoint) {
+            if node.tracefs.is_none() {
+                why.push("tracefs is not mounted".to_string());
+            } else if cookie_offset == 0 {
+                why.push("the socket cookie's offset is unknown (no kernel BTF)".to_string());
+            } else {
+                let name = names::SEND_CLASSIC;
+                match self.program::<TracePoint>(name).and_then(|prog| {
+                    prog.load()
+                        .and_then(|()| {
+                            prog.attach(names::SEND_TRACEPOINT_CATEGORY, names::SEND_TRACEPOINT)
+                                .map(drop)
+                        })
+                        .map_err(|source| KernelError::Program { name, source })
+                }) {
+                    Ok(()) => {
+                        self.attached.push(name);
+                        return Ok(());
+                    }
+                    Err(e) => why.push(format!("classic tracepoint refused: {e}")),
+                }
+            }
+        }
+        if attribution == Off {
+            why.push("turned off (--process-attribution off)".to_string());
+        }
+        Err(why.join("; "))
     }
 
     fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, KernelError>

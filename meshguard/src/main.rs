@@ -3,6 +3,7 @@
 //! One binary: `meshguard agent` runs on every node; the other verbs are for people.
 
 mod agent;
+mod btf;
 mod event;
 mod fingerprint;
 mod flow;
@@ -44,6 +45,9 @@ struct AgentArgs {
     /// Flows the agent keeps in memory at once.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     max_flows: u64,
+    /// Which kernel hook names the process behind each flow.
+    #[arg(long, value_enum, default_value_t = kernel::ProcessAttribution::Auto)]
+    process_attribution: kernel::ProcessAttribution,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
                     ringbuf_bytes: args.ringbuf_bytes,
                 },
                 max_flows: args.max_flows as usize,
+                process_attribution: args.process_attribution,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -21,7 +21,6 @@ pub struct Node {
     #[expect(dead_code, reason = "pinning lands with the restart-survival work")]
     pub bpffs: Option<PathBuf>,
     /// For the classic tracepoint fallback; `None` if tracefs could not be mounted.
-    #[expect(dead_code, reason = "read once the classic tracepoint fallback lands")]
     pub tracefs: Option<PathBuf>,
 }
 

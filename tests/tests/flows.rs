@@ -397,3 +397,84 @@ fn loopback_inside_a_namespace() {
         "both ends in one namespace"
     );
 }
+
+#[test]
+fn process_attribution_falls_back_to_the_classic_tracepoint() {
+    if !privileged() {
+        return;
+    }
+    let pair = Pair::new("tpfall", 16);
+    let agent = Agent::start(&pair.cgroup, &["--process-attribution", "tracepoint"]).unwrap();
+    let _server = http_server(&pair, &pair.server, &pair.v4[1], 8080);
+    let (sent, received) = curl(
+        &pair,
+        &pair.client,
+        &[&format!("http://{}:8080/", pair.v4[1])],
+    );
+    assert_plain_http(&agent, &pair.v4[0], &pair.v4[1], 8080, sent, received);
+    assert!(
+        agent.log().contains("flow_sender_tracepoint"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn without_process_attribution_flows_still_flow_and_the_agent_says_so() {
+    if !privileged() {
+        return;
+    }
+    let pair = Pair::new("noproc", 17);
+    let agent = Agent::start(&pair.cgroup, &["--process-attribution", "off"]).unwrap();
+    assert!(
+        agent.log().contains("degraded: no process attribution"),
+        "{}",
+        agent.log()
+    );
+    let _server = http_server(&pair, &pair.server, &pair.v4[1], 8080);
+    curl(
+        &pair,
+        &pair.client,
+        &[&format!("http://{}:8080/", pair.v4[1])],
+    );
+    let client = &agent
+        .wait_for(1, "the client's closed flow", |r| {
+            is_closed(r, &pair.v4[0], &pair.v4[1], 8080)
+        })
+        .unwrap()[0];
+    assert_eq!(client.str_at("/encryption"), "plaintext");
+    assert_eq!(client["process"]["comm"], Value::Null);
+    assert_eq!(
+        client.u64_at("/process/uid"),
+        0,
+        "the owner uid comes from cgroup_skb"
+    );
+}
+
+#[test]
+fn the_agent_names_missing_capabilities() {
+    if !privileged() {
+        return;
+    }
+    let bin = meshguard_tests::meshguard_bin().unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--inh-caps",
+            "-all",
+        ])
+        .arg(bin)
+        .arg("agent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("missing capabilities: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+}
