@@ -125,7 +125,8 @@ pub struct FlowTuple {
     pub direction: u8,
 }
 
-/// Payload bytes and packets (segments as the socket layer sees them) each way.
+/// Payload bytes each way, and the packets that carried them (segments as the socket layer sees
+/// them; pure ACKs and other empty segments are not counted).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCounters {

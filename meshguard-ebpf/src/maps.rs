@@ -18,6 +18,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
+/// Per CPU, the last socket whose sender is already recorded: a bulk sender calls sendmsg again
+/// and again on one socket, and this spares each call the flow map lookup.
+#[map(name = "SENDER_SEEN")]
+pub static SENDER_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn count(stat: Stat) {
     if let Some(slot) = STATS.get_ptr_mut(stat as u32) {

@@ -17,7 +17,7 @@ use meshguard_ebpf::{flags, EventKind};
 
 use crate::{
     flow::{cookie_of, emit},
-    maps::FLOWS,
+    maps::{FLOWS, SENDER_SEEN},
 };
 
 /// Offset of `sk_cookie` in `struct sock`; set by the agent before loading the classic
@@ -64,11 +64,20 @@ pub fn flow_sender_tracepoint(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn record_sender(cookie: u64) {
+    let Some(seen) = SENDER_SEEN.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, used with preemption disabled.
+    if unsafe { *seen } == cookie {
+        return;
+    }
     let Some(state) = FLOWS.get_ptr_mut(cookie) else {
         return;
     };
     // SAFETY: a live map value; racing writers only set the same fields to the same task.
     let state = unsafe { &mut *state };
+    // SAFETY: as above.
+    unsafe { *seen = cookie };
     if state.flags & flags::PROCESS != 0 {
         return;
     }

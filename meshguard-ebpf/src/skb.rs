@@ -1,5 +1,6 @@
 //! `cgroup_skb` ingress and egress: the only per-packet path, so it stays short. Per packet it
-//! reads the IP and L4 headers, finds the flow by socket cookie and adds to its counters. Once
+//! reads the IP and L4 headers; per packet with payload it finds the flow by socket cookie and
+//! adds to its counters. Once
 //! per flow it records the socket owner's uid and whether egress was redirected away from the
 //! socket's peer; once per direction it copies the first payload bytes into a `Sample` event.
 //! It always lets the packet through.
@@ -97,15 +98,17 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     let Some(packet) = parse(ctx, direction) else {
         return;
     };
+    // Segments without payload (ACKs, handshake, FIN, TIME_WAIT) change nothing meshguard
+    // reports: skipping them before the map lookup halves the work of a bulk transfer.
+    if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
+        return;
+    }
     let cookie = cookie_of(ctx.skb.skb.cast());
     let state = match FLOWS.get_ptr_mut(cookie) {
         Some(state) => state,
         None => {
             // TCP flows start in sock_ops; one without an entry that carries data predates the
-            // agent (or was evicted). Handshake and TIME_WAIT segments carry none: skip them.
-            if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
-                return;
-            }
+            // agent (or was evicted).
             if !adopt(ctx, cookie, direction, &packet) {
                 return;
             }
@@ -168,11 +171,29 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     }
 }
 
+/// Reads a header: straight from the packet when it is in the linear area (the usual case, and
+/// much cheaper than a helper call), else through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn read<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
+    // SAFETY: `skb` is this program's context; the pointer is bounds-checked against
+    // `data_end` before the read, as the verifier requires.
+    unsafe {
+        let skb = ctx.skb.skb;
+        let start = (*skb).data as usize;
+        let end = (*skb).data_end as usize;
+        let at = start + offset;
+        if at + size_of::<T>() <= end {
+            return Some((at as *const T).read_unaligned());
+        }
+    }
+    ctx.load::<T>(offset).ok()
+}
+
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     let (protocol, l4_off, peer_addr) = if ethertype == ETH_P_IP {
-        let Ok(ip) = ctx.load::<Ipv4Header>(0) else {
+        let Some(ip) = read::<Ipv4Header>(ctx, 0) else {
             count(Stat::PacketUnreadable);
             return None;
         };
@@ -187,7 +208,7 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
             [peer, 0, 0, 0],
         )
     } else if ethertype == ETH_P_IPV6 {
-        let Ok(ip) = ctx.load::<Ipv6Header>(0) else {
+        let Some(ip) = read::<Ipv6Header>(ctx, 0) else {
             count(Stat::PacketUnreadable);
             return None;
         };
@@ -204,7 +225,7 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
 
     let (ports, payload_off) = match protocol {
         IPPROTO_TCP => {
-            let Ok(tcp) = ctx.load::<TcpHead>(l4_off as usize) else {
+            let Some(tcp) = read::<TcpHead>(ctx, l4_off as usize) else {
                 count(Stat::PacketUnreadable);
                 return None;
             };
@@ -217,7 +238,7 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
             )
         }
         IPPROTO_UDP => {
-            let Ok(ports) = ctx.load::<Ports>(l4_off as usize) else {
+            let Some(ports) = read::<Ports>(ctx, l4_off as usize) else {
                 count(Stat::PacketUnreadable);
                 return None;
             };

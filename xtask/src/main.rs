@@ -2,6 +2,7 @@
 //!
 //! Every step prints one line; setup skips what is already present, so it is cheap to repeat.
 
+mod bench;
 mod setup;
 mod test;
 
@@ -26,6 +27,8 @@ enum Task {
     Setup,
     /// Formatting, lints (userspace and eBPF), unit tests, then the privileged tests.
     Test(test::Args),
+    /// Measure what meshguard costs: throughput with and without the agent, program run times.
+    Bench(bench::Args),
     /// Set up, build, and run the agent on this host, printing every flow as a JSON line.
     Demo,
 }
@@ -46,6 +49,10 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test(args) => {
             setup::run()?;
             test::run(&args)
+        }
+        Task::Bench(args) => {
+            setup::run()?;
+            bench::run(&args)
         }
         Task::Demo => {
             setup::run()?;
