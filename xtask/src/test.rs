@@ -32,6 +32,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "unit tests",
         cargo().args(["test", "--workspace", "--exclude", "meshguard-tests"]),
     )?;
+    step(
+        "unit tests (testbed)",
+        cargo().args(["test", "-p", "meshguard-tests", "--lib"]),
+    )?;
     if args.no_privileged {
         println!("==> privileged tests skipped (--no-privileged)");
         return Ok(());
@@ -44,7 +48,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     step(
         "privileged tests (root: network namespaces, cgroups, eBPF)",
         cargo()
-            .args(["test", "-p", "meshguard-tests", "--", "--test-threads=1"])
+            .args([
+                "test",
+                "-p",
+                "meshguard-tests",
+                "--test",
+                "*",
+                "--",
+                "--test-threads=1",
+            ])
             .env("MESHGUARD_BIN", bin),
     )
 }

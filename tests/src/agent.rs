@@ -1,0 +1,180 @@
+//! The real agent under test, its flow records collected as they come.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{mpsc, Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+use crate::{run, sys::Cgroup};
+
+/// The meshguard binary under test: `MESHGUARD_BIN` (set by `cargo xtask test`), else the
+/// workspace's debug build, built now if missing.
+pub fn meshguard_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("MESHGUARD_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", "meshguard"])
+            .current_dir(workspace),
+    )?;
+    Ok(workspace.join("target/debug/meshguard"))
+}
+
+/// The real agent, running with `--log-flows`; its records are collected as they come.
+pub struct Agent {
+    child: Child,
+    records: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts the agent in `cgroup` and waits until it has attached.
+    pub fn start(cgroup: &Cgroup, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = cgroup.spawn(
+            Command::new(meshguard_bin()?)
+                .args(["agent", "--log-flows", "--node-name", "test-node"])
+                .args(extra_args)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1"),
+        )?;
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let sink = Arc::clone(&records);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match serde_json::from_str(&line) {
+                    Ok(v) => sink.lock().unwrap().push(v),
+                    Err(e) => eprintln!("agent printed a line that is not JSON ({e}): {line}"),
+                }
+            }
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let err = child.stderr.take().context("agent stderr")?;
+        let log = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("watching flows") {
+                    let _ = ready_tx.send(());
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Self {
+            child,
+            records,
+            stderr,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let status = agent.child.try_wait()?;
+            bail!(
+                "agent not ready (exit: {status:?}); its log:\n{}",
+                agent.log()
+            );
+        }
+        Ok(agent)
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until `pick` finds `n` records (of the `closed` event, say) and returns them.
+    pub fn wait_for(
+        &self,
+        n: usize,
+        what: &str,
+        pick: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let found: Vec<Value> = self
+                .records
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| pick(r))
+                .cloned()
+                .collect();
+            if found.len() >= n {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                let all = self.records.lock().unwrap().clone();
+                bail!(
+                    "waited 15s for {n} record(s) of {what}, found {}:\n{}\nall records:\n{}\nagent log:\n{}",
+                    found.len(),
+                    pretty(&found),
+                    pretty(&all),
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent as an operator would (SIGTERM) and checks that it exited cleanly.
+    pub fn stop(mut self) -> anyhow::Result<String> {
+        terminate(&mut self.child)?;
+        let status = self.child.wait()?;
+        let log = self.log();
+        if !status.success() {
+            bail!("agent exited with {status}; its log:\n{log}");
+        }
+        Ok(log)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = terminate(&mut self.child);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn terminate(child: &mut Child) -> anyhow::Result<()> {
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: signalling a child we started and have not reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    Ok(())
+}
+
+fn pretty(records: &[Value]) -> String {
+    records
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Record field helpers, for readable assertions.
+pub trait RecordExt {
+    fn str_at(&self, pointer: &str) -> &str;
+    fn u64_at(&self, pointer: &str) -> u64;
+}
+
+impl RecordExt for Value {
+    fn str_at(&self, pointer: &str) -> &str {
+        self.pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{pointer} missing in {self}"))
+    }
+    fn u64_at(&self, pointer: &str) -> u64 {
+        self.pointer(pointer)
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("{pointer} missing in {self}"))
+    }
+}

@@ -1,0 +1,565 @@
+//! A node in a box: what meshguard sees of a Kubernetes node, built for real. A node network
+//! namespace holds a bridge (and stands for the host: kubelet probes come from it); each pod is a
+//! network namespace with a veth on the bridge, an address and a default route, and its own
+//! cgroup v2 directory in which every one of its processes runs. Meshed pods run the real Envoy
+//! as uid 1337 behind Istio-style capture rules, with certificates from a test CA.
+//!
+//! Everything a node makes is named after it, so [`Node::down`] removes it all by name, also
+//! after a crash: the namespaces (and with them the links and iptables rules), the cgroups (and
+//! with them every process), the state directory.
+
+mod ca;
+pub mod capture;
+pub mod envoy;
+pub mod podlist;
+pub mod scenarios;
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{run, sys::Cgroup};
+pub use capture::Exclusions;
+
+/// The uid Istio's proxy runs as, and which capture lets through.
+pub const PROXY_UID: u32 = 1337;
+/// The uid applications run as.
+pub const APP_UID: u32 = 1000;
+/// Debian's interpreter: readable by every uid (a per-user Python may not be).
+pub const PYTHON: &str = "/usr/bin/python3";
+const STATE_ROOT: &str = "/run/meshguard-testbed";
+const CGROUP_DIR: &str = "meshguard-testbed";
+
+/// How a meshed pod's sidecar treats inbound plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundMode {
+    /// mTLS only.
+    Strict,
+    /// mTLS or plaintext.
+    Permissive,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mesh {
+    None,
+    Sidecar {
+        inbound: InboundMode,
+        /// Whether the capture rules were installed: a sidecar without them is the CNI race.
+        capture: bool,
+    },
+}
+
+/// A service the sidecar originates mTLS to, on one port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshPeer {
+    pub port: u16,
+    pub service: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// A server the pod's application runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum App {
+    /// Plain HTTP (also serves `/healthz`).
+    Http(u16),
+    /// HTTPS with a certificate of its own (not the mesh's).
+    Tls(u16),
+}
+
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The Deployment the pod belongs to.
+    pub deployment: String,
+    pub mesh: Mesh,
+    pub apps: Vec<App>,
+    /// A readiness probe (HTTP GET `/healthz`) on this port.
+    pub probe_port: Option<u16>,
+    pub exclude: Exclusions,
+    /// Services the sidecar knows as mesh destinations.
+    pub mesh_peers: Vec<MeshPeer>,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            service_account: name.to_string(),
+            deployment: name.to_string(),
+            mesh: Mesh::None,
+            apps: Vec::new(),
+            probe_port: None,
+            exclude: Exclusions::default(),
+            mesh_peers: Vec::new(),
+        }
+    }
+
+    pub fn meshed(&self) -> bool {
+        matches!(self.mesh, Mesh::Sidecar { .. })
+    }
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub dir: PathBuf,
+    pub cgroup: Cgroup,
+    /// The pod's long-running processes, reaped after teardown kills them.
+    children: Vec<Child>,
+}
+
+impl Pod {
+    /// `program` run inside the pod (its network namespace) as `uid`.
+    pub fn command(&self, uid: u32, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, "setpriv"])
+            .args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &uid.to_string(),
+                "--clear-groups",
+            ])
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `cmd` (from [`Pod::command`]) to completion inside the pod's cgroup.
+    pub fn run(&self, cmd: &mut Command) -> anyhow::Result<Output> {
+        self.cgroup.run(cmd)
+    }
+
+    /// Starts a long-running process of the pod, its output in `<pod dir>/<name>.log`.
+    fn start(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
+        let mut child = self.cgroup.spawn_logged(cmd, &log)?;
+        thread::sleep(Duration::from_millis(10));
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{name} in pod {} exited at once ({status}): {}",
+                self.spec.name,
+                tail(&log)
+            );
+        }
+        self.children.push(child);
+        Ok(())
+    }
+
+    fn wait_listening(&self, port: u16) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.netns,
+                    "ss",
+                    "-Hltn",
+                    &format!("sport = :{port}"),
+                ])
+                .output()?;
+            if !out.stdout.is_empty() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        bail!(
+            "nothing listens on {}:{port}; logs in {}",
+            self.spec.name,
+            self.dir.display()
+        )
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .rev()
+        .take(5)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub struct Node {
+    pub name: String,
+    /// The node's own network namespace (the host side of the bridge).
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub pods: Vec<Pod>,
+    pub dir: PathBuf,
+    /// Processes of the node itself (probes, captures).
+    pub cgroup: Cgroup,
+    keep: bool,
+}
+
+impl Node {
+    /// Brings a node up with these pods on `10.<a>.<b>.0/24` (`subnet` = `[a, b]`), replacing
+    /// whatever an earlier run of the same name left.
+    pub fn up(name: &str, subnet: [u8; 2], specs: Vec<PodSpec>) -> anyhow::Result<Node> {
+        Node::down(name)?;
+        let dir = Path::new(STATE_ROOT).join(name);
+        fs::create_dir_all(&dir)?;
+        for d in [Path::new(STATE_ROOT), &dir] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        }
+        let ip = Ipv4Addr::new(10, subnet[0], subnet[1], 1);
+        let netns = name.to_string();
+        let mut node = Node {
+            name: name.to_string(),
+            netns: netns.clone(),
+            ip,
+            pods: Vec::new(),
+            cgroup: Cgroup::at(&Path::new(CGROUP_DIR).join(name).join("node"))?,
+            dir,
+            keep: false,
+        };
+        sh(&["ip", "netns", "add", &netns])?;
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", &netns, "link", "add", "br0", "type", "bridge"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "br0",
+        ])?;
+        sh(&["ip", "-n", &netns, "link", "set", "br0", "up"])?;
+
+        let ca = ca::Ca::new(&node.dir.join("ca"))?;
+        for (i, spec) in specs.into_iter().enumerate() {
+            let pod = node.add_pod(i, spec, &ca, subnet)?;
+            node.pods.push(pod);
+        }
+        for pod in &node.pods {
+            if pod.spec.meshed() {
+                wait_envoy_ready(pod)?;
+            }
+            for app in &pod.spec.apps {
+                pod.wait_listening(match app {
+                    App::Http(p) | App::Tls(p) => *p,
+                })?;
+            }
+        }
+        fs::write(
+            node.dir.join("pods.json"),
+            serde_json::to_string_pretty(&podlist::pod_list(&node))?,
+        )?;
+        Ok(node)
+    }
+
+    fn add_pod(
+        &self,
+        i: usize,
+        spec: PodSpec,
+        ca: &ca::Ca,
+        subnet: [u8; 2],
+    ) -> anyhow::Result<Pod> {
+        let ip = Ipv4Addr::new(10, subnet[0], subnet[1], 10 + i as u8);
+        let netns = format!("{}-{}", self.name, spec.name);
+        let dir = self.dir.join(&spec.name);
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        let mut pod = Pod {
+            children: Vec::new(),
+            cgroup: Cgroup::at(&Path::new(CGROUP_DIR).join(&self.name).join(&spec.name))?,
+            ip,
+            netns: netns.clone(),
+            dir,
+            spec,
+        };
+        let veth = format!("v{i}");
+        sh(&["ip", "netns", "add", &netns])?;
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "link",
+            "set",
+            &veth,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ip.to_string(),
+        ])?;
+
+        if let Mesh::Sidecar { inbound, capture } = pod.spec.mesh {
+            if capture {
+                let rules = capture::rules(&pod.spec.exclude);
+                let mut restore = Command::new("ip")
+                    .args(["netns", "exec", &netns, "iptables-restore", "--noflush"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()?;
+                use std::io::Write as _;
+                restore
+                    .stdin
+                    .take()
+                    .context("stdin")?
+                    .write_all(rules.as_bytes())?;
+                let out = restore.wait_with_output()?;
+                if !out.status.success() {
+                    bail!(
+                        "iptables-restore in {netns}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            let certs = pod.dir.join("certs");
+            let pod_ip = pod.ip;
+            ca.issue(
+                &certs,
+                &format!(
+                    "URI:{}",
+                    ca::spiffe_id(&pod.spec.namespace, &pod.spec.service_account)
+                ),
+                PROXY_UID,
+            )?;
+            let node_id = format!(
+                "sidecar~{pod_ip}~{}.{}~{}.svc.cluster.local",
+                pod.spec.name, pod.spec.namespace, pod.spec.namespace
+            );
+            let config = envoy::config(
+                &node_id,
+                &certs,
+                &pod.dir.join("access.log"),
+                inbound,
+                &pod.spec.mesh_peers,
+            );
+            let config_path = pod.dir.join("envoy.yaml");
+            fs::write(&config_path, config)?;
+            fs::write(pod.dir.join("access.log"), "")?;
+            std::os::unix::fs::chown(pod.dir.join("access.log"), Some(PROXY_UID), Some(PROXY_UID))?;
+            pod.start(
+                "envoy",
+                pod.command(PROXY_UID, &envoy::envoy_path())
+                    .arg("-c")
+                    .arg(&config_path)
+                    .args([
+                        "--concurrency",
+                        "1",
+                        "--disable-hot-restart",
+                        "--log-level",
+                        "warn",
+                    ])
+                    .args(["--file-flush-interval-msec", "200"]),
+            )?;
+        }
+        for app in pod.spec.apps.clone() {
+            match app {
+                App::Http(port) => {
+                    let www = pod.dir.join("www");
+                    fs::create_dir_all(&www)?;
+                    fs::write(
+                        www.join("index.html"),
+                        format!("hello from {}\n", pod.spec.name),
+                    )?;
+                    fs::write(www.join("healthz"), "ok\n")?;
+                    pod.start(
+                        &format!("http-{port}"),
+                        pod.command(APP_UID, PYTHON)
+                            .args([
+                                "-m",
+                                "http.server",
+                                &port.to_string(),
+                                "--bind",
+                                "0.0.0.0",
+                                "--directory",
+                            ])
+                            .arg(&www),
+                    )?;
+                }
+                App::Tls(port) => {
+                    let tls = pod.dir.join("app-tls");
+                    let host =
+                        format!("{}.{}.svc.cluster.local", pod.spec.name, pod.spec.namespace);
+                    ca.issue(&tls, &format!("DNS:{host}"), APP_UID)?;
+                    pod.start(
+                        &format!("tls-{port}"),
+                        pod.command(APP_UID, "openssl")
+                            .args([
+                                "s_server",
+                                "-quiet",
+                                "-www",
+                                "-accept",
+                                &port.to_string(),
+                                "-cert",
+                            ])
+                            .arg(tls.join("cert-chain.pem"))
+                            .arg("-key")
+                            .arg(tls.join("key.pem")),
+                    )?;
+                }
+            }
+        }
+        Ok(pod)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} on node {}", self.name))
+    }
+
+    /// `program` run on the node itself (its network namespace, as root): what kubelet does.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]);
+        cmd
+    }
+
+    /// Leaves the node running when this value is dropped (the demo).
+    pub fn keep_running(mut self) {
+        self.keep = true;
+    }
+
+    /// Removes everything a node of this name made: safe to call when none exists, and after
+    /// a crash.
+    pub fn down(name: &str) -> anyhow::Result<()> {
+        let cgroups = crate::cgroup2_root()?.join(CGROUP_DIR).join(name);
+        if cgroups.exists() {
+            for entry in fs::read_dir(&cgroups)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    drop(Cgroup::existing(path));
+                }
+            }
+            let _ = fs::remove_dir(&cgroups);
+        }
+        for ns in Node::namespaces(name)? {
+            sh(&["ip", "netns", "del", &ns])?;
+        }
+        let dir = Path::new(STATE_ROOT).join(name);
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// The network namespaces of a node of this name.
+    pub fn namespaces(name: &str) -> anyhow::Result<Vec<String>> {
+        let out = run(Command::new("ip").args(["netns", "list"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|ns| *ns == name || ns.starts_with(&format!("{name}-")))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// What of a node of this name is still there, in words; empty when nothing is.
+    pub fn leftovers(name: &str) -> anyhow::Result<Vec<String>> {
+        let mut left: Vec<String> = Node::namespaces(name)?
+            .into_iter()
+            .map(|ns| format!("netns {ns}"))
+            .collect();
+        let cgroups = crate::cgroup2_root()?.join(CGROUP_DIR).join(name);
+        if cgroups.exists() {
+            left.push(format!("cgroup {}", cgroups.display()));
+        }
+        let dir = Path::new(STATE_ROOT).join(name);
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        Ok(left)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.keep {
+            self.cgroup.keep();
+            for pod in &mut self.pods {
+                pod.cgroup.keep();
+            }
+            return;
+        }
+        if let Err(e) = Node::down(&self.name) {
+            eprintln!("warning: tearing down node {}: {e:#}", self.name);
+        }
+        for pod in &mut self.pods {
+            for child in &mut pod.children {
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(args[0]).args(&args[1..])).map(drop)
+}
+
+fn wait_envoy_ready(pod: &Pod) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let url = format!("http://127.0.0.1:{}/ready", envoy::ADMIN_PORT);
+    while Instant::now() < deadline {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "curl", "-s", "-m", "1", &url])
+            .output()?;
+        if out.stdout.starts_with(b"LIVE") {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    bail!(
+        "Envoy in pod {} not ready after 15s: {}",
+        pod.spec.name,
+        tail(&pod.dir.join("envoy.log"))
+    )
+}

@@ -1,0 +1,257 @@
+//! The node testbed behaves like a meshed node before meshguard is judged on it: sidecars
+//! really carry mTLS with Istio's SNI and ALPN, the bypasses really are plaintext on the wire
+//! (a packet capture on the node's bridge, no meshguard involved), every scenario's flows reach
+//! the agent, and teardown leaves nothing behind, also after a crash.
+
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use meshguard_tests::{
+    privileged, run,
+    testbed::{
+        scenarios::{self, Party, Wire},
+        Node, PodSpec,
+    },
+    Agent, Cgroup, TempDir,
+};
+use serde_json::Value;
+
+/// Packets captured on the node's bridge while `work` runs, read back by tshark.
+fn capture(node: &Node, dir: &TempDir, work: impl FnOnce()) -> std::path::PathBuf {
+    let pcap = dir.path.join("bridge.pcap");
+    let mut tcpdump = node
+        .cgroup
+        .spawn(
+            node.command("tcpdump")
+                .args(["-i", "br0", "-U", "-n", "--immediate-mode", "-w"])
+                .arg(&pcap)
+                .arg("tcp"),
+        )
+        .unwrap();
+    // tcpdump says "listening on" once it captures.
+    let mut stderr = tcpdump.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("listening on") {
+        use std::io::Read as _;
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    work();
+    thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling a child we started and have not reaped.
+    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
+    assert!(tcpdump.wait().unwrap().success());
+    pcap
+}
+
+/// tshark's fields for the packets matching `filter`, one row per packet.
+fn tshark(pcap: &std::path::Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(pcap);
+    // Decode the scenarios' ports as what they carry, whatever tshark guesses from the number.
+    for (port, proto) in [
+        (8080, "tls"),
+        (8443, "tls"),
+        (5000, "http"),
+        (9080, "http"),
+        (8081, "http"),
+    ] {
+        cmd.args(["-d", &format!("tcp.port=={port},{proto}")]);
+    }
+    cmd.args(["-Y", filter, "-T", "fields"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = run(cmd.stderr(Stdio::piped())).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn the_wire_shows_mtls_through_sidecars_and_plaintext_for_the_bypasses() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("ground-truth").unwrap();
+    let node = Node::up("mgtruth", [245, 1], scenarios::pods()).unwrap();
+    let all = scenarios::all();
+    let pcap = capture(&node, &dir, || {
+        for scenario in &all {
+            scenario.run(&node).unwrap();
+        }
+    });
+
+    let hellos = tshark(
+        &pcap,
+        "tls.handshake.type == 1",
+        &[
+            "ip.src",
+            "ip.dst",
+            "tcp.dstport",
+            "tls.handshake.extensions_server_name",
+            "tls.handshake.extensions_alpn_str",
+        ],
+    );
+    let requests = tshark(
+        &pcap,
+        "http.request",
+        &["ip.src", "ip.dst", "tcp.dstport", "http.request.method"],
+    );
+    for s in &all {
+        let (client, server, port) = (
+            s.client_ip(&node).to_string(),
+            node.pod(s.server).ip.to_string(),
+            s.port.to_string(),
+        );
+        let between = |row: &Vec<String>| row[0] == client && row[1] == server && row[2] == port;
+        match &s.wire {
+            Wire::Tls { sni, alpn } => {
+                let hello = hellos.iter().find(|r| between(r)).unwrap_or_else(|| {
+                    panic!("{}: no ClientHello on the wire: {hellos:?}", s.name)
+                });
+                assert_eq!(&hello[3], sni, "{}", s.name);
+                assert_eq!(hello[4], alpn.join(","), "{}", s.name);
+                assert!(
+                    !requests.iter().any(between),
+                    "{}: plaintext HTTP on the wire: {requests:?}",
+                    s.name
+                );
+            }
+            Wire::PlaintextHttp => {
+                let request = requests.iter().find(|r| between(r)).unwrap_or_else(|| {
+                    panic!("{}: no plaintext request on the wire: {requests:?}", s.name)
+                });
+                assert_eq!(request[3], "GET");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_scenario_flow_reaches_the_agent() {
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("testbed-agent").unwrap();
+    let node = Node::up("mgflows", [245, 2], scenarios::pods()).unwrap();
+    let agent = Agent::start(&cgroup, &[]).unwrap();
+    for scenario in scenarios::all() {
+        scenario.run(&node).unwrap();
+        for e in &scenario.expect {
+            let found = agent
+                .wait_for(1, &format!("{}: {}", scenario.name, e.what), |r: &Value| {
+                    r["event"] == "closed" && e.matches(&node, r)
+                })
+                .unwrap();
+            let encryption = found[0]["encryption"].as_str().unwrap();
+            let wire_tls = matches!(scenario.wire, Wire::Tls { .. });
+            // Hops inside a pod carry the application's plaintext; the bridge carries the wire.
+            let expected = match (e.verdict, wire_tls) {
+                ("in-pod", _) => "plaintext",
+                (_, true) => "tls",
+                (_, false) => "plaintext",
+            };
+            assert_eq!(
+                encryption, expected,
+                "{}: {}: {}",
+                scenario.name, e.what, found[0]
+            );
+        }
+    }
+    // Each expectation names one flow, not several.
+    let records = agent
+        .wait_for(0, "all", |r| r["event"] == "closed")
+        .unwrap();
+    for scenario in scenarios::all() {
+        for e in &scenario.expect {
+            let n = records.iter().filter(|r| e.matches(&node, r)).count();
+            assert_eq!(n, 1, "{}: {} matches {n} flows", scenario.name, e.what);
+        }
+    }
+}
+
+#[test]
+fn the_pod_list_reads_like_kubectl_get_pods() {
+    if !privileged() {
+        return;
+    }
+    let node = Node::up("mgpods", [245, 3], scenarios::pods()).unwrap();
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(node.dir.join("pods.json")).unwrap())
+            .unwrap();
+    assert_eq!(list["kind"], "List");
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), node.pods.len());
+    for (item, pod) in items.iter().zip(&node.pods) {
+        let meta = &item["metadata"];
+        assert_eq!(meta["namespace"], pod.spec.namespace.as_str());
+        assert!(meta["name"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}-", pod.spec.deployment)));
+        assert_eq!(meta["ownerReferences"][0]["kind"], "ReplicaSet");
+        assert_eq!(item["spec"]["nodeName"], "mgpods");
+        assert_eq!(item["status"]["podIP"], pod.ip.to_string().as_str());
+        let meshed = meta["labels"]["security.istio.io/tlsMode"] == "istio";
+        assert_eq!(meshed, pod.spec.meshed(), "{}", pod.spec.name);
+        assert_eq!(
+            meta["annotations"]["sidecar.istio.io/status"].is_string(),
+            meshed
+        );
+    }
+    let web = items
+        .iter()
+        .find(|i| i["metadata"]["labels"]["app"] == "web")
+        .unwrap();
+    assert_eq!(
+        web["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"],
+        "5000,8443"
+    );
+    let api = items
+        .iter()
+        .find(|i| i["metadata"]["labels"]["app"] == "api")
+        .unwrap();
+    assert_eq!(
+        api["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"],
+        8081
+    );
+}
+
+#[test]
+fn teardown_leaves_nothing_behind_even_after_a_crash() {
+    if !privileged() {
+        return;
+    }
+    let pods = || -> Vec<PodSpec> {
+        scenarios::pods()
+            .into_iter()
+            .filter(|p| ["web", "api"].contains(&p.name.as_str()))
+            .collect()
+    };
+    // A run that dies without tearing down: its namespaces, sidecars and rules stay behind.
+    std::mem::forget(Node::up("mgcrash", [245, 4], pods()).unwrap());
+    assert!(!Node::leftovers("mgcrash").unwrap().is_empty());
+    // The next run replaces them and works.
+    let node = Node::up("mgcrash", [245, 4], pods()).unwrap();
+    let mtls = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == "mesh-mtls")
+        .unwrap();
+    mtls.run(&node).unwrap();
+    let cgroups: Vec<_> = node.pods.iter().map(|p| p.cgroup.path.clone()).collect();
+    drop(node);
+    assert_eq!(Node::leftovers("mgcrash").unwrap(), Vec::<String>::new());
+    for cgroup in cgroups {
+        assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+    }
+    // And tearing down what is not there is fine.
+    Node::down("mgcrash").unwrap();
+    let _ = Party::Node;
+}
