@@ -3,6 +3,8 @@
 
 use std::{
     io::Write,
+    path::PathBuf,
+    sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -18,8 +20,10 @@ use tracing::{info, warn};
 use crate::{
     event::decode,
     flow::FlowTable,
+    inventory::{self, source::Source, Inventory, Shared},
     kernel::{Kernel, ProcessAttribution, Sizes},
     prereq,
+    verdict::Policy,
 };
 
 #[derive(Clone, Debug)]
@@ -28,11 +32,39 @@ pub struct Options {
     pub log_flows: bool,
     pub sizes: Sizes,
     pub process_attribution: ProcessAttribution,
+    pub inventory: Source,
+    pub policy: Option<PathBuf>,
     /// Flows the agent keeps in memory at once.
     pub max_flows: usize,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    let policy = match &options.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading policy {}", path.display()))?;
+            serde_json::from_str::<Policy>(&text)
+                .with_context(|| format!("policy {}", path.display()))?
+        }
+        None => Policy::default(),
+    };
+    let inventory: Shared = Arc::new(RwLock::new(Arc::new(Inventory::empty(
+        &options.inventory.to_string(),
+    ))));
+    match &options.inventory {
+        Source::File(path) => {
+            inventory::source::reload(path, &inventory);
+            tokio::spawn(inventory::source::watch_file(
+                path.clone(),
+                Arc::clone(&inventory),
+            ));
+        }
+        Source::Kubernetes => {
+            inventory::kubernetes::start(&options.node_name, Arc::clone(&inventory)).await?
+        }
+        Source::None => {}
+    }
+    info!(source = %inventory.read().unwrap_or_else(|e| e.into_inner()).source, "inventory");
     let node = prereq::check()?;
     let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
     let events = kernel.take_events()?;
@@ -67,7 +99,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     };
                     let Some((flow, change)) = table.apply(&event) else { continue };
                     if options.log_flows {
-                        let record = flow.record(&options.node_name, change);
+                        let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
+                        let record = flow.record(&options.node_name, change, &pods, &policy);
                         serde_json::to_writer(&mut stdout, &record)?;
                         stdout.write_all(b"\n")?;
                     }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
@@ -14,6 +14,8 @@ use serde::Serialize;
 use crate::{
     event::{ip_addr, KernelEvent},
     fingerprint::{fingerprint, Fingerprint, PlaintextHint, TlsInfo},
+    inventory::{Identity, Inventory},
+    verdict::{decide, Direction, Evidence, Path, Policy, Verdict},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -198,10 +200,47 @@ impl Flow {
         }
     }
 
-    pub fn record(&self, node: &str, change: Change) -> FlowRecord {
+    /// What the kernel saw of this flow, for the verdict engine.
+    fn evidence(&self) -> (Evidence<'_>, Option<&str>) {
         let k = &self.kernel;
         let t = &k.tuple;
-        let comm_len = k.comm.iter().position(|&b| b == 0).unwrap_or(k.comm.len());
+        let comm = (k.flags & flags::PROCESS != 0).then(|| {
+            let len = k.comm.iter().position(|&b| b == 0).unwrap_or(k.comm.len());
+            std::str::from_utf8(&k.comm[..len]).unwrap_or("?")
+        });
+        let evidence = Evidence {
+            direction: if t.direction == DIRECTION_EGRESS {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            udp: t.protocol == 17,
+            local: SocketAddr::new(ip_addr(t.family, t.local_addr), t.local_port),
+            remote: SocketAddr::new(ip_addr(t.family, t.remote_addr), t.remote_port),
+            uid: (k.flags & flags::UID != 0).then_some(k.uid),
+            comm,
+            redirect: (k.flags & flags::REDIRECTED != 0)
+                .then(|| SocketAddr::new(ip_addr(t.family, k.redirect.addr), k.redirect.port)),
+            encryption: self.encryption,
+            alpn: self.tls.as_ref().map_or(&[], |t| t.alpn.as_slice()),
+        };
+        (evidence, comm)
+    }
+
+    pub fn record(
+        &self,
+        node: &str,
+        change: Change,
+        inventory: &Inventory,
+        policy: &Policy,
+    ) -> FlowRecord {
+        let k = &self.kernel;
+        let (ev, comm) = self.evidence();
+        let (local, remote) = (
+            inventory.lookup(ev.local.ip()),
+            inventory.lookup(ev.remote.ip()),
+        );
+        let decision = decide(&ev, local, remote, policy);
         FlowRecord {
             id: format!("{:016x}", self.cookie),
             node: node.to_string(),
@@ -209,25 +248,17 @@ impl Flow {
             first_seen: humantime::format_rfc3339_millis(self.first_seen).to_string(),
             last_seen: humantime::format_rfc3339_millis(self.last_seen).to_string(),
             state: if self.closed { "closed" } else { "open" },
-            direction: if t.direction == DIRECTION_EGRESS {
-                "egress"
-            } else {
-                "ingress"
+            direction: match ev.direction {
+                Direction::Egress => "egress",
+                Direction::Ingress => "ingress",
             },
-            protocol: if t.protocol == 17 { "udp" } else { "tcp" },
-            local: Endpoint {
-                ip: ip_addr(t.family, t.local_addr),
-                port: t.local_port,
-            },
-            remote: Endpoint {
-                ip: ip_addr(t.family, t.remote_addr),
-                port: t.remote_port,
-            },
+            protocol: if ev.udp { "udp" } else { "tcp" },
+            local: Endpoint::new(ev.local, local),
+            remote: Endpoint::new(ev.remote, remote),
             process: Process {
                 pid: (k.flags & flags::PROCESS != 0).then_some(k.pid),
-                comm: (k.flags & flags::PROCESS != 0)
-                    .then(|| String::from_utf8_lossy(&k.comm[..comm_len]).into_owned()),
-                uid: (k.flags & flags::UID != 0).then_some(k.uid),
+                comm: comm.map(str::to_string),
+                uid: ev.uid,
             },
             encryption: self.encryption,
             tls: self.tls.clone(),
@@ -238,15 +269,19 @@ impl Flow {
                     _ => None,
                 },
             }),
-            redirect: (k.flags & flags::REDIRECTED != 0).then(|| RedirectRecord {
-                ip: ip_addr(t.family, k.redirect.addr),
-                port: k.redirect.port,
+            path: decision.path,
+            redirect: ev.redirect.map(|to| RedirectRecord {
+                ip: to.ip(),
+                port: to.port(),
                 ifindex: k.redirect.ifindex,
             }),
             bytes_sent: k.counters.bytes_sent,
             bytes_received: k.counters.bytes_received,
             packets_sent: k.counters.packets_sent,
             packets_received: k.counters.packets_received,
+            verdict: decision.verdict,
+            reason: decision.reason,
+            detail: decision.detail,
             midstream: k.flags & flags::MIDSTREAM != 0,
             netns_cookie: k.netns,
         }
@@ -270,12 +305,17 @@ pub struct FlowRecord {
     pub encryption: Encryption,
     pub tls: Option<TlsInfo>,
     pub plaintext: Option<PlaintextRecord>,
+    pub path: Path,
     /// Where egress really went when netfilter sent it elsewhere than the socket's peer.
     pub redirect: Option<RedirectRecord>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub packets_sent: u64,
     pub packets_received: u64,
+    pub verdict: Verdict,
+    pub reason: &'static str,
+    /// One sentence for a person: what happened and why it got this verdict.
+    pub detail: String,
     /// First seen mid-connection: its start predates the agent.
     pub midstream: bool,
     pub netns_cookie: u64,
@@ -285,6 +325,27 @@ pub struct FlowRecord {
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub workload: Option<String>,
+    /// `true` for the node itself (host network).
+    pub node: bool,
+    pub meshed: bool,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, who: Identity) -> Self {
+        let pod = who.pod();
+        Endpoint {
+            ip: addr.ip(),
+            port: addr.port(),
+            namespace: pod.map(|p| p.namespace.clone()),
+            pod: pod.map(|p| p.name.clone()),
+            workload: pod.map(|p| p.workload.name.clone()),
+            node: matches!(who, Identity::Node),
+            meshed: pod.is_some_and(|p| p.meshed()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -378,7 +439,12 @@ mod tests {
         for (i, (bytes, want)) in steps.into_iter().enumerate() {
             if want == Some(Change::Closed) {
                 let (flow, _) = table.apply(&decode(&bytes).unwrap()).unwrap();
-                let record = flow.record("node-a", Change::Closed);
+                let record = flow.record(
+                    "node-a",
+                    Change::Closed,
+                    &Inventory::empty("none"),
+                    &Policy::default(),
+                );
                 assert_eq!(record.encryption, Encryption::Tls);
                 let tls = record.tls.unwrap();
                 assert_eq!(tls.sni.as_deref(), Some("svc.test"));
@@ -421,7 +487,7 @@ mod tests {
                 )
                 .unwrap();
             assert_eq!(change, Change::Classified);
-            let record = flow.record("n", change);
+            let record = flow.record("n", change, &Inventory::empty("none"), &Policy::default());
             assert_eq!(record.encryption, encryption, "{bytes:?}");
             assert_eq!(record.plaintext.map(|p| p.protocol), protocol);
         }
@@ -441,7 +507,11 @@ mod tests {
             )
             .unwrap();
         assert_eq!(change, Change::Closed);
-        assert_eq!(flow.record("n", change).encryption, Encryption::Unknown);
+        assert_eq!(
+            flow.record("n", change, &Inventory::empty("none"), &Policy::default())
+                .encryption,
+            Encryption::Unknown
+        );
     }
 
     #[test]

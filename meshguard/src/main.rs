@@ -7,8 +7,10 @@ mod btf;
 mod event;
 mod fingerprint;
 mod flow;
+mod inventory;
 mod kernel;
 mod prereq;
+mod verdict;
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -45,6 +47,13 @@ struct AgentArgs {
     /// Flows the agent keeps in memory at once.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     max_flows: u64,
+    /// Where pods and their mesh intent come from: file:PATH (a `kubectl get pods -o json`
+    /// document, reloaded when it changes), kubernetes (the API server, this node's pods), or none.
+    #[arg(long, default_value = "none", value_parser = parse_inventory)]
+    inventory: inventory::source::Source,
+    /// Verdict policy, a JSON file (proxy process names, expected plaintext); defaults otherwise.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<std::path::PathBuf>,
     /// Which kernel hook names the process behind each flow.
     #[arg(long, value_enum, default_value_t = kernel::ProcessAttribution::Auto)]
     process_attribution: kernel::ProcessAttribution,
@@ -57,6 +66,10 @@ struct AgentArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_inventory(s: &str) -> Result<inventory::source::Source, String> {
+    s.parse()
 }
 
 fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
@@ -96,6 +109,8 @@ fn main() -> ExitCode {
                 },
                 max_flows: args.max_flows as usize,
                 process_attribution: args.process_attribution,
+                inventory: args.inventory,
+                policy: args.policy,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -135,13 +135,15 @@ fn the_wire_shows_mtls_through_sidecars_and_plaintext_for_the_bypasses() {
 }
 
 #[test]
-fn every_scenario_flow_reaches_the_agent() {
+fn every_scenario_flow_gets_its_verdict() {
     if !privileged() {
         return;
     }
     let cgroup = Cgroup::new("testbed-agent").unwrap();
     let node = Node::up("mgflows", [245, 2], scenarios::pods()).unwrap();
-    let agent = Agent::start(&cgroup, &[]).unwrap();
+    let inventory = format!("file:{}", node.dir.join("pods.json").display());
+    let agent = Agent::start(&cgroup, &["--inventory", &inventory]).unwrap();
+    let mut wrong = Vec::new();
     for scenario in scenarios::all() {
         scenario.run(&node).unwrap();
         for e in &scenario.expect {
@@ -150,31 +152,169 @@ fn every_scenario_flow_reaches_the_agent() {
                     r["event"] == "closed" && e.matches(&node, r)
                 })
                 .unwrap();
-            let encryption = found[0]["encryption"].as_str().unwrap();
-            let wire_tls = matches!(scenario.wire, Wire::Tls { .. });
+            let r = &found[0];
             // Hops inside a pod carry the application's plaintext; the bridge carries the wire.
-            let expected = match (e.verdict, wire_tls) {
-                ("in-pod", _) => "plaintext",
-                (_, true) => "tls",
-                (_, false) => "plaintext",
+            let wire_tls = matches!(scenario.wire, Wire::Tls { .. });
+            let encryption = if e.verdict != "in-pod" && wire_tls {
+                "tls"
+            } else {
+                "plaintext"
             };
             assert_eq!(
-                encryption, expected,
-                "{}: {}: {}",
-                scenario.name, e.what, found[0]
+                r["encryption"], encryption,
+                "{}: {}: {r}",
+                scenario.name, e.what
             );
+            if r["verdict"] != e.verdict || r["reason"] != e.reason {
+                wrong.push(format!(
+                    "{}: {}: expected {} ({}), got {} ({}): {}",
+                    scenario.name,
+                    e.what,
+                    e.verdict,
+                    e.reason,
+                    r["verdict"],
+                    r["reason"],
+                    r["detail"]
+                ));
+            }
+            assert!(!r["detail"].as_str().unwrap().is_empty());
         }
     }
-    // Each expectation names one flow, not several.
+    assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
+
+    // Each expectation names one flow, not several; flows name their pods' workloads.
     let records = agent
         .wait_for(0, "all", |r| r["event"] == "closed")
         .unwrap();
     for scenario in scenarios::all() {
         for e in &scenario.expect {
-            let n = records.iter().filter(|r| e.matches(&node, r)).count();
-            assert_eq!(n, 1, "{}: {} matches {n} flows", scenario.name, e.what);
+            let matching: Vec<&Value> = records.iter().filter(|r| e.matches(&node, r)).collect();
+            assert_eq!(
+                matching.len(),
+                1,
+                "{}: {} matches {} flows",
+                scenario.name,
+                e.what,
+                matching.len()
+            );
+            if let Party::Pod(name) = e.local {
+                assert_eq!(matching[0]["local"]["workload"], name, "{}", matching[0]);
+            }
         }
     }
+}
+
+/// meshguard's encryption call on the flows that crossed the bridge agrees with tshark's.
+#[test]
+fn meshguard_agrees_with_the_wire() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("agree").unwrap();
+    let cgroup = Cgroup::new("testbed-agree").unwrap();
+    let node = Node::up("mgagree", [245, 5], scenarios::pods()).unwrap();
+    let agent = Agent::start(&cgroup, &[]).unwrap();
+    let all = scenarios::all();
+    let pcap = capture(&node, &dir, || {
+        for scenario in &all {
+            scenario.run(&node).unwrap();
+        }
+    });
+    let hellos = tshark(
+        &pcap,
+        "tls.handshake.type == 1",
+        &["ip.src", "tcp.srcport", "ip.dst", "tcp.dstport"],
+    );
+    let requests = tshark(
+        &pcap,
+        "http.request",
+        &["ip.src", "tcp.srcport", "ip.dst", "tcp.dstport"],
+    );
+    for s in &all {
+        let client = s.client_ip(&node).to_string();
+        let server = node.pod(s.server).ip.to_string();
+        // The socket that put the connection on the bridge: the client's, or its sidecar's.
+        let on_wire = agent
+            .wait_for(1, s.name, |r| {
+                r["event"] == "closed"
+                    && r["direction"] == "egress"
+                    && r["local"]["ip"] == client.as_str()
+                    && r["remote"]["ip"] == server.as_str()
+                    && r["remote"]["port"] == s.port
+                    && r["redirect"].is_null()
+            })
+            .unwrap();
+        let r = &on_wire[0];
+        let tuple = [
+            client.clone(),
+            r["local"]["port"].to_string(),
+            server.clone(),
+            s.port.to_string(),
+        ];
+        let tshark_says = if hellos.contains(&tuple.to_vec()) {
+            "tls"
+        } else if requests.contains(&tuple.to_vec()) {
+            "plaintext"
+        } else {
+            panic!(
+                "{}: tshark saw neither a ClientHello nor a request for {tuple:?}",
+                s.name
+            )
+        };
+        assert_eq!(r["encryption"], tshark_says, "{}: {r}", s.name);
+    }
+}
+
+#[test]
+fn a_malformed_inventory_keeps_the_last_good_one_and_loses_no_flow() {
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("testbed-badinv").unwrap();
+    let node = Node::up("mgbadinv", [245, 6], scenarios::pods()).unwrap();
+    let file = node.dir.join("inventory.json");
+    std::fs::copy(node.dir.join("pods.json"), &file).unwrap();
+    let agent = Agent::start(
+        &cgroup,
+        &["--inventory", &format!("file:{}", file.display())],
+    )
+    .unwrap();
+    let excluded = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == "excluded-port")
+        .unwrap();
+
+    for (round, garbage) in [(1, Some("{\"kind\": \"List\", \"items\": [")), (2, None)] {
+        match garbage {
+            Some(text) => std::fs::write(&file, text).unwrap(),
+            None => std::fs::remove_file(&file).unwrap(),
+        }
+        // The file source polls once a second: let it see the change.
+        thread::sleep(Duration::from_millis(1500));
+        excluded.run(&node).unwrap();
+        for e in &excluded.expect {
+            let found = agent
+                .wait_for(round, e.what, |r: &Value| {
+                    r["event"] == "closed" && e.matches(&node, r)
+                })
+                .unwrap();
+            let r = &found[round - 1];
+            assert_eq!(
+                (r["verdict"].as_str(), r["reason"].as_str()),
+                (Some(e.verdict), Some(e.reason)),
+                "round {round}: {r}"
+            );
+        }
+    }
+    let log = agent.stop().unwrap();
+    assert!(
+        log.contains("inventory file is not a pod list; keeping the last good inventory"),
+        "{log}"
+    );
+    assert!(
+        log.contains("inventory file unreadable; keeping the last good inventory"),
+        "{log}"
+    );
 }
 
 #[test]

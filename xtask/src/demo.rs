@@ -62,7 +62,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     agent_cgroup.spawn_to(
         Command::new(&bin)
-            .args(["agent", "--log-flows", "--node-name", NODE])
+            .args(["agent", "--log-flows", "--node-name", NODE, "--inventory"])
+            .arg(format!("file:{}", node.dir.join("pods.json").display()))
             .env("NO_COLOR", "1"),
         &flows,
         &log,
@@ -85,21 +86,35 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let records = wait_for_records(&node, &all, &flows, Duration::from_secs(15))?;
 
     println!();
+    let (mut right, mut total) = (0, 0);
     for scenario in &all {
         println!("{} — {}", scenario.name, scenario.title);
         for e in &scenario.expect {
+            total += 1;
             let expected = format!("{} ({})", e.verdict, e.reason);
-            match records.iter().find(|r| e.matches(&node, r)) {
-                Some(r) => println!(
-                    "  {:<38} expect {:<34} saw {}",
-                    e.what,
-                    expected,
-                    describe(r)
-                ),
-                None => println!("  {:<38} expect {:<34} NOT SEEN", e.what, expected),
+            let Some(r) = records.iter().find(|r| e.matches(&node, r)) else {
+                println!("  ✗ {:<36} expected {expected}: NOT SEEN", e.what);
+                continue;
+            };
+            let got = format!(
+                "{} ({})",
+                r["verdict"].as_str().unwrap_or("?"),
+                r["reason"].as_str().unwrap_or("?")
+            );
+            let mark = if got == expected {
+                right += 1;
+                "✓"
+            } else {
+                "✗"
+            };
+            println!("  {mark} {:<36} {got:<34} {}", e.what, describe(r));
+            if got != expected {
+                println!("      expected {expected}");
             }
+            println!("      {}", r["detail"].as_str().unwrap_or(""));
         }
     }
+    println!("\n{right} of {total} flows got the verdict their scenario states.");
 
     agent_cgroup.keep();
     let pods = node.dir.join("pods.json");

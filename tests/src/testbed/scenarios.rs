@@ -337,13 +337,15 @@ pub fn all() -> Vec<Scenario> {
                     ),
                     PROXY_UID,
                 ),
+                // Plaintext from a meshed pod, whose sidecar would have used mTLS: the server's
+                // end sees the bypass too.
                 end(
                     "reviews sidecar accepting plaintext",
                     Party::Pod("reviews"),
                     web,
                     (Some(INBOUND_PORT), None),
-                    "plaintext",
-                    "permissive-inbound",
+                    "bypass-plaintext",
+                    "peer-bypass",
                 ),
             ],
             drive: |node| {
@@ -424,7 +426,9 @@ pub fn all() -> Vec<Scenario> {
                 5000,
                 5000,
                 ("bypass-plaintext", "no-capture"),
-                ("bypass-plaintext", "no-capture"),
+                // Alone, the server's end cannot tell a bypass from the sidecar's plaintext
+                // passthrough to a server outside the mesh; the client's end can.
+                ("plaintext", "unmeshed-server"),
             ),
             drive: |node| {
                 curl(

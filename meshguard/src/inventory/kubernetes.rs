@@ -1,0 +1,264 @@
+//! `--inventory kubernetes`: this node's pods from the API server (in-cluster configuration,
+//! or a kubeconfig outside a cluster), watched with a field selector on `spec.nodeName`, and
+//! namespaces for OpenShift's per-namespace proxy uid. The watch relists after any gap and
+//! backs off on errors; an object that does not parse keeps its last good version.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client,
+};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use super::{namespace_proxy_uid, Inventory, PodInfo, Shared};
+
+pub const SOURCE: &str = "kubernetes";
+
+/// What a watch said, reduced to what the store needs (and to plain JSON, so that the objects
+/// go through the same parser as a pod list file).
+#[derive(Debug)]
+pub enum Change {
+    /// A relist begins: objects until `Ready` replace everything.
+    Relist,
+    Upsert(Value),
+    Delete(Value),
+    Ready,
+}
+
+/// This node's pods and the namespaces' proxy uids, as the watches last said.
+#[derive(Default)]
+pub struct Store {
+    pods: BTreeMap<String, PodInfo>,
+    relisting: Option<BTreeMap<String, PodInfo>>,
+    namespaces: BTreeMap<String, u32>,
+}
+
+fn key(v: &Value) -> String {
+    let meta = &v["metadata"];
+    format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or(""),
+        meta["name"].as_str().unwrap_or("<no name>")
+    )
+}
+
+impl Store {
+    /// Applies one pod watch change; returns whether the inventory should be republished.
+    pub fn pod_change(&mut self, change: Change) -> bool {
+        match change {
+            Change::Relist => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            Change::Ready => {
+                if let Some(pods) = self.relisting.take() {
+                    self.pods = pods;
+                }
+                true
+            }
+            Change::Upsert(v) => {
+                let key = key(&v);
+                let parsed = PodInfo::parse(&v);
+                let target = self.relisting.as_mut().unwrap_or(&mut self.pods);
+                match parsed {
+                    Ok(pod) => {
+                        target.insert(key, pod);
+                    }
+                    Err(e) => {
+                        let kept = self.pods.get(&key).cloned();
+                        warn!(error = %e, kept_previous = kept.is_some(), "malformed pod from the API server");
+                        if let Some(previous) = kept {
+                            self.relisting
+                                .as_mut()
+                                .unwrap_or(&mut self.pods)
+                                .insert(key, previous);
+                        }
+                    }
+                }
+                self.relisting.is_none()
+            }
+            Change::Delete(v) => {
+                self.pods.remove(&key(&v));
+                self.relisting.is_none()
+            }
+        }
+    }
+
+    pub fn namespace(&mut self, v: &Value) -> bool {
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match namespace_proxy_uid(v) {
+            Some(uid) => self.namespaces.insert(name, uid) != Some(uid),
+            None => self.namespaces.remove(&name).is_some(),
+        }
+    }
+
+    pub fn inventory(&self) -> Inventory {
+        Inventory::with_namespaces(
+            SOURCE,
+            self.pods.values().cloned().collect(),
+            &self.namespaces,
+        )
+    }
+}
+
+/// Connects and starts the watches; fails only if no API configuration can be found at all.
+pub async fn start(node_name: &str, shared: Shared) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("--inventory kubernetes: no in-cluster configuration or kubeconfig found")?;
+    let store = Arc::new(std::sync::Mutex::new(Store::default()));
+    let pods: Api<Pod> = Api::all(client.clone());
+    let by_node = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    info!(
+        node = node_name,
+        "watching this node's pods on the API server"
+    );
+    tokio::spawn(watch(
+        pods,
+        by_node,
+        Arc::clone(&store),
+        Arc::clone(&shared),
+        |store, change| store.pod_change(change),
+    ));
+    let namespaces: Api<Namespace> = Api::all(client);
+    tokio::spawn(watch(
+        namespaces,
+        watcher::Config::default(),
+        store,
+        shared,
+        |store, change| match change {
+            Change::Upsert(v) => store.namespace(&v),
+            _ => false,
+        },
+    ));
+    Ok(())
+}
+
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    store: Arc<std::sync::Mutex<Store>>,
+    shared: Shared,
+    apply: fn(&mut Store, Change) -> bool,
+) where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Send
+        + 'static,
+{
+    let kind = std::any::type_name::<K>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("object");
+    let mut events = watcher(api, config)
+        .default_backoff()
+        .map_err(|e| e.to_string())
+        .boxed();
+    while let Some(event) = events.next().await {
+        let change = match event {
+            Ok(watcher::Event::Init) => Change::Relist,
+            Ok(watcher::Event::InitDone) => Change::Ready,
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                Change::Upsert(serde_json::to_value(o).unwrap_or_default())
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                Change::Delete(serde_json::to_value(o).unwrap_or_default())
+            }
+            Err(error) => {
+                warn!(kind, %error, "API watch failed; retrying with backoff, keeping the last good inventory");
+                continue;
+            }
+        };
+        let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+        if apply(&mut store, change) {
+            *shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(store.inventory());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> Value {
+        serde_json::from_str(include_str!("../../tests/fixtures/istio-pod.json")).unwrap()
+    }
+
+    #[test]
+    fn a_real_injected_pod() {
+        let pod = PodInfo::parse(&fixture()).unwrap();
+        assert_eq!(pod.workload.name, "reviews-v1");
+        assert_eq!(pod.mesh, super::super::MeshMode::Sidecar);
+        assert_eq!(pod.probe_ports.iter().copied().collect::<Vec<_>>(), [15021]);
+    }
+
+    #[test]
+    fn watch_changes() {
+        let mut store = Store::default();
+        let pod = fixture();
+        assert!(store.pod_change(Change::Upsert(pod.clone())));
+        assert_eq!(store.inventory().len(), 1);
+
+        // A relist replaces everything only once it is complete.
+        assert!(!store.pod_change(Change::Relist));
+        assert!(!store.pod_change(Change::Upsert(
+            serde_json::json!({"kind": "Pod", "metadata": {"name": "other", "namespace": "x"}})
+        )));
+        assert_eq!(store.inventory().len(), 1, "unchanged while relisting");
+        assert!(store.pod_change(Change::Ready));
+        let inv = store.inventory();
+        assert_eq!(inv.len(), 1);
+        assert!(
+            inv.lookup("10.244.0.23".parse().unwrap()).pod().is_none(),
+            "the relist dropped it"
+        );
+
+        // A malformed update keeps the last good version.
+        assert!(store.pod_change(Change::Upsert(pod.clone())));
+        let mut broken = pod.clone();
+        broken["status"]["podIP"] = serde_json::json!("not-an-ip");
+        broken["status"]["podIPs"] = serde_json::json!([]);
+        store.pod_change(Change::Upsert(broken));
+        assert!(store
+            .inventory()
+            .lookup("10.244.0.23".parse().unwrap())
+            .pod()
+            .is_some());
+
+        assert!(store.pod_change(Change::Delete(pod)));
+        assert!(store
+            .inventory()
+            .lookup("10.244.0.23".parse().unwrap())
+            .pod()
+            .is_none());
+    }
+
+    #[test]
+    fn openshift_namespaces_set_the_proxy_uid() {
+        let mut store = Store::default();
+        let mut pod = fixture();
+        // OpenShift's injector leaves runAsUser unset: the namespace's range decides.
+        pod["spec"]["containers"][1]["securityContext"]["runAsUser"] = Value::Null;
+        store.pod_change(Change::Upsert(pod));
+        let ns = serde_json::json!({"kind": "Namespace", "metadata": {"name": "bookinfo", "annotations": {"openshift.io/sa.scc.uid-range": "1000650000/10000"}}});
+        assert!(store.namespace(&ns));
+        let inv = store.inventory();
+        let pod = inv
+            .lookup("10.244.0.23".parse().unwrap())
+            .pod()
+            .cloned()
+            .unwrap();
+        assert_eq!(pod.proxy_uid, 1000650001);
+    }
+}
