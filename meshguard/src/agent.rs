@@ -59,8 +59,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 Arc::clone(&inventory),
             ));
         }
+        #[cfg(feature = "kubernetes")]
         Source::Kubernetes => {
             inventory::kubernetes::start(&options.node_name, Arc::clone(&inventory)).await?
+        }
+        #[cfg(not(feature = "kubernetes"))]
+        Source::Kubernetes => {
+            anyhow::bail!("--inventory kubernetes: this build has no Kubernetes support")
         }
         Source::None => {}
     }

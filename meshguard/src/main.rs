@@ -1,20 +1,9 @@
-//! meshguard: did every pod-to-pod byte really go through the mesh, encrypted?
-//!
-//! One binary: `meshguard agent` runs on every node; the other verbs are for people.
-
-mod agent;
-mod btf;
-mod event;
-mod fingerprint;
-mod flow;
-mod inventory;
-mod kernel;
-mod prereq;
-mod verdict;
+//! The `meshguard` command: `meshguard agent` runs on every node; the other verbs are for people.
 
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use meshguard::{agent, inventory, kernel};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

@@ -18,7 +18,6 @@ pub struct Node {
     /// Kernel BTF is available: BTF tracepoints can load.
     pub btf: bool,
     /// Where pinned maps and links will live; `None` if bpffs could not be mounted.
-    #[expect(dead_code, reason = "pinning lands with the restart-survival work")]
     pub bpffs: Option<PathBuf>,
     /// For the classic tracepoint fallback; `None` if tracefs could not be mounted.
     pub tracefs: Option<PathBuf>,

@@ -38,7 +38,6 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    #[cfg(test)]
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Mtls => "mtls",
@@ -469,7 +468,10 @@ mod tests {
         want: (Verdict, &'static str, Path),
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one table row, read left to right")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one table row, read left to right"
+    )]
     const fn case(
         name: &'static str,
         direction: Direction,

@@ -395,3 +395,53 @@ fn teardown_leaves_nothing_behind_even_after_a_crash() {
     Node::down("mgcrash").unwrap();
     let _ = Party::Node;
 }
+
+/// Writes the fuzz seed corpora from real traffic on the testbed: the first payload bytes of
+/// every connection the scenarios make (ClientHellos from Envoy, curl and openssl; HTTP
+/// requests and responses), and the node's pod list. Run by hand when the scenarios change:
+/// `cargo test -p meshguard-tests --test testbed -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore = "writes meshguard/fuzz/corpus; run by hand"]
+fn write_fuzz_seeds() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new("seeds").unwrap();
+    let node = Node::up("mgseeds", [245, 7], scenarios::pods()).unwrap();
+    let all = scenarios::all();
+    let pcap = capture(&node, &dir, || {
+        for scenario in &all {
+            scenario.run(&node).unwrap();
+        }
+    });
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../meshguard/fuzz/corpus");
+    let seeds = corpus.join("fingerprint");
+    std::fs::create_dir_all(&seeds).unwrap();
+    let rows = tshark(
+        &pcap,
+        "tcp.len > 0",
+        &["tcp.stream", "tcp.srcport", "tcp.payload"],
+    );
+    let mut seen = std::collections::HashSet::new();
+    for row in rows {
+        // The first payload of each direction of each connection.
+        if !seen.insert((row[0].clone(), row[1].clone())) {
+            continue;
+        }
+        let hex = row[2].replace(':', "");
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let name = format!(
+            "{:016x}",
+            bytes
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b))
+                    .wrapping_mul(0x100_0000_01b3))
+        );
+        std::fs::write(seeds.join(name), &bytes[..bytes.len().min(1024)]).unwrap();
+    }
+    let pods = corpus.join("pod_list");
+    std::fs::create_dir_all(&pods).unwrap();
+    std::fs::copy(node.dir.join("pods.json"), pods.join("testbed-pods.json")).unwrap();
+}

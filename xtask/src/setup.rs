@@ -107,6 +107,15 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
 
+    if quiet(Command::new("cargo").args(["fuzz", "--version"])) {
+        println!("ok  cargo-fuzz");
+    } else {
+        step(
+            "cargo install cargo-fuzz (the parsers' fuzz targets)",
+            Command::new("cargo").args(["install", "cargo-fuzz"]),
+        )?;
+    }
+
     if quiet(Command::new(ENVOY_BIN).arg("--version")) {
         println!("ok  envoy (testbed sidecar)");
     } else {

@@ -9,7 +9,13 @@ pub struct Args {
     /// Skip the privileged integration tests (they need root).
     #[arg(long)]
     no_privileged: bool,
+    /// Seconds each fuzz target runs (0 skips fuzzing).
+    #[arg(long, default_value_t = 20)]
+    fuzz_seconds: u32,
 }
+
+/// The fuzz targets in `meshguard/fuzz`, each with its seed corpus.
+const FUZZ_TARGETS: [&str; 3] = ["fingerprint", "event_decode", "pod_list"];
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     step(
@@ -36,6 +42,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "unit tests (testbed)",
         cargo().args(["test", "-p", "meshguard-tests", "--lib"]),
     )?;
+    if args.fuzz_seconds > 0 {
+        fuzz(args.fuzz_seconds)?;
+    }
     if args.no_privileged {
         println!("==> privileged tests skipped (--no-privileged)");
         return Ok(());
@@ -59,6 +68,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             ])
             .env("MESHGUARD_BIN", bin),
     )
+}
+
+/// Each fuzz target for a bounded time, from its committed seeds; what it finds goes to a
+/// scratch corpus under `target/`, never into the committed one.
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    let root = workspace_root();
+    for target in FUZZ_TARGETS {
+        let scratch = root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&scratch)?;
+        let seeds = root.join("meshguard/fuzz/corpus").join(target);
+        std::fs::create_dir_all(&seeds)?;
+        step(
+            &format!("fuzz {target} for {seconds}s"),
+            Command::new("rustup")
+                .current_dir(root.join("meshguard/fuzz"))
+                .args(["run", "nightly", "cargo", "fuzz", "run", "-O", target])
+                .arg(&scratch)
+                .arg(&seeds)
+                .args([
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                    "-print_final_stats=1",
+                ])
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+        )?;
+    }
+    Ok(())
 }
 
 /// Clippy on the kernel crate for the BPF target, as aya-build compiles it, in a target dir of

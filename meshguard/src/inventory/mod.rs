@@ -2,6 +2,7 @@
 //! their mesh intent, and the node itself. One snapshot at a time, replaced whole when the
 //! source changes; trouble with the source never empties it.
 
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod pod;
 pub mod source;
@@ -54,7 +55,6 @@ pub fn namespace_proxy_uid(ns: &Value) -> Option<u32> {
 }
 
 impl Inventory {
-    #[cfg(test)]
     pub fn new(source: &str, pods: Vec<PodInfo>) -> Self {
         Self::with_namespaces(source, pods, &BTreeMap::new())
     }
@@ -99,6 +99,10 @@ impl Inventory {
 
     pub fn len(&self) -> usize {
         self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
     }
 
     pub fn lookup(&self, ip: IpAddr) -> Identity<'_> {

@@ -1,0 +1,17 @@
+//! meshguard: did every pod-to-pod byte really go through the mesh, encrypted?
+//!
+//! The agent's pieces, in the order data flows through them: the kernel side is loaded and
+//! attached by [`kernel`] once [`prereq`] has checked the node; [`event`] decodes what it
+//! reports; [`flow`] keeps the table of flows, reading payload samples with [`fingerprint`];
+//! [`inventory`] says who is behind an address and what they intend; [`verdict`] judges each
+//! flow; [`agent`] runs it all.
+
+pub mod agent;
+pub mod btf;
+pub mod event;
+pub mod fingerprint;
+pub mod flow;
+pub mod inventory;
+pub mod kernel;
+pub mod prereq;
+pub mod verdict;
