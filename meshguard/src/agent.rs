@@ -1,17 +1,20 @@
 //! `meshguard agent`: checks the node, attaches the kernel programs, and turns ring-buffer events
-//! into flow records until SIGINT or SIGTERM, then detaches.
+//! into judged flow records (logged with `--log-flows`, counted in `/metrics`) until SIGINT or
+//! SIGTERM, then detaches.
 
 use std::{
     io::Write,
+    net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{atomic::Ordering, Arc, RwLock},
     time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
-use meshguard_ebpf::Stat;
+use meshguard_ebpf::{names, Stat};
 use tokio::{
     io::{unix::AsyncFd, Interest},
+    net::TcpListener,
     signal::unix::{signal, SignalKind},
     time::interval,
 };
@@ -20,8 +23,10 @@ use tracing::{info, warn};
 use crate::{
     event::decode,
     flow::FlowTable,
+    http::{self, Health},
     inventory::{self, source::Source, Inventory, Shared},
     kernel::{Kernel, ProcessAttribution, Sizes},
+    metrics::{loss_source, Metrics},
     prereq,
     verdict::Policy,
 };
@@ -36,7 +41,16 @@ pub struct Options {
     pub policy: Option<PathBuf>,
     /// Flows the agent keeps in memory at once.
     pub max_flows: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Flow label sets `/metrics` keeps before folding new ones into `_overflow`.
+    pub max_series: usize,
+    /// The cgroup v2 root to attach at, when the agent's own view is not the host's (a pod).
+    pub cgroup_root: Option<PathBuf>,
 }
+
+/// How long the series of a workload gone from the inventory stay in `/metrics`.
+const SERIES_GRACE: Duration = Duration::from_secs(600);
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let policy = match &options.policy {
@@ -48,9 +62,110 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
         None => Policy::default(),
     };
-    let inventory: Shared = Arc::new(RwLock::new(Arc::new(Inventory::empty(
-        &options.inventory.to_string(),
-    ))));
+    let inventory = start_inventory(&options).await?;
+
+    let health = Arc::new(Health {
+        metrics: Metrics::new(options.max_series),
+        attached: false.into(),
+    });
+    if let Some(addr) = options.metrics_addr {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+        let health = Arc::clone(&health);
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, health).await {
+                warn!(%e, "metrics server stopped");
+            }
+        });
+    }
+
+    let node = prereq::check(options.cgroup_root.as_deref())?;
+    let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
+    let metrics = &health.metrics;
+    metrics.programs_attached.set(kernel.attached.len() as i64);
+    metrics.degraded.set(i64::from(!kernel.degraded.is_empty()));
+    metrics
+        .map_capacity
+        .with_label_values(&["flows"])
+        .set(i64::from(options.sizes.flow_map_entries));
+    health.attached.store(true, Ordering::Relaxed);
+
+    let events = kernel.take_events()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
+    // that owns the ring buffer is dropped.
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("polling the ring buffer")?;
+    let mut table = FlowTable::new(options.max_flows, boot_time());
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut health_tick = interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    let mut losses = Losses::default();
+    info!(node = %options.node_name, "watching flows");
+
+    loop {
+        tokio::select! {
+            ready = events.readable_mut() => {
+                let mut guard = ready.context("polling the ring buffer")?;
+                let ring = guard.get_inner_mut();
+                let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
+                while let Some(item) = ring.next() {
+                    let event = match decode(&item) {
+                        Ok(event) => event,
+                        Err(e) => {
+                            losses.undecodable += 1;
+                            metrics.events_lost.with_label_values(&["undecodable"]).inc();
+                            if losses.undecodable == 1 {
+                                warn!(%e, "undecodable kernel event (counted; further ones are not logged)");
+                            }
+                            continue;
+                        }
+                    };
+                    let Some((flow, change)) = table.apply(&event) else { continue };
+                    let record = flow.record(&options.node_name, change, &pods, &policy);
+                    metrics.observe(&record);
+                    if options.log_flows {
+                        serde_json::to_writer(&mut stdout, &record)?;
+                        stdout.write_all(b"\n")?;
+                    }
+                }
+                guard.clear_ready();
+                stdout.flush()?;
+            }
+            _ = health_tick.tick() => {
+                ticks += 1;
+                losses.report(&kernel, table.stats().evicted, metrics);
+                metrics.flows_tracked.set(table.stats().tracked as i64);
+                let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
+                let age = pods.loaded_at.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
+                metrics.inventory_age.set(age);
+                if ticks % 15 == 1 {
+                    match kernel.flow_map_entries() {
+                        Ok(n) => metrics.map_entries.with_label_values(&["flows"]).set(n as i64),
+                        Err(e) => warn!(%e, map = names::FLOWS, "cannot count map entries"),
+                    }
+                }
+                if ticks % 60 == 0 {
+                    metrics.forget_gone_workloads(&pods, SERIES_GRACE);
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    drop(kernel);
+    info!(tracked = table.stats().tracked, "detached");
+    Ok(())
+}
+
+/// Starts the `--inventory` source; the inventory is empty until it delivers.
+async fn start_inventory(options: &Options) -> anyhow::Result<Shared> {
+    let empty = Inventory::empty(&options.inventory.to_string());
+    let inventory: Shared = Arc::new(RwLock::new(Arc::new(empty)));
     match &options.inventory {
         Source::File(path) => {
             inventory::source::reload(path, &inventory);
@@ -69,61 +184,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
         Source::None => {}
     }
-    info!(source = %inventory.read().unwrap_or_else(|e| e.into_inner()).source, "inventory");
-    let node = prereq::check()?;
-    let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
-    let events = kernel.take_events()?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
-    // that owns the ring buffer is dropped.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(std::io::Error::from)
-        .context("polling the ring buffer")?;
-    let mut table = FlowTable::new(options.max_flows, boot_time());
-    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut health = interval(Duration::from_secs(1));
-    let mut losses = Losses::default();
-    info!(node = %options.node_name, "watching flows");
-
-    loop {
-        tokio::select! {
-            ready = events.readable_mut() => {
-                let mut guard = ready.context("polling the ring buffer")?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    let event = match decode(&item) {
-                        Ok(event) => event,
-                        Err(e) => {
-                            losses.undecodable += 1;
-                            if losses.undecodable == 1 {
-                                warn!(%e, "undecodable kernel event (counted; further ones are not logged)");
-                            }
-                            continue;
-                        }
-                    };
-                    let Some((flow, change)) = table.apply(&event) else { continue };
-                    if options.log_flows {
-                        let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
-                        let record = flow.record(&options.node_name, change, &pods, &policy);
-                        serde_json::to_writer(&mut stdout, &record)?;
-                        stdout.write_all(b"\n")?;
-                    }
-                }
-                guard.clear_ready();
-                stdout.flush()?;
-            }
-            _ = health.tick() => losses.report(&kernel, table.stats().evicted),
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
-    }
-    drop(kernel);
-    info!(tracked = table.stats().tracked, "detached");
-    Ok(())
+    info!(source = %options.inventory, "inventory");
+    Ok(inventory)
 }
 
-/// Losses seen so far; each rise is logged once per check, never silently absorbed.
+/// Losses seen so far; each rise is logged and exported, never silently absorbed.
 #[derive(Default)]
 struct Losses {
     kernel: [u64; Stat::COUNT as usize],
@@ -132,13 +197,20 @@ struct Losses {
 }
 
 impl Losses {
-    fn report(&mut self, kernel: &Kernel, evicted: u64) {
+    fn report(&mut self, kernel: &Kernel, evicted: u64, metrics: &Metrics) {
         match kernel.stats() {
             Ok(now) => {
                 for stat in Stat::ALL {
                     let (before, after) = (self.kernel[stat as usize], now[stat as usize]);
-                    if after > before && stat != Stat::FlowMidstream {
+                    let Some(source) = loss_source(stat) else {
+                        continue;
+                    };
+                    if after > before {
                         warn!(counter = ?stat, total = after, new = after - before, "kernel-side loss");
+                        metrics
+                            .events_lost
+                            .with_label_values(&[source])
+                            .inc_by(after - before);
                     }
                 }
                 self.kernel = now;
@@ -150,6 +222,10 @@ impl Losses {
                 total = evicted,
                 "flows evicted from the agent's table before they closed"
             );
+            metrics
+                .events_lost
+                .with_label_values(&["agent_table_evicted"])
+                .inc_by(evicted - self.evicted);
             self.evicted = evicted;
         }
     }

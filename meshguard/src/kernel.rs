@@ -236,6 +236,16 @@ impl Kernel {
         RingBuf::try_from(map).map_err(|source| KernelError::Map { name, source })
     }
 
+    /// Entries in the kernel's flow map (a walk of its keys: call it now and then, not often).
+    pub fn flow_map_entries(&self) -> Result<usize, KernelError> {
+        let name = names::FLOWS;
+        let map = self.ebpf.map(name).ok_or(KernelError::MissingMap(name))?;
+        let flows: aya::maps::HashMap<_, u64, meshguard_ebpf::FlowState> =
+            aya::maps::HashMap::try_from(map)
+                .map_err(|source| KernelError::Map { name, source })?;
+        Ok(flows.keys().count())
+    }
+
     /// The loss and health counters, summed over CPUs, in `Stat` order.
     pub fn stats(&self) -> Result<[u64; Stat::COUNT as usize], KernelError> {
         let name = names::STATS;

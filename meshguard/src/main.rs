@@ -43,6 +43,15 @@ struct AgentArgs {
     /// Verdict policy, a JSON file (proxy process names, expected plaintext); defaults otherwise.
     #[arg(long, value_name = "FILE")]
     policy: Option<std::path::PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz; "off" serves nothing.
+    #[arg(long, default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
+    /// Flow label sets /metrics keeps before folding new ones into one `_overflow` series.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_series: u64,
+    /// The host's cgroup v2 root, when the agent runs in a pod (e.g. /host/sys/fs/cgroup).
+    #[arg(long, value_name = "DIR")]
+    cgroup_root: Option<std::path::PathBuf>,
     /// Which kernel hook names the process behind each flow.
     #[arg(long, value_enum, default_value_t = kernel::ProcessAttribution::Auto)]
     process_attribution: kernel::ProcessAttribution,
@@ -55,6 +64,18 @@ struct AgentArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address:port (e.g. 0.0.0.0:9464) or \"off\""))
 }
 
 fn parse_inventory(s: &str) -> Result<inventory::source::Source, String> {
@@ -100,6 +121,9 @@ fn main() -> ExitCode {
                 process_attribution: args.process_attribution,
                 inventory: args.inventory,
                 policy: args.policy,
+                metrics_addr: args.metrics_addr.0,
+                max_series: args.max_series as usize,
+                cgroup_root: args.cgroup_root,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

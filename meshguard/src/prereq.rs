@@ -36,6 +36,8 @@ pub enum PrereqError {
          in a container, mount the host's cgroup v2 root"
     )]
     NoCgroup2,
+    #[error("--cgroup-root {0} is not a cgroup v2 directory (it has no cgroup.controllers)")]
+    NotCgroup2(String),
     #[error("cannot read {path}: {reason}")]
     Read { path: &'static str, reason: String },
 }
@@ -51,14 +53,20 @@ const BPFFS_PATH: &str = "/sys/fs/bpf";
 const TRACEFS_PATH: &str = "/sys/kernel/tracing";
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
-pub fn check() -> Result<Node, PrereqError> {
+/// Checks the node. `cgroup_root` overrides the cgroup v2 root found in mountinfo: in a pod,
+/// the agent's own `/sys/fs/cgroup` is its container's, and the host's is mounted elsewhere.
+pub fn check(cgroup_root: Option<&Path>) -> Result<Node, PrereqError> {
     let status = read("/proc/self/status")?;
     let missing = missing_capabilities(effective_capabilities(&status));
     if !missing.is_empty() {
         return Err(PrereqError::Capabilities(missing));
     }
     let mountinfo = read("/proc/self/mountinfo")?;
-    let cgroup_root = find_mount(&mountinfo, "cgroup2").ok_or(PrereqError::NoCgroup2)?;
+    let cgroup_root = match cgroup_root {
+        Some(root) if root.join("cgroup.controllers").exists() => root.to_path_buf(),
+        Some(root) => return Err(PrereqError::NotCgroup2(root.display().to_string())),
+        None => find_mount(&mountinfo, "cgroup2").ok_or(PrereqError::NoCgroup2)?,
+    };
     let btf = Path::new(BTF_PATH).exists();
     if !btf {
         warn!(

@@ -41,10 +41,14 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in `cgroup` and waits until it has attached.
     pub fn start(cgroup: &Cgroup, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(meshguard_bin()?);
+        cmd.args(["agent", "--log-flows", "--node-name", "test-node"]);
+        // Tests run beside each other and the demo: metrics on a free loopback port.
+        if !extra_args.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
         let mut child = cgroup.spawn(
-            Command::new(meshguard_bin()?)
-                .args(["agent", "--log-flows", "--node-name", "test-node"])
-                .args(extra_args)
+            cmd.args(extra_args)
                 .env("RUST_LOG", "info")
                 .env("NO_COLOR", "1"),
         )?;
@@ -84,6 +88,14 @@ impl Agent {
             );
         }
         Ok(agent)
+    }
+
+    /// Where the agent serves `/metrics`, from its log.
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.stderr.lock().unwrap().iter().find_map(|line| {
+            let at = line.find("addr=")? + 5;
+            line[at..].split_whitespace().next().map(str::to_string)
+        })
     }
 
     pub fn log(&self) -> String {

@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "tcpdump",
     "tshark",
+    "prometheus",
     "procps",
     "libcap2-bin",
 ];

@@ -41,6 +41,8 @@ pub struct Inventory {
     node_ips: HashSet<IpAddr>,
     /// Where it came from (`file:PATH`, `kubernetes`, `none`).
     pub source: String,
+    /// When this snapshot was made; `None` before the source delivered one.
+    pub loaded_at: Option<std::time::SystemTime>,
 }
 
 /// OpenShift gives each namespace a uid range; Istio's proxy there runs as the range's first
@@ -87,6 +89,7 @@ impl Inventory {
             by_ip,
             node_ips,
             source: source.to_string(),
+            loaded_at: Some(std::time::SystemTime::now()),
         }
     }
 
@@ -99,6 +102,13 @@ impl Inventory {
 
     pub fn len(&self) -> usize {
         self.pods.len()
+    }
+
+    /// Whether some pod of this workload is in the inventory.
+    pub fn has_workload(&self, namespace: &str, workload: &str) -> bool {
+        self.pods
+            .iter()
+            .any(|p| p.namespace == namespace && p.workload.name == workload)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,363 @@
+//! The agent's Prometheus metrics: flows and bytes by verdict and workload pair, and the
+//! agent's own health. Cardinality is bounded by design: labels carry namespaces and workloads,
+//! never pod names, addresses, ports or anything read from payload; label sets beyond a cap
+//! fold into one `_overflow` series; series of workloads gone from the inventory are dropped
+//! after a grace period.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use meshguard_ebpf::Stat;
+use prometheus::{
+    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{
+    flow::{Change, Encryption, FlowRecord},
+    inventory::Inventory,
+};
+
+const FLOW_LABELS: [&str; 7] = [
+    "verdict",
+    "reason",
+    "direction",
+    "src_namespace",
+    "src_workload",
+    "dst_namespace",
+    "dst_workload",
+];
+const OVERFLOW: &str = "_overflow";
+
+/// Label values of one flow series, in `FLOW_LABELS` order.
+type Series = [String; 7];
+
+pub struct Metrics {
+    registry: Registry,
+    flows: IntCounterVec,
+    bytes: IntCounterVec,
+    pub events_lost: IntCounterVec,
+    pub map_entries: IntGaugeVec,
+    pub map_capacity: IntGaugeVec,
+    pub flows_tracked: IntGauge,
+    pub programs_attached: IntGauge,
+    pub degraded: IntGauge,
+    pub inventory_age: Gauge,
+    /// When each flow series was last incremented.
+    series: Mutex<HashMap<Series, Instant>>,
+    max_series: usize,
+}
+
+/// Where a loss happened, as `meshguard_events_lost_total{source}` names it.
+pub fn loss_source(stat: Stat) -> Option<&'static str> {
+    match stat {
+        Stat::RingbufFull => Some("ringbuf_full"),
+        Stat::FlowMapFull => Some("flow_map_full"),
+        Stat::FlowEvicted => Some("flow_evicted"),
+        Stat::FlowMidstream | Stat::PacketUnreadable => None,
+    }
+}
+
+impl Metrics {
+    pub fn new(max_series: usize) -> Self {
+        let registry = Registry::new();
+        let flows = IntCounterVec::new(
+            Opts::new(
+                "meshguard_flows_total",
+                "Flows judged, by verdict and workload pair.",
+            ),
+            &FLOW_LABELS,
+        )
+        .expect("valid metric");
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "meshguard_flow_bytes_total",
+                "Payload bytes of closed flows, both ways, by verdict and workload pair.",
+            ),
+            &FLOW_LABELS,
+        )
+        .expect("valid metric");
+        let events_lost = IntCounterVec::new(
+            Opts::new(
+                "meshguard_events_lost_total",
+                "Flow events or flows lost, by where.",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let map_entries = IntGaugeVec::new(
+            Opts::new("meshguard_map_entries", "Entries in an eBPF map."),
+            &["map"],
+        )
+        .expect("valid metric");
+        let map_capacity = IntGaugeVec::new(
+            Opts::new("meshguard_map_capacity", "Capacity of an eBPF map."),
+            &["map"],
+        )
+        .expect("valid metric");
+        let flows_tracked = IntGauge::new("meshguard_flows_tracked", "Flows in the agent's table.")
+            .expect("valid metric");
+        let programs_attached =
+            IntGauge::new("meshguard_programs_attached", "Kernel programs attached.")
+                .expect("valid metric");
+        let degraded = IntGauge::new(
+            "meshguard_degraded",
+            "1 when an optional kernel program could not attach.",
+        )
+        .expect("valid metric");
+        let inventory_age = Gauge::new(
+            "meshguard_inventory_age_seconds",
+            "Seconds since the pod inventory last changed.",
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("meshguard_build_info", "meshguard's version."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for source in [
+            "ringbuf_full",
+            "flow_map_full",
+            "flow_evicted",
+            "undecodable",
+            "agent_table_evicted",
+        ] {
+            events_lost.with_label_values(&[source]);
+        }
+        for c in [
+            Box::new(flows.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(bytes.clone()),
+            Box::new(events_lost.clone()),
+            Box::new(map_entries.clone()),
+            Box::new(map_capacity.clone()),
+            Box::new(flows_tracked.clone()),
+            Box::new(programs_attached.clone()),
+            Box::new(degraded.clone()),
+            Box::new(inventory_age.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            flows,
+            bytes,
+            events_lost,
+            map_entries,
+            map_capacity,
+            flows_tracked,
+            programs_attached,
+            degraded,
+            inventory_age,
+            series: Mutex::new(HashMap::new()),
+            max_series: max_series.max(1),
+        }
+    }
+
+    /// Counts a flow once, when its first verdict is known (or at close for one that never
+    /// carried payload), and its bytes when it closes.
+    pub fn observe(&self, record: &FlowRecord) {
+        let count_flow = match record.event {
+            Change::Classified => true,
+            Change::Closed => record.encryption == Encryption::Unknown,
+        };
+        let closed = record.event == Change::Closed;
+        if !count_flow && !closed {
+            return;
+        }
+        let series = self.series_for(record);
+        let labels: Vec<&str> = series.iter().map(String::as_str).collect();
+        if count_flow {
+            self.flows.with_label_values(&labels).inc();
+        }
+        if closed {
+            self.bytes
+                .with_label_values(&labels)
+                .inc_by(record.bytes_sent + record.bytes_received);
+        }
+    }
+
+    fn series_for(&self, record: &FlowRecord) -> Series {
+        let end = |e: &crate::flow::Endpoint| -> (String, String) {
+            match (&e.namespace, &e.workload) {
+                (Some(ns), Some(w)) => (ns.clone(), w.clone()),
+                _ if e.node => (String::new(), "node".into()),
+                _ => (String::new(), "unknown".into()),
+            }
+        };
+        let (local, remote) = (end(&record.local), end(&record.remote));
+        let (src, dst) = if record.direction == "egress" {
+            (local, remote)
+        } else {
+            (remote, local)
+        };
+        let mut series: Series = [
+            record.verdict.as_str().to_string(),
+            record.reason.to_string(),
+            record.direction.to_string(),
+            src.0,
+            src.1,
+            dst.0,
+            dst.1,
+        ];
+        let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if !book.contains_key(&series) && book.len() >= self.max_series {
+            for v in &mut series[3..] {
+                *v = OVERFLOW.to_string();
+            }
+        }
+        book.insert(series.clone(), Instant::now());
+        series
+    }
+
+    /// Drops the series of workloads no longer in the inventory and not seen for `grace`.
+    pub fn forget_gone_workloads(&self, inventory: &Inventory, grace: Duration) -> usize {
+        let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let gone =
+            |ns: &str, w: &str| !ns.is_empty() && ns != OVERFLOW && !inventory.has_workload(ns, w);
+        let stale: Vec<Series> = book
+            .iter()
+            .filter(|(s, seen)| {
+                seen.elapsed() > grace && (gone(&s[3], &s[4]) || gone(&s[5], &s[6]))
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in &stale {
+            let labels: Vec<&str> = s.iter().map(String::as_str).collect();
+            let _ = self.flows.remove_label_values(&labels);
+            let _ = self.bytes.remove_label_values(&labels);
+            book.remove(s);
+        }
+        stale.len()
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::decode,
+        event::tests::{flow_event, sample_event},
+        flow::FlowTable,
+        inventory::{pod::PodInfo, Inventory},
+        verdict::Policy,
+    };
+    use meshguard_ebpf::{flags, EventKind, FlowState, FlowTuple, DIRECTION_EGRESS};
+    use std::time::SystemTime;
+
+    fn inventory() -> Inventory {
+        let pods = serde_json::json!({"kind": "List", "items": [
+            {"kind": "Pod", "metadata": {"name": "web-1", "namespace": "shop", "labels": {"security.istio.io/tlsMode": "istio"},
+             "annotations": {"traffic.sidecar.istio.io/excludeOutboundPorts": "5000"},
+             "ownerReferences": [{"kind": "ReplicaSet", "name": "web-5d8f7c9b4", "controller": true}]},
+             "status": {"podIP": "10.0.0.1"}},
+            {"kind": "Pod", "metadata": {"name": "catalog-1", "namespace": "legacy",
+             "ownerReferences": [{"kind": "ReplicaSet", "name": "catalog-7f9c6d5b8", "controller": true}]},
+             "status": {"podIP": "10.0.0.2"}}]});
+        let parsed = crate::inventory::parse_pods(&pods.to_string()).unwrap();
+        Inventory::new("test", parsed.pods)
+    }
+
+    fn records(cookie: u64, remote_port: u16) -> Vec<FlowRecord> {
+        let state = FlowState {
+            tuple: FlowTuple {
+                local_addr: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
+                remote_addr: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+                local_port: 40000,
+                remote_port,
+                family: 2,
+                protocol: 6,
+                direction: DIRECTION_EGRESS,
+            },
+            flags: flags::UID,
+            uid: 1000,
+            counters: meshguard_ebpf::FlowCounters {
+                bytes_sent: 100,
+                bytes_received: 50,
+                ..Default::default()
+            },
+            ..FlowState::default()
+        };
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        let (inv, policy) = (inventory(), Policy::default());
+        [
+            sample_event(cookie, state, DIRECTION_EGRESS, b"GET / HTTP/1.1\r\n"),
+            flow_event(EventKind::Close, cookie, state),
+        ]
+        .iter()
+        .filter_map(|bytes| table.apply(&decode(bytes).unwrap()))
+        .map(|(flow, change)| flow.record("n", change, &inv, &policy))
+        .collect()
+    }
+
+    #[test]
+    fn a_bypass_counts_once_with_its_workloads() {
+        let m = Metrics::new(100);
+        for r in records(1, 5000) {
+            m.observe(&r);
+        }
+        let text = m.encode();
+        let series = r#"{direction="egress",dst_namespace="legacy",dst_workload="catalog",reason="excluded-port",src_namespace="shop",src_workload="web",verdict="bypass-plaintext"}"#;
+        assert!(
+            text.contains(&format!("meshguard_flows_total{series} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("meshguard_flow_bytes_total{series} 150")),
+            "{text}"
+        );
+        assert!(!text.contains("10.0.0."), "no addresses in labels");
+        assert!(text.contains("meshguard_build_info{version="));
+        assert!(
+            text.contains(r#"meshguard_events_lost_total{source="ringbuf_full"} 0"#),
+            "losses exported from the start"
+        );
+    }
+
+    #[test]
+    fn label_sets_beyond_the_cap_fold_into_overflow() {
+        let m = Metrics::new(1);
+        for r in records(1, 5000).into_iter().chain(records(2, 80)) {
+            m.observe(&r);
+        }
+        let text = m.encode();
+        assert!(text.contains(r#"src_workload="_overflow""#), "{text}");
+        assert_eq!(text.matches("meshguard_flows_total{").count(), 2);
+    }
+
+    #[test]
+    fn series_of_gone_workloads_are_dropped_after_the_grace_period() {
+        let m = Metrics::new(100);
+        for r in records(1, 5000) {
+            m.observe(&r);
+        }
+        assert_eq!(
+            m.forget_gone_workloads(&inventory(), Duration::ZERO),
+            0,
+            "both workloads still exist"
+        );
+        assert_eq!(
+            m.forget_gone_workloads(&Inventory::empty("none"), Duration::from_secs(3600)),
+            0,
+            "within the grace period"
+        );
+        assert_eq!(
+            m.forget_gone_workloads(&Inventory::empty("none"), Duration::ZERO),
+            1
+        );
+        assert!(!m.encode().contains("meshguard_flows_total{"));
+        let _ = PodInfo::parse;
+    }
+}
