@@ -149,7 +149,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                         Err(e) => warn!(%e, map = names::FLOWS, "cannot count map entries"),
                     }
                 }
-                if ticks % 60 == 0 {
+                if ticks.is_multiple_of(60) {
                     metrics.forget_gone_workloads(&pods, SERIES_GRACE);
                 }
             }
