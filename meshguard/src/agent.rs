@@ -21,13 +21,16 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    api,
     event::decode,
     flow::FlowTable,
-    http::{self, Health},
+    http,
     inventory::{self, source::Source, Inventory, Shared},
     kernel::{Kernel, ProcessAttribution, Sizes},
     metrics::{loss_source, Metrics},
     prereq,
+    state::{kernel_release, AgentState, InventoryStatus, Status},
+    store::FlowStore,
     verdict::Policy,
 };
 
@@ -47,6 +50,13 @@ pub struct Options {
     pub max_series: usize,
     /// The cgroup v2 root to attach at, when the agent's own view is not the host's (a pod).
     pub cgroup_root: Option<PathBuf>,
+    /// The API's unix socket; `None`: none.
+    pub api_socket: Option<PathBuf>,
+    /// The API on TCP too, with the bearer token read from a file.
+    pub api_tcp: Option<(SocketAddr, PathBuf)>,
+    /// Records kept for queries: recent flows, and flagged ones apart.
+    pub store_flows: usize,
+    pub store_flagged: usize,
 }
 
 /// How long the series of a workload gone from the inventory stay in `/metrics`.
@@ -63,34 +73,36 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         None => Policy::default(),
     };
     let inventory = start_inventory(&options).await?;
-
-    let health = Arc::new(Health {
-        metrics: Metrics::new(options.max_series),
-        attached: false.into(),
-    });
-    if let Some(addr) = options.metrics_addr {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        let health = Arc::clone(&health);
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, health).await {
-                warn!(%e, "metrics server stopped");
-            }
-        });
-    }
+    let state = Arc::new(AgentState::new(
+        Metrics::new(options.max_series),
+        FlowStore::new(options.store_flows, options.store_flagged),
+        Arc::clone(&inventory),
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            node: options.node_name.clone(),
+            kernel: kernel_release(),
+            started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            ..Status::default()
+        },
+    ));
+    serve(&options, &state).await?;
 
     let node = prereq::check(options.cgroup_root.as_deref())?;
     let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
-    let metrics = &health.metrics;
+    let metrics = &state.metrics;
     metrics.programs_attached.set(kernel.attached.len() as i64);
     metrics.degraded.set(i64::from(!kernel.degraded.is_empty()));
     metrics
         .map_capacity
         .with_label_values(&["flows"])
         .set(i64::from(options.sizes.flow_map_entries));
-    health.attached.store(true, Ordering::Relaxed);
+    {
+        let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.programs_attached = kernel.attached.iter().map(|p| p.to_string()).collect();
+        status.degraded = kernel.degraded.clone();
+        status.flow_map.capacity = options.sizes.flow_map_entries;
+    }
+    state.attached.store(true, Ordering::Relaxed);
 
     let events = kernel.take_events()?;
     // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
@@ -127,11 +139,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     };
                     let Some((flow, change)) = table.apply(&event) else { continue };
                     let record = flow.record(&options.node_name, change, &pods, &policy);
-                    metrics.observe(&record);
                     if options.log_flows {
                         serde_json::to_writer(&mut stdout, &record)?;
                         stdout.write_all(b"\n")?;
                     }
+                    state.publish(record);
                 }
                 guard.clear_ready();
                 stdout.flush()?;
@@ -141,13 +153,28 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 losses.report(&kernel, table.stats().evicted, metrics);
                 metrics.flows_tracked.set(table.stats().tracked as i64);
                 let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
-                let age = pods.loaded_at.and_then(|t| t.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
-                metrics.inventory_age.set(age);
-                if ticks % 15 == 1 {
+                let age = pods.loaded_at.and_then(|t| t.elapsed().ok());
+                metrics.inventory_age.set(age.map_or(0.0, |d| d.as_secs_f64()));
+                let entries = if ticks % 15 == 1 {
                     match kernel.flow_map_entries() {
-                        Ok(n) => metrics.map_entries.with_label_values(&["flows"]).set(n as i64),
-                        Err(e) => warn!(%e, map = names::FLOWS, "cannot count map entries"),
+                        Ok(n) => {
+                            metrics.map_entries.with_label_values(&["flows"]).set(n as i64);
+                            Some(n)
+                        }
+                        Err(e) => {
+                            warn!(%e, map = names::FLOWS, "cannot count map entries");
+                            None
+                        }
                     }
+                } else {
+                    None
+                };
+                let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
+                status.flows_tracked = table.stats().tracked;
+                status.inventory = InventoryStatus { source: pods.source.clone(), pods: pods.len(), age_seconds: age.map(|d| d.as_secs()) };
+                status.events_lost = losses.by_source();
+                if let Some(n) = entries {
+                    status.flow_map.entries = n;
                 }
                 if ticks.is_multiple_of(60) {
                     metrics.forget_gone_workloads(&pods, SERIES_GRACE);
@@ -159,6 +186,56 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     drop(kernel);
     info!(tracked = table.stats().tracked, "detached");
+    Ok(())
+}
+
+/// Starts the endpoints: metrics and health on TCP, the API on its unix socket and, if asked,
+/// on TCP with a token. Failing to bind is fatal: a DaemonSet pod should restart, loudly.
+async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<()> {
+    if let Some(addr) = options.metrics_addr {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, state).await {
+                warn!(%e, "metrics server stopped");
+            }
+        });
+    }
+    if let Some(path) = options.api_socket.clone() {
+        // Bind now, so that a second agent on the node is refused before it attaches.
+        let state = Arc::clone(state);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Err(e) = api::serve_unix(&path, state, ready_tx).await {
+                warn!(path = %path.display(), error = %format!("{e:#}"), "API socket stopped");
+            }
+        });
+        ready_rx.await.context("starting the API socket")??;
+    }
+    if let Some((addr, token_file)) = &options.api_tcp {
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading the API token from {}", token_file.display()))?
+            .trim()
+            .to_string();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the API token in {} is shorter than 16 characters",
+            token_file.display()
+        );
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("serving the API on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "serving the API on TCP (bearer token required)");
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            if let Err(e) = api::serve_tcp(listener, token, state).await {
+                warn!(%e, "API listener stopped");
+            }
+        });
+    }
     Ok(())
 }
 
@@ -197,6 +274,18 @@ struct Losses {
 }
 
 impl Losses {
+    fn by_source(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out: std::collections::BTreeMap<String, u64> = Stat::ALL
+            .into_iter()
+            .filter_map(|stat| {
+                loss_source(stat).map(|s| (s.to_string(), self.kernel[stat as usize]))
+            })
+            .collect();
+        out.insert("undecodable".into(), self.undecodable);
+        out.insert("agent_table_evicted".into(), self.evicted);
+        out
+    }
+
     fn report(&mut self, kernel: &Kernel, evicted: u64, metrics: &Metrics) {
         match kernel.stats() {
             Ok(now) => {

@@ -247,6 +247,7 @@ impl Flow {
             event: change,
             first_seen: humantime::format_rfc3339_millis(self.first_seen).to_string(),
             last_seen: humantime::format_rfc3339_millis(self.last_seen).to_string(),
+            last_seen_at: self.last_seen,
             state: if self.closed { "closed" } else { "open" },
             direction: match ev.direction {
                 Direction::Egress => "egress",
@@ -296,6 +297,9 @@ pub struct FlowRecord {
     pub event: Change,
     pub first_seen: String,
     pub last_seen: String,
+    /// `last_seen` as a time, for filters.
+    #[serde(skip)]
+    pub last_seen_at: SystemTime,
     pub state: &'static str,
     pub direction: &'static str,
     pub protocol: &'static str,

@@ -7,7 +7,10 @@
 //! flow; [`agent`] runs it all.
 
 pub mod agent;
+pub mod api;
 pub mod btf;
+pub mod cli;
+pub mod client;
 pub mod event;
 pub mod fingerprint;
 pub mod flow;
@@ -16,4 +19,6 @@ pub mod inventory;
 pub mod kernel;
 pub mod metrics;
 pub mod prereq;
+pub mod state;
+pub mod store;
 pub mod verdict;

@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use meshguard::{agent, inventory, kernel};
+use meshguard::{agent, cli, client, inventory, kernel};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -17,6 +17,98 @@ struct Cli {
 enum Command {
     /// Attach the kernel programs on this node and watch every pod-to-pod flow.
     Agent(AgentArgs),
+    /// Show recent flows and their verdicts; -f follows new ones as they are judged.
+    #[command(
+        after_help = "Examples:\n  meshguard flows --verdict bypass-plaintext -A\n  meshguard flows -n shop --since 10m -o wide\n  meshguard flows -f --verdict bypass-plaintext,bypass-tls"
+    )]
+    Flows(FlowsArgs),
+    /// Explain one flow's verdict: the evidence and the rule that led to it.
+    Explain {
+        /// The flow's id (`meshguard flows -o wide` shows it).
+        flow_id: String,
+        #[command(flatten)]
+        agent: AgentConn,
+    },
+    /// The node agent's health: programs, inventory, map fill, losses.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = cli::Output::Table)]
+        output: cli::Output,
+        #[command(flatten)]
+        agent: AgentConn,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// How the CLI reaches an agent.
+#[derive(clap::Args)]
+struct AgentConn {
+    /// The agent's unix socket, or http://HOST:PORT of its TCP API.
+    #[arg(long, env = "MESHGUARD_AGENT", default_value = DEFAULT_SOCKET, value_parser = parse_agent)]
+    agent: client::AgentAddr,
+    /// File holding the bearer token for an http:// agent.
+    #[arg(long, env = "MESHGUARD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl AgentConn {
+    fn client(&self) -> Result<client::Client, cli::CliError> {
+        let token = match &self.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        cli::CliError::Usage(format!("--token-file {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(client::Client {
+            addr: self.agent.clone(),
+            token,
+        })
+    }
+}
+
+fn parse_agent(s: &str) -> Result<client::AgentAddr, String> {
+    s.parse()
+}
+
+#[derive(clap::Args)]
+struct FlowsArgs {
+    /// Only these verdicts (comma-separated): mtls, bypass-plaintext, bypass-tls, plaintext,
+    /// unmeshed, expected, in-pod, pending.
+    #[arg(long, value_delimiter = ',', value_name = "VERDICT[,VERDICT]")]
+    verdict: Vec<String>,
+    /// Only flows with an end in this namespace.
+    #[arg(short, long, conflicts_with = "all_namespaces")]
+    namespace: Option<String>,
+    /// Flows of every namespace (the default when -n is not given).
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// Only flows with an end in this pod.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only flows with an end in this workload (Deployment, StatefulSet, ...).
+    #[arg(long)]
+    workload: Option<String>,
+    /// Only flows with an end on this port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only flows seen within this long (e.g. 30s, 10m, 2h).
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many flows (the newest).
+    #[arg(long, value_name = "N")]
+    last: Option<usize>,
+    /// Keep printing new flows as they are judged.
+    #[arg(short, long)]
+    follow: bool,
+    #[arg(short, long, value_enum, default_value_t = cli::Output::Table)]
+    output: cli::Output,
+    #[command(flatten)]
+    agent: AgentConn,
 }
 
 #[derive(clap::Args)]
@@ -49,6 +141,21 @@ struct AgentArgs {
     /// Flow label sets /metrics keeps before folding new ones into one `_overflow` series.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_series: u64,
+    /// The API's unix socket (mode 0600); "off" serves none.
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    api_socket: String,
+    /// Also serve the API on TCP at this address, requiring the bearer token in --api-token-file.
+    #[arg(long, requires = "api_token_file", value_name = "ADDR")]
+    api_addr: Option<std::net::SocketAddr>,
+    /// File holding the API's bearer token (16 characters or more).
+    #[arg(long, requires = "api_addr", value_name = "FILE")]
+    api_token_file: Option<std::path::PathBuf>,
+    /// Recent flow records kept for queries.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    store_flows: u64,
+    /// Flagged flow records (bypass-plaintext, bypass-tls, plaintext) kept apart from the rest.
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    store_flagged: u64,
     /// The host's cgroup v2 root, when the agent runs in a pod (e.g. /host/sys/fs/cgroup).
     #[arg(long, value_name = "DIR")]
     cgroup_root: Option<std::path::PathBuf>,
@@ -65,6 +172,9 @@ enum LogFormat {
     Text,
     Json,
 }
+
+/// Where the agent serves its API and the CLI looks for it.
+const DEFAULT_SOCKET: &str = "/run/meshguard/meshguard.sock";
 
 #[derive(Clone, Copy, Debug)]
 struct MetricsAddr(Option<std::net::SocketAddr>);
@@ -105,9 +215,55 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Runs a CLI verb on a small runtime; its error decides the exit code (2: bad usage, 1: other).
+fn run_verb(verb: impl std::future::Future<Output = Result<(), cli::CliError>>) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(cli::CliError::from)
+        .and_then(|rt| rt.block_on(verb));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Flows(args) => {
+            let query = cli::FlowQuery {
+                verdicts: args.verdict,
+                namespace: args.namespace,
+                pod: args.pod,
+                workload: args.workload,
+                port: args.port,
+                since: args.since,
+                last: args.last,
+            };
+            let (output, follow) = (args.output, args.follow);
+            return run_verb(async move {
+                cli::flows(&args.agent.client()?, &query, output, follow).await
+            });
+        }
+        Command::Explain { flow_id, agent } => {
+            return run_verb(async move { cli::explain(&agent.client()?, &flow_id).await });
+        }
+        Command::Status { output, agent } => {
+            return run_verb(async move { cli::status(&agent.client()?, output).await });
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "meshguard",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
         Command::Agent(args) => {
             init_logging(args.log_format);
             let options = agent::Options {
@@ -124,6 +280,10 @@ fn main() -> ExitCode {
                 metrics_addr: args.metrics_addr.0,
                 max_series: args.max_series as usize,
                 cgroup_root: args.cgroup_root,
+                api_socket: (args.api_socket != "off").then(|| args.api_socket.into()),
+                api_tcp: args.api_addr.zip(args.api_token_file),
+                store_flows: args.store_flows as usize,
+                store_flagged: args.store_flagged as usize,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

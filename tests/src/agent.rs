@@ -34,6 +34,8 @@ pub fn meshguard_bin() -> anyhow::Result<PathBuf> {
 /// The real agent, running with `--log-flows`; its records are collected as they come.
 pub struct Agent {
     child: Child,
+    /// The agent's API socket.
+    pub socket: PathBuf,
     records: Arc<Mutex<Vec<Value>>>,
     stderr: Arc<Mutex<Vec<String>>>,
 }
@@ -43,9 +45,20 @@ impl Agent {
     pub fn start(cgroup: &Cgroup, extra_args: &[&str]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(meshguard_bin()?);
         cmd.args(["agent", "--log-flows", "--node-name", "test-node"]);
-        // Tests run beside each other and the demo: metrics on a free loopback port.
+        // Tests run beside each other and the demo: metrics on a free loopback port, the API
+        // on a socket of the test's own.
         if !extra_args.contains(&"--metrics-addr") {
             cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        let name = cgroup
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("agent");
+        let socket =
+            std::env::temp_dir().join(format!("meshguard-{}-{name}.sock", std::process::id()));
+        if !extra_args.contains(&"--api-socket") {
+            cmd.arg("--api-socket").arg(&socket);
         }
         let mut child = cgroup.spawn(
             cmd.args(extra_args)
@@ -77,6 +90,7 @@ impl Agent {
         });
         let mut agent = Self {
             child,
+            socket,
             records,
             stderr,
         };
@@ -154,6 +168,7 @@ impl Drop for Agent {
             let _ = terminate(&mut self.child);
             let _ = self.child.wait();
         }
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 

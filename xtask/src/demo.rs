@@ -62,7 +62,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     agent_cgroup.spawn_to(
         Command::new(&bin)
-            .args(["agent", "--log-flows", "--node-name", NODE, "--inventory"])
+            .args([
+                "agent",
+                "--log-flows",
+                "--node-name",
+                NODE,
+                "--metrics-addr",
+                "127.0.0.1:9464",
+                "--inventory",
+            ])
             .arg(format!("file:{}", node.dir.join("pods.json").display()))
             .env("NO_COLOR", "1"),
         &flows,
@@ -119,12 +127,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     agent_cgroup.keep();
     let pods = node.dir.join("pods.json");
     node.keep_running();
+    let bin = "./target/release/meshguard";
     println!(
-        "\nThe node keeps running. Explore it:\n  \
-         tail -f {flows}                       # every flow record, as JSON lines\n  \
-         ip netns exec {NODE}-web setpriv --reuid 1000 --regid 1000 --clear-groups curl http://10.244.1.11:8080/\n  \
-         cat {pods}\n\
-         Tear it down: cargo xtask demo --down",
+        "\nThe node and its agent keep running. Ask the agent, as on-call would:\n  \
+         {bin} flows --verdict bypass-plaintext,bypass-tls -A\n  \
+         {bin} flows -n shop -o wide\n  \
+         {bin} explain <ID from -o wide>\n  \
+         {bin} status\n  \
+         curl -s http://127.0.0.1:9464/metrics | grep meshguard_flows_total\n\
+         Make more traffic, and watch it with `{bin} flows -f` in another terminal:\n  \
+         ip netns exec {NODE}-web setpriv --reuid 1000 --regid 1000 --clear-groups curl http://10.244.1.14:5000/\n\
+         Every record is also in {flows}, the pods in {pods}.\n\
+         Tear it all down: cargo xtask demo --down",
         flows = flows.display(),
         pods = pods.display(),
     );

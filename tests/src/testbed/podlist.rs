@@ -42,7 +42,7 @@ pub fn pod_name(pod: &Pod) -> String {
         "{}-{}-{}",
         s.deployment,
         hash(&s.deployment, 10),
-        hash(&s.name, 5)
+        hash(&format!("pod/{}/{}", s.namespace, s.name), 5)
     )
 }
 

@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""The checks of deploy/check.sh that need Python (PyYAML and jsonschema, both dependencies of
+kubernetes-validate). One subcommand per check; each prints nothing and exits 0 when the check
+passes, or prints what is wrong and exits 1.
+
+  check.py builtin RENDERED OUT     write the objects of built-in kinds to OUT (for
+                                    kubernetes-validate); fail on an object without a kind
+  check.py crds RENDERED            validate ServiceMonitor, PrometheusRule and
+                                    SecurityContextConstraints objects by structure
+  check.py consistency RENDERED     the objects agree with each other (selectors, ports,
+                                    service account, SCC grants)
+  check.py groups RENDERED RULES    the PrometheusRule's groups equal the rules file's groups
+  check.py promql RULES             the rules use only meshguard metrics, labels and values
+                                    that the agent exports
+  check.py dashboard JSON           the Grafana dashboard parses, uses ${DS_PROMETHEUS}, and
+                                    queries only metrics the agent exports
+"""
+
+import json
+import re
+import sys
+
+import jsonschema
+import yaml
+
+# --- The agent's metrics (its interface; keep in step with the agent) ---------------------------
+
+FLOW_LABELS = {"verdict", "reason", "direction", "src_namespace", "src_workload",
+               "dst_namespace", "dst_workload"}
+METRICS = {
+    "meshguard_flows_total": FLOW_LABELS,
+    "meshguard_flow_bytes_total": FLOW_LABELS,
+    "meshguard_events_lost_total": {"source"},
+    "meshguard_map_entries": {"map"},
+    "meshguard_map_capacity": {"map"},
+    "meshguard_flows_tracked": set(),
+    "meshguard_programs_attached": set(),
+    "meshguard_degraded": set(),
+    "meshguard_inventory_age_seconds": set(),
+    "meshguard_build_info": {"version"},
+}
+# Label values the agent documents; other labels take free values.
+LABEL_VALUES = {
+    "verdict": {"mtls", "bypass-plaintext", "bypass-tls", "plaintext", "unmeshed", "expected",
+                "in-pod", "pending"},
+    "source": {"ringbuf_full", "flow_map_full", "flow_evicted", "undecodable",
+               "agent_table_evicted"},
+    "map": {"flows"},
+}
+# Labels that Prometheus and the ServiceMonitor (its node relabeling) add to every series.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container",
+                 "node"}
+
+# Kinds that have no schema in kubernetes-validate: validated by structure here instead.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("security.openshift.io/v1", "SecurityContextConstraints"),
+}
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def fail(problems):
+    for p in problems:
+        print(p)
+    return 1 if problems else 0
+
+
+def name_of(doc):
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+# --- builtin -------------------------------------------------------------------------------------
+
+def cmd_builtin(rendered, out):
+    docs = load_all(rendered)
+    problems = [f"object without apiVersion/kind: {d}" for d in docs
+                if not d.get("apiVersion") or not d.get("kind")]
+    builtin = [d for d in docs if (d.get("apiVersion"), d.get("kind")) not in CRD_KINDS]
+    with open(out, "w") as f:
+        yaml.safe_dump_all(builtin, f, sort_keys=False)
+    return fail(problems)
+
+
+# --- crds: structural schemas --------------------------------------------------------------------
+# Subsets of the CRDs' OpenAPI schemas: the fields these manifests may use, with their types, and
+# additionalProperties false so that a misspelt field fails instead of being ignored.
+
+def obj(props, required=(), extra=False):
+    return {"type": "object", "properties": props, "required": list(required),
+            "additionalProperties": extra}
+
+
+STR = {"type": "string", "minLength": 1}
+BOOL = {"type": "boolean"}
+INT = {"type": "integer"}
+STRS = {"type": "array", "items": STR}
+STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+LABEL_NAME = {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}
+# The Prometheus Operator's Duration pattern.
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                         r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+METADATA = obj({"name": STR, "namespace": STR, "labels": STR_MAP, "annotations": STR_MAP},
+               ["name"])
+LABEL_SELECTOR = obj({
+    "matchLabels": STR_MAP,
+    "matchExpressions": {"type": "array", "items": obj({
+        "key": STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        "values": STRS}, ["key", "operator"])},
+})
+RELABEL = obj({
+    "sourceLabels": {"type": "array", "items": LABEL_NAME}, "separator": {"type": "string"},
+    "targetLabel": LABEL_NAME, "regex": {"type": "string"}, "modulus": INT,
+    "replacement": {"type": "string"},
+    "action": {"enum": ["replace", "keep", "drop", "hashmod", "labelmap", "labeldrop",
+                        "labelkeep", "lowercase", "uppercase", "keepequal", "dropequal"]},
+})
+
+
+def kind_schema(api_version, kind, top, required=()):
+    props = {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": METADATA}
+    props.update(top)
+    return obj(props, ["apiVersion", "kind", "metadata", *required])
+
+
+SERVICE_MONITOR = kind_schema("monitoring.coreos.com/v1", "ServiceMonitor", {"spec": obj({
+    "selector": LABEL_SELECTOR,
+    "namespaceSelector": obj({"any": BOOL, "matchNames": STRS}),
+    "jobLabel": STR, "targetLabels": STRS, "podTargetLabels": STRS,
+    "endpoints": {"type": "array", "minItems": 1, "items": obj({
+        "port": STR, "targetPort": {"type": ["string", "integer"]}, "path": STR,
+        "scheme": {"enum": ["http", "https"]}, "interval": DURATION, "scrapeTimeout": DURATION,
+        "honorLabels": BOOL, "honorTimestamps": BOOL,
+        "relabelings": {"type": "array", "items": RELABEL},
+        "metricRelabelings": {"type": "array", "items": RELABEL},
+    }, ["port"])},
+}, ["selector", "endpoints"])}, ["spec"])
+
+RULE = obj({"alert": STR, "record": STR, "expr": {"type": ["string", "integer"]},
+            "for": DURATION, "keep_firing_for": DURATION, "labels": STR_MAP,
+            "annotations": STR_MAP}, ["expr"])
+RULE["oneOf"] = [{"required": ["alert"]}, {"required": ["record"]}]
+RULE_GROUPS = {"type": "array", "minItems": 1, "items": obj({
+    "name": STR, "interval": DURATION, "limit": INT,
+    "rules": {"type": "array", "minItems": 1, "items": RULE},
+}, ["name", "rules"])}
+PROMETHEUS_RULE = kind_schema("monitoring.coreos.com/v1", "PrometheusRule",
+                              {"spec": obj({"groups": RULE_GROUPS}, ["groups"])}, ["spec"])
+
+# Capability names without the CAP_ prefix, as the SCC API wants them.
+CAPS = {"type": "array", "items": {"type": "string", "pattern": "^((?!CAP_)[A-Z_]+|\\*)$"}}
+GROUP_STRATEGY = obj({"type": {"enum": ["MustRunAs", "RunAsAny"]},
+                      "ranges": {"type": "array", "items": obj({"min": INT, "max": INT})}},
+                     ["type"])
+VOLUME_TYPES = ["*", "none", "awsElasticBlockStore", "azureDisk", "azureFile", "cephFS", "cinder",
+                "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "fc", "flexVolume",
+                "flocker", "gcePersistentDisk", "gitRepo", "glusterfs", "hostPath", "iscsi",
+                "nfs", "persistentVolumeClaim", "photonPersistentDisk", "portworxVolume",
+                "projected", "quobyte", "rbd", "scaleIO", "secret", "storageOS",
+                "vsphere", "image"]
+SCC_BOOLS = ["allowHostDirVolumePlugin", "allowHostIPC", "allowHostNetwork", "allowHostPID",
+             "allowHostPorts", "allowPrivilegedContainer", "readOnlyRootFilesystem"]
+SECURITY_CONTEXT_CONSTRAINTS = kind_schema("security.openshift.io/v1", "SecurityContextConstraints", {
+    **{b: BOOL for b in SCC_BOOLS},
+    "allowPrivilegeEscalation": BOOL, "defaultAllowPrivilegeEscalation": BOOL,
+    "allowedCapabilities": CAPS, "defaultAddCapabilities": CAPS, "requiredDropCapabilities": CAPS,
+    "allowedFlexVolumes": {"type": "array"}, "allowedUnsafeSysctls": STRS, "forbiddenSysctls": STRS,
+    "volumes": {"type": "array", "items": {"enum": VOLUME_TYPES}},
+    "runAsUser": obj({"type": {"enum": ["MustRunAs", "MustRunAsRange", "MustRunAsNonRoot",
+                                        "RunAsAny"]},
+                      "uid": INT, "uidRangeMin": INT, "uidRangeMax": INT}, ["type"]),
+    "seLinuxContext": obj({"type": {"enum": ["MustRunAs", "RunAsAny"]},
+                           "seLinuxOptions": obj({"user": STR, "role": STR, "type": STR,
+                                                  "level": STR})}, ["type"]),
+    "fsGroup": GROUP_STRATEGY, "supplementalGroups": GROUP_STRATEGY,
+    "seccompProfiles": STRS, "priority": {"type": ["integer", "null"]},
+    "users": STRS, "groups": STRS,
+}, SCC_BOOLS)
+
+SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
+    ("security.openshift.io/v1", "SecurityContextConstraints"): SECURITY_CONTEXT_CONSTRAINTS,
+}
+
+
+def cmd_crds(rendered):
+    problems = []
+    for doc in load_all(rendered):
+        schema = SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+        if schema is None:
+            continue
+        validator = jsonschema.Draft202012Validator(schema)
+        for err in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
+            path = ".".join(str(p) for p in err.path) or "(top)"
+            problems.append(f"{name_of(doc)}: {path}: {err.message}")
+        if doc["kind"] == "SecurityContextConstraints":
+            overlap = (set(doc.get("allowedCapabilities") or [])
+                       & set(doc.get("requiredDropCapabilities") or []))
+            if overlap:
+                problems.append(f"{name_of(doc)}: capabilities both allowed and dropped: "
+                                f"{sorted(overlap)}")
+    return fail(problems)
+
+
+# --- consistency ---------------------------------------------------------------------------------
+
+def subset(small, big):
+    return all(big.get(k) == v for k, v in (small or {}).items())
+
+
+def cmd_consistency(rendered):
+    docs = load_all(rendered)
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    problems = []
+
+    def one(kind):
+        found = by_kind.get(kind, [])
+        if len(found) != 1:
+            problems.append(f"expected one {kind}, found {len(found)}")
+            return None
+        return found[0]
+
+    ns_obj, ds, svc, sm = one("Namespace"), one("DaemonSet"), one("Service"), one("ServiceMonitor")
+    sa, crb = one("ServiceAccount"), one("ClusterRoleBinding")
+    if None in (ns_obj, ds, svc, sm, sa, crb):
+        return fail(problems)
+    ns = ns_obj["metadata"]["name"]
+
+    for d in docs:
+        if d["kind"] in ("Namespace", "ClusterRole", "ClusterRoleBinding",
+                         "SecurityContextConstraints"):
+            continue
+        if d["metadata"].get("namespace") != ns:
+            problems.append(f"{name_of(d)} is in namespace {d['metadata'].get('namespace')!r}, "
+                            f"not {ns!r}")
+
+    pod = ds["spec"]["template"]
+    pod_labels = pod["metadata"].get("labels", {})
+    spec = pod["spec"]
+    if not subset(ds["spec"]["selector"].get("matchLabels"), pod_labels):
+        problems.append("the DaemonSet's selector does not match its pod template's labels")
+    if not svc["spec"].get("selector") or not subset(svc["spec"]["selector"], pod_labels):
+        problems.append("the Service's selector does not select the DaemonSet's pods")
+    if not subset(sm["spec"]["selector"].get("matchLabels"), svc["metadata"].get("labels", {})):
+        problems.append("the ServiceMonitor's selector does not select the Service")
+
+    containers = spec["containers"]
+    container_ports = {p.get("name") for c in containers for p in c.get("ports", [])}
+    svc_ports = {p.get("name") for p in svc["spec"]["ports"]}
+    for p in svc["spec"]["ports"]:
+        if isinstance(p.get("targetPort"), str) and p["targetPort"] not in container_ports:
+            problems.append(f"Service port {p['name']} targets unknown container port "
+                            f"{p['targetPort']}")
+    for ep in sm["spec"]["endpoints"]:
+        if ep["port"] not in svc_ports:
+            problems.append(f"ServiceMonitor scrapes port {ep['port']}, which the Service lacks")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for c in containers:
+        if not re.search(r"[:@]", c["image"]):
+            problems.append(f"container {c['name']} image {c['image']!r} has no tag or digest "
+                            "(kustomize images: not applied?)")
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            port = c.get(probe, {}).get("httpGet", {}).get("port")
+            if isinstance(port, str) and port not in container_ports:
+                problems.append(f"{c['name']} {probe} uses unknown port {port}")
+        for m in c.get("volumeMounts", []):
+            if m["name"] not in volumes:
+                problems.append(f"{c['name']} mounts unknown volume {m['name']}")
+
+    sa_name = spec.get("serviceAccountName", "default")
+    if sa["metadata"]["name"] != sa_name:
+        problems.append(f"the DaemonSet runs as {sa_name}, the ServiceAccount is "
+                        f"{sa['metadata']['name']}")
+    if {"kind": "ServiceAccount", "name": sa_name, "namespace": ns} not in crb.get("subjects", []):
+        problems.append(f"the ClusterRoleBinding does not bind {ns}/{sa_name}")
+
+    for scc in by_kind.get("SecurityContextConstraints", []):
+        problems += scc_admits(scc, docs, ds, ns, sa_name)
+    return fail(problems)
+
+
+def scc_admits(scc, docs, ds, ns, sa_name):
+    """What the SCC must allow for the DaemonSet's pods (a subset of OpenShift's admission)."""
+    problems = []
+    name = scc["metadata"]["name"]
+    user = f"system:serviceaccount:{ns}:{sa_name}"
+    granted = user in (scc.get("users") or [])
+    roles = {d["metadata"]["name"] for d in docs
+             if d["kind"] in ("ClusterRole", "Role") and any(
+                 "use" in r.get("verbs", []) and "securitycontextconstraints" in r.get("resources", [])
+                 and name in r.get("resourceNames", [name]) for r in d.get("rules", []))}
+    bound = any(d["roleRef"]["name"] in roles and any(
+                    s.get("kind") == "ServiceAccount" and s.get("name") == sa_name
+                    and s.get("namespace") == ns for s in d.get("subjects", []))
+                for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding"))
+    if not (granted and bound):
+        problems.append(f"SCC {name}: {user} must be both listed in users and bound to a role "
+                        f"with `use` on it (listed: {granted}, bound: {bound})")
+    spec = ds["spec"]["template"]["spec"]
+    allowed_caps = set(scc.get("allowedCapabilities") or [])
+    allowed_volumes = set(scc.get("volumes") or [])
+    # The service account token is mounted as a projected volume.
+    used_volumes = {"projected"} | {k for v in spec.get("volumes", []) for k in v if k != "name"}
+    if "*" not in allowed_volumes and not used_volumes <= allowed_volumes:
+        problems.append(f"SCC {name}: volumes {sorted(used_volumes - allowed_volumes)} not allowed")
+    if "hostPath" in used_volumes and not scc.get("allowHostDirVolumePlugin"):
+        problems.append(f"SCC {name}: hostPath volumes need allowHostDirVolumePlugin")
+    for flag, field in (("hostNetwork", "allowHostNetwork"), ("hostPID", "allowHostPID"),
+                        ("hostIPC", "allowHostIPC")):
+        if spec.get(flag) and not scc.get(field):
+            problems.append(f"SCC {name}: the pod uses {flag}")
+    for c in spec["containers"]:
+        sc = c.get("securityContext", {})
+        caps = set(sc.get("capabilities", {}).get("add", []))
+        if "*" not in allowed_caps and not caps <= allowed_caps:
+            problems.append(f"SCC {name}: capabilities {sorted(caps - allowed_caps)} not allowed")
+        if "ALL" in (scc.get("requiredDropCapabilities") or []) and \
+                "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            problems.append(f"SCC {name}: container {c['name']} must drop ALL")
+        if sc.get("privileged") and not scc.get("allowPrivilegedContainer"):
+            problems.append(f"SCC {name}: container {c['name']} is privileged")
+        if sc.get("allowPrivilegeEscalation", True) and scc.get("allowPrivilegeEscalation") is False:
+            problems.append(f"SCC {name}: container {c['name']} must set "
+                            "allowPrivilegeEscalation: false")
+        if scc.get("readOnlyRootFilesystem") and not sc.get("readOnlyRootFilesystem"):
+            problems.append(f"SCC {name}: container {c['name']} needs readOnlyRootFilesystem")
+        uid = sc.get("runAsUser", spec.get("securityContext", {}).get("runAsUser"))
+        strategy = scc.get("runAsUser", {})
+        if uid == 0 and not (strategy.get("type") == "RunAsAny" or
+                             (strategy.get("type") == "MustRunAs" and strategy.get("uid") == 0)):
+            problems.append(f"SCC {name}: runAsUser strategy does not admit uid 0")
+        seccomp = sc.get("seccompProfile", spec.get("securityContext", {}).get("seccompProfile"))
+        profiles = set(scc.get("seccompProfiles") or [])
+        wanted = {"Unconfined": "unconfined", "RuntimeDefault": "runtime/default"}.get(
+            (seccomp or {}).get("type"))
+        if wanted and profiles and not ({"*", wanted} & profiles):
+            problems.append(f"SCC {name}: seccomp profile {wanted} not in {sorted(profiles)}")
+    return problems
+
+
+# --- groups --------------------------------------------------------------------------------------
+
+def first_difference(a, b, path="groups"):
+    if type(a) is not type(b):
+        return f"{path}: {a!r} != {b!r}"
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k}: only in {'the PrometheusRule' if k in a else 'rules.yaml'}"
+            d = first_difference(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None if len(a) == len(b) else f"{path}: {len(a)} items != {len(b)} items"
+    return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
+def cmd_groups(rendered, rules_path):
+    rules = [d for d in load_all(rendered) if d.get("kind") == "PrometheusRule"]
+    if len(rules) != 1:
+        return fail([f"expected one PrometheusRule, found {len(rules)}"])
+    with open(rules_path) as f:
+        canonical = yaml.safe_load(f)["groups"]
+    diff = first_difference(rules[0]["spec"]["groups"], canonical)
+    return fail([f"PrometheusRule differs from {rules_path}: {diff}"] if diff else [])
+
+
+# --- promql / dashboard --------------------------------------------------------------------------
+
+SELECTOR = re.compile(r"\b(meshguard_[a-zA-Z0-9_]*)\s*(\{[^}]*\})?")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+ALL_LABELS = set().union(*METRICS.values()) | TARGET_LABELS
+
+
+def check_expr(expr, where):
+    """Problems with one PromQL expression's use of meshguard metrics, labels and values."""
+    problems = []
+    for name, matchers in SELECTOR.findall(expr):
+        if name not in METRICS:
+            problems.append(f"{where}: unknown metric {name}")
+            continue
+        for label, op, value in MATCHER.findall(matchers or ""):
+            if label not in METRICS[name] | TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label {label}")
+            elif label in LABEL_VALUES and "$" not in value:
+                known = LABEL_VALUES[label]
+                if op == "=" and value not in known:
+                    problems.append(f"{where}: {label}={value!r} is not a value the agent exports")
+                elif op == "=~" and not any(re.fullmatch(value, v) for v in known):
+                    problems.append(f"{where}: {label}=~{value!r} matches no value the agent "
+                                    "exports")
+    for group in GROUPING.findall(expr):
+        for label in filter(None, (l.strip() for l in group.split(","))):
+            if label not in ALL_LABELS:
+                problems.append(f"{where}: unknown label {label} in grouping")
+    return problems
+
+
+def cmd_promql(rules_path):
+    with open(rules_path) as f:
+        groups = yaml.safe_load(f)["groups"]
+    problems = []
+    for g in groups:
+        for r in g["rules"]:
+            where = f"{g['name']}/{r.get('alert') or r.get('record')}"
+            problems += check_expr(str(r["expr"]), where)
+            if "meshguard" not in str(r["expr"]):
+                problems.append(f"{where}: expression is not about meshguard")
+    return fail(problems)
+
+
+def walk(node, path=""):
+    """Yields (path, dict) for every dict in a JSON document."""
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk(v, f"{path}[{i}]")
+
+
+def cmd_dashboard(path):
+    try:
+        with open(path) as f:
+            dash = json.load(f)
+    except (OSError, ValueError) as e:
+        return fail([f"{path} does not parse: {e}"])
+    problems = []
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds_var = variables.get("DS_PROMETHEUS")
+    if not ds_var or ds_var.get("type") != "datasource" or ds_var.get("query") != "prometheus":
+        problems.append("no templating variable DS_PROMETHEUS of type datasource (prometheus)")
+    ids, exprs = [], 0
+    for where, node in walk(dash):
+        if "gridPos" in node and "type" in node:
+            ids.append(node.get("id"))
+            title = node.get("title", "?")
+            ds = node.get("datasource") or {}
+            if node["type"] != "row":
+                if ds.get("uid") != "${DS_PROMETHEUS}":
+                    problems.append(f"panel {title!r}: datasource is not ${{DS_PROMETHEUS}}")
+                if not node.get("targets"):
+                    problems.append(f"panel {title!r}: no queries")
+            for t in node.get("targets", []):
+                if (t.get("datasource") or ds).get("uid") != "${DS_PROMETHEUS}":
+                    problems.append(f"panel {title!r} query {t.get('refId')}: datasource is not "
+                                    "${DS_PROMETHEUS}")
+        if isinstance(node.get("expr"), str):
+            exprs += 1
+            problems += check_expr(node["expr"], f"dashboard{where}")
+    for name, v in variables.items():
+        query = v.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        if v.get("type") == "query" and isinstance(query, str):
+            problems += check_expr(query, f"variable {name}")
+    if len(ids) != len(set(ids)):
+        problems.append("panel ids are not unique")
+    if exprs == 0:
+        problems.append("no queries found")
+    return fail(problems)
+
+
+COMMANDS = {
+    "builtin": (cmd_builtin, 2), "crds": (cmd_crds, 1), "consistency": (cmd_consistency, 1),
+    "groups": (cmd_groups, 2), "promql": (cmd_promql, 1), "dashboard": (cmd_dashboard, 1),
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS or \
+            len(sys.argv) - 2 != COMMANDS[sys.argv[1]][1]:
+        sys.exit(__doc__)
+    func, _ = COMMANDS[sys.argv[1]]
+    sys.exit(func(*sys.argv[2:]))

@@ -1,0 +1,290 @@
+//! The agent API, HTTP/JSON under `/v1`, for `meshguard flows|explain|status` and scripts:
+//! on a unix socket (mode 0600) and, when asked, on TCP behind a bearer token. Bad requests get
+//! a 4xx with a JSON error saying what was wrong; a slow or vanished follower never holds up
+//! the agent (it skips ahead, and is told).
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::SystemTime};
+
+use axum::{
+    body::Body,
+    extract::{Path as UrlPath, RawQuery, Request, State},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use futures_util::StreamExt as _;
+use serde_json::json;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::broadcast::error::RecvError,
+};
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::{flow::FlowRecord, state::AgentState, store::Filter};
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn filter(query: Option<String>) -> Result<Filter, Response> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("malformed query string: {e}"),
+        )
+    })?;
+    Filter::from_params(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))
+}
+
+pub fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/v1/flows", get(flows))
+        .route("/v1/flows/stream", get(stream))
+        .route("/v1/flows/{id}", get(flow))
+        .route("/v1/status", get(status))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /v1/flows, /v1/flows/stream, /v1/flows/{id}, /v1/status",
+            )
+        })
+        .with_state(state)
+}
+
+async fn flows(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) -> Response {
+    let filter = match filter(query) {
+        Ok(f) => f,
+        Err(response) => return response,
+    };
+    let flows = state
+        .store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .query(&filter, SystemTime::now());
+    Json(json!({ "count": flows.len(), "flows": flows })).into_response()
+}
+
+async fn stream(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) -> Response {
+    let filter = match filter(query) {
+        Ok(f) => f,
+        Err(response) => return response,
+    };
+    let lines = BroadcastStream::new(state.live.subscribe()).filter_map(move |item| {
+        let line = match item {
+            Ok(record) if filter.matches(&record, SystemTime::now()) => serde_json::to_string(&*record).ok(),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(json!({ "warning": format!("skipped {n} flows: this client reads more slowly than flows arrive") }).to_string())
+            }
+        };
+        std::future::ready(line.map(|l| Ok::<_, std::convert::Infallible>(l + "\n")))
+    });
+    let _ = RecvError::Closed;
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "stream"))
+}
+
+async fn flow(State(state): State<Arc<AgentState>>, UrlPath(id): UrlPath<String>) -> Response {
+    let found = state
+        .store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id);
+    match found {
+        Some(record) => {
+            Json(json!({ "flow": *record, "evidence": evidence(&record) })).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no flow with id {id:?} on this node (it may have aged out of the store)"),
+        ),
+    }
+}
+
+async fn status(State(state): State<Arc<AgentState>>) -> Response {
+    let mut status = state
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (stored, flagged) = state.store.lock().unwrap_or_else(|e| e.into_inner()).len();
+    status.flows_stored = stored;
+    status.flagged_stored = flagged;
+    Json(status).into_response()
+}
+
+/// What the kernel and the inventory said of a flow, one fact a line, for `meshguard explain`.
+pub fn evidence(r: &FlowRecord) -> Vec<String> {
+    let end = |e: &crate::flow::Endpoint| match (&e.namespace, &e.pod, &e.workload) {
+        (Some(ns), Some(pod), Some(w)) => format!(
+            "{ns}/{pod} (workload {w}, {})",
+            if e.meshed { "meshed" } else { "not meshed" }
+        ),
+        _ if e.node => "the node itself (host network)".to_string(),
+        _ => "not in the inventory".to_string(),
+    };
+    let mut lines = vec![
+        format!(
+            "socket: {} {} {}:{} -> {}:{}",
+            r.protocol, r.direction, r.local.ip, r.local.port, r.remote.ip, r.remote.port
+        ),
+        format!("local end: {}", end(&r.local)),
+        format!("remote end: {}", end(&r.remote)),
+    ];
+    lines.push(match (&r.process.comm, r.process.pid, r.process.uid) {
+        (Some(comm), Some(pid), Some(uid)) => format!("owner: {comm} (pid {pid}), uid {uid}"),
+        (_, _, Some(uid)) => format!("owner: uid {uid} (process unknown)"),
+        _ => "owner: unknown".to_string(),
+    });
+    lines.push(match &r.redirect {
+        Some(to) => format!(
+            "netfilter: egress redirected to {}:{} (interface {})",
+            to.ip, to.port, to.ifindex
+        ),
+        None => "netfilter: not redirected".to_string(),
+    });
+    lines.push(match (&r.tls, &r.plaintext) {
+        (Some(tls), _) => format!(
+            "payload: TLS{}{}{}",
+            tls.version
+                .map(|v| format!(" {}", v.name()))
+                .unwrap_or_default(),
+            tls.sni
+                .as_ref()
+                .map(|s| format!(", SNI {s}"))
+                .unwrap_or_default(),
+            if tls.alpn.is_empty() {
+                String::new()
+            } else {
+                format!(", ALPN {}", tls.alpn.join(","))
+            }
+        ),
+        (None, Some(p)) => format!(
+            "payload: plaintext ({}{})",
+            p.protocol,
+            p.method
+                .as_ref()
+                .map(|m| format!(" {m}"))
+                .unwrap_or_default()
+        ),
+        (None, None) => "payload: none seen yet".to_string(),
+    });
+    lines.push(format!(
+        "bytes: {} sent, {} received",
+        r.bytes_sent, r.bytes_received
+    ));
+    lines.push(format!(
+        "verdict: {} ({}): {}",
+        r.verdict.as_str(),
+        r.reason,
+        r.detail
+    ));
+    lines
+}
+
+/// Serves the API on a unix socket, readable and writable by its owner only; says on `bound`
+/// whether it could bind.
+pub async fn serve_unix(
+    path: &Path,
+    state: Arc<AgentState>,
+    bound: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let listener = match bind_unix(path).await {
+        Ok(listener) => {
+            let _ = bound.send(Ok(()));
+            listener
+        }
+        Err(e) => {
+            let _ = bound.send(Err(e));
+            return Ok(());
+        }
+    };
+    tracing::info!(path = %path.display(), "serving the API");
+    axum::serve(listener, router(state)).await?;
+    Ok(())
+}
+
+async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use anyhow::Context as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        // A socket left by an agent that died; one that still answers is a second agent.
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "{} is in use: another agent is running on this node",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the API on TCP; every request must carry `Authorization: Bearer <token>`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    token: String,
+    state: Arc<AgentState>,
+) -> std::io::Result<()> {
+    let token = Arc::new(token);
+    let app = router(state).layer(middleware::from_fn(move |req: Request, next: Next| {
+        let token = Arc::clone(&token);
+        async move {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                next.run(req).await
+            } else {
+                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+            }
+        }
+    }));
+    axum::serve(listener, app).await
+}
+
+/// Compares without an early exit, so the time taken says nothing about where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        for other in [&b""[..], b"s3cre", b"s3cret!", b"S3cret", b"\0\0\0\0\0\0"] {
+            assert!(!constant_time_eq(other, b"s3cret"), "{other:?}");
+        }
+        assert!(!constant_time_eq(
+            b"",
+            b""[..]
+                .iter()
+                .chain(b"x")
+                .copied()
+                .collect::<Vec<_>>()
+                .as_slice()
+        ));
+    }
+}

@@ -1,0 +1,466 @@
+//! The verbs for people: `meshguard flows`, `explain`, `status`. Tables for people (colour only
+//! on a terminal), JSON for scripts, in the habits of `hubble observe` and `kubectl`.
+
+use std::{
+    fmt::Write as _,
+    io::{IsTerminal, Write},
+};
+
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+
+use crate::{
+    client::{Client, ClientError},
+    store::{parse_verdict, MAX_LIMIT},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
+    Jsonl,
+}
+
+/// Why a verb failed, and so its exit code: 2 for bad usage, 1 otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            // The agent rejecting a query is bad usage too: its message says how to fix it.
+            CliError::Agent(ClientError::Api { status, .. }) if status.as_u16() == 400 => 2,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FlowQuery {
+    pub verdicts: Vec<String>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub workload: Option<String>,
+    pub port: Option<u16>,
+    pub since: Option<String>,
+    pub last: Option<usize>,
+}
+
+impl FlowQuery {
+    /// The API query string, after checking what can be checked here.
+    pub fn to_query(&self) -> Result<String, CliError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        for v in &self.verdicts {
+            parse_verdict(v).map_err(|e| CliError::Usage(format!("--verdict: {e}")))?;
+        }
+        if !self.verdicts.is_empty() {
+            q.push(("verdict", self.verdicts.join(",")));
+        }
+        if let Some(since) = &self.since {
+            humantime::parse_duration(since).map_err(|_| {
+                CliError::Usage(format!(
+                    "--since {since:?}: give a duration like 30s, 10m or 2h"
+                ))
+            })?;
+            q.push(("since", since.clone()));
+        }
+        if let Some(n) = self.last {
+            if n == 0 || n > MAX_LIMIT {
+                return Err(CliError::Usage(format!(
+                    "--last {n}: give a number from 1 to {MAX_LIMIT}"
+                )));
+            }
+            q.push(("limit", n.to_string()));
+        }
+        for (key, value) in [
+            ("namespace", &self.namespace),
+            ("pod", &self.pod),
+            ("workload", &self.workload),
+        ] {
+            if let Some(v) = value {
+                q.push((key, v.clone()));
+            }
+        }
+        if let Some(port) = self.port {
+            q.push(("port", port.to_string()));
+        }
+        serde_urlencoded::to_string(&q).map_err(|e| CliError::Usage(e.to_string()))
+    }
+}
+
+pub async fn flows(
+    client: &Client,
+    query: &FlowQuery,
+    output: Output,
+    follow: bool,
+) -> Result<(), CliError> {
+    let qs = query.to_query()?;
+    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut out = std::io::stdout().lock();
+    // Following without --last starts from now, like `hubble observe -f`.
+    if !follow || query.last.is_some() {
+        let body = client.get_json(&format!("/v1/flows?{qs}")).await?;
+        let mut flows: Vec<Value> = body["flows"].as_array().cloned().unwrap_or_default();
+        flows.reverse(); // oldest first, newest at the bottom, as a log reads
+        match output {
+            Output::Json if !follow => writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&flows).unwrap_or_default()
+            )?,
+            Output::Json | Output::Jsonl => {
+                for f in &flows {
+                    writeln!(out, "{f}")?;
+                }
+            }
+            Output::Table | Output::Wide => {
+                writeln!(out, "{}", header(output))?;
+                for f in &flows {
+                    writeln!(out, "{}", row(f, output, color))?;
+                }
+            }
+        }
+        out.flush()?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    if matches!(output, Output::Table | Output::Wide) && query.last.is_none() {
+        writeln!(out, "{}", header(output))?;
+        out.flush()?;
+    }
+    let mut body = client
+        .send(&format!("/v1/flows/stream?{qs}"))
+        .await?
+        .into_body();
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ClientError::Unreachable {
+            addr: client.addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            if let Some(w) = v["warning"].as_str() {
+                eprintln!("warning: {w}");
+                continue;
+            }
+            match output {
+                Output::Json | Output::Jsonl => writeln!(out, "{v}")?,
+                Output::Table | Output::Wide => writeln!(out, "{}", row(&v, output, color))?,
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+fn header(output: Output) -> String {
+    let mut h = format!(
+        "{:<19} {:<17} {:<19} {:<40} {:<46} {:<10} {:>9}",
+        "TIME", "VERDICT", "REASON", "SOURCE", "DESTINATION", "ENCRYPTION", "BYTES"
+    );
+    if output == Output::Wide {
+        let _ = write!(
+            h,
+            " {:<16} {:<16} {:<8} {:<24} TLS",
+            "ID", "NODE", "PATH", "PROCESS"
+        );
+    }
+    h
+}
+
+/// How a person names one end of a flow.
+fn who(e: &Value) -> String {
+    match (e["namespace"].as_str(), e["pod"].as_str()) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ if e["node"] == true => format!("node ({})", e["ip"].as_str().unwrap_or("?")),
+        _ => e["ip"].as_str().unwrap_or("?").to_string(),
+    }
+}
+
+/// `2026-11-28T22:31:36.912Z` as `Nov 28 22:31:36.912`.
+fn short_time(rfc3339: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = rfc3339
+        .get(5..7)
+        .and_then(|m| m.parse::<usize>().ok())
+        .filter(|m| (1..=12).contains(m));
+    match (month, rfc3339.get(8..10), rfc3339.get(11..23)) {
+        (Some(m), Some(day), Some(time)) => format!("{} {day} {time}", MONTHS[m - 1]),
+        _ => rfc3339.to_string(),
+    }
+}
+
+fn paint(verdict: &str, color: bool) -> String {
+    let text = format!("{verdict:<17}");
+    if !color {
+        return text;
+    }
+    let code = match verdict {
+        "bypass-plaintext" | "bypass-tls" => "1;31",
+        "plaintext" => "33",
+        "mtls" => "32",
+        "pending" => "2",
+        _ => return text,
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+fn row(f: &Value, output: Output, color: bool) -> String {
+    let (src, dst) = if f["direction"] == "egress" {
+        (&f["local"], &f["remote"])
+    } else {
+        (&f["remote"], &f["local"])
+    };
+    let bytes = f["bytes_sent"].as_u64().unwrap_or(0) + f["bytes_received"].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "{:<19} {} {:<19} {:<40} {:<46} {:<10} {:>9}",
+        short_time(f["last_seen"].as_str().unwrap_or("")),
+        paint(f["verdict"].as_str().unwrap_or("?"), color),
+        f["reason"].as_str().unwrap_or("?"),
+        who(src),
+        format!("{}:{}", who(dst), dst["port"]),
+        f["encryption"].as_str().unwrap_or("?"),
+        bytes,
+    );
+    if output == Output::Wide {
+        let process = match (f["process"]["comm"].as_str(), f["process"]["uid"].as_u64()) {
+            (Some(c), Some(u)) => format!("{c} uid={u}"),
+            (None, Some(u)) => format!("uid={u}"),
+            _ => "-".into(),
+        };
+        let tls = match f["tls"].as_object() {
+            Some(t) => format!(
+                "{} {} {}",
+                t.get("version").and_then(Value::as_str).unwrap_or("-"),
+                t.get("sni").and_then(Value::as_str).unwrap_or("-"),
+                t.get("alpn")
+                    .and_then(Value::as_array)
+                    .map(|a| a
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default()
+            ),
+            None => "-".into(),
+        };
+        let _ = write!(
+            line,
+            " {:<16} {:<16} {:<8} {:<24} {tls}",
+            f["id"].as_str().unwrap_or("?"),
+            f["node"].as_str().unwrap_or("?"),
+            f["path"].as_str().unwrap_or("?"),
+            process
+        );
+    }
+    line
+}
+
+pub async fn explain(client: &Client, id: &str) -> Result<(), CliError> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(CliError::Usage(format!(
+            "{id:?} is not a flow id: ids are hexadecimal, as `meshguard flows -o wide` shows them"
+        )));
+    }
+    let v = client.get_json(&format!("/v1/flows/{id}")).await?;
+    let f = &v["flow"];
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Flow {id} on node {}",
+        f["node"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        out,
+        "  first seen {}, last seen {}, {}",
+        f["first_seen"].as_str().unwrap_or("?"),
+        f["last_seen"].as_str().unwrap_or("?"),
+        f["state"].as_str().unwrap_or("?")
+    )?;
+    writeln!(out, "Evidence:")?;
+    for line in v["evidence"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        writeln!(out, "  {line}")?;
+    }
+    Ok(())
+}
+
+pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
+    let s = client.get_json("/v1/status").await?;
+    let mut out = std::io::stdout().lock();
+    if matches!(output, Output::Json | Output::Jsonl) {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&s).unwrap_or_default()
+        )?;
+        return Ok(());
+    }
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let degraded = list(&s["degraded"]);
+    writeln!(
+        out,
+        "Node:        {} (kernel {})",
+        s["node"].as_str().unwrap_or("?"),
+        s["kernel"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        out,
+        "Agent:       meshguard {}, up since {}",
+        s["version"].as_str().unwrap_or("?"),
+        s["started_at"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        out,
+        "Health:      {}",
+        if degraded.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("DEGRADED: {degraded}")
+        }
+    )?;
+    writeln!(out, "Programs:    {}", list(&s["programs_attached"]))?;
+    let inv = &s["inventory"];
+    let age = inv["age_seconds"]
+        .as_u64()
+        .map_or("never loaded".to_string(), |a| format!("updated {a}s ago"));
+    writeln!(
+        out,
+        "Inventory:   {} pods from {}, {age}",
+        inv["pods"],
+        inv["source"].as_str().unwrap_or("?")
+    )?;
+    let capacity = s["flow_map"]["capacity"].as_u64().unwrap_or(0);
+    let entries = s["flow_map"]["entries"].as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "Flow map:    {entries} of {capacity} entries ({:.1}% full)",
+        100.0 * entries as f64 / capacity.max(1) as f64
+    )?;
+    writeln!(
+        out,
+        "Flows:       {} tracked, {} stored ({} flagged)",
+        s["flows_tracked"], s["flows_stored"], s["flagged_stored"]
+    )?;
+    let lost: Vec<String> = s["events_lost"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(k, n)| format!("{n} {}", k.replace('_', " ")))
+        .collect();
+    writeln!(
+        out,
+        "Losses:      {}",
+        if lost.is_empty() {
+            "none".to_string()
+        } else {
+            lost.join(", ")
+        }
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries() {
+        let q = FlowQuery {
+            verdicts: vec!["bypass-plaintext".into(), "plaintext".into()],
+            namespace: Some("shop".into()),
+            since: Some("10m".into()),
+            last: Some(20),
+            ..FlowQuery::default()
+        };
+        assert_eq!(
+            q.to_query().unwrap(),
+            "verdict=bypass-plaintext%2Cplaintext&since=10m&limit=20&namespace=shop"
+        );
+        let bad = [
+            (
+                FlowQuery {
+                    verdicts: vec!["bypass".into()],
+                    ..FlowQuery::default()
+                },
+                "--verdict: unknown verdict \"bypass\"",
+            ),
+            (
+                FlowQuery {
+                    since: Some("soon".into()),
+                    ..FlowQuery::default()
+                },
+                "--since \"soon\": give a duration",
+            ),
+            (
+                FlowQuery {
+                    last: Some(0),
+                    ..FlowQuery::default()
+                },
+                "--last 0: give a number from 1",
+            ),
+        ];
+        for (q, want) in bad {
+            let e = q.to_query().unwrap_err();
+            assert!(e.to_string().starts_with(want), "{e}");
+            assert_eq!(e.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn table_rows() {
+        let f: Value = serde_json::json!({
+            "last_seen": "2026-11-28T22:31:36.912Z", "verdict": "bypass-plaintext", "reason": "excluded-port",
+            "direction": "ingress", "encryption": "plaintext", "bytes_sent": 100, "bytes_received": 50,
+            "local": {"ip": "10.0.0.2", "port": 5000, "namespace": "legacy", "pod": "catalog-1", "node": false},
+            "remote": {"ip": "10.0.0.1", "port": 40000, "namespace": null, "pod": null, "node": true},
+        });
+        let line = row(&f, Output::Table, false);
+        assert!(
+            line.starts_with("Nov 28 22:31:36.912 bypass-plaintext  excluded-port"),
+            "{line}"
+        );
+        assert!(
+            line.contains("node (10.0.0.1)"),
+            "ingress: the source is the remote end: {line}"
+        );
+        assert!(line.contains("legacy/catalog-1:5000"), "{line}");
+        assert!(line.trim_end().ends_with("150"), "{line}");
+        assert!(!line.contains('\x1b'), "no colour off a terminal");
+        assert!(row(&f, Output::Table, true).contains("\x1b[1;31m"));
+    }
+}

@@ -1,0 +1,179 @@
+//! The CLI's side of the agent API: plain HTTP/1.1 over the agent's unix socket, or over TCP
+//! with a bearer token.
+
+use std::{path::PathBuf, str::FromStr};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where the agent is, as `--agent` names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAddr {
+    Unix(PathBuf),
+    /// `host:port` of an `http://` URL.
+    Http(String),
+}
+
+impl FromStr for AgentAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("http://") {
+            let authority = rest.trim_end_matches('/');
+            if authority.is_empty() || authority.contains('/') {
+                return Err(format!(
+                    "{s:?}: give the agent as http://HOST:PORT, without a path"
+                ));
+            }
+            return Ok(AgentAddr::Http(authority.to_string()));
+        }
+        if s.starts_with("https://") {
+            return Err(format!(
+                "{s:?}: https is not supported yet; reach the agent over its unix socket or http:// \
+                 (for example through `kubectl port-forward`)"
+            ));
+        }
+        if s.contains("://") {
+            return Err(format!("{s:?}: use a unix socket path or an http:// URL"));
+        }
+        Ok(AgentAddr::Unix(PathBuf::from(s)))
+    }
+}
+
+impl std::fmt::Display for AgentAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentAddr::Unix(p) => write!(f, "{}", p.display()),
+            AgentAddr::Http(a) => write!(f, "http://{a}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {addr}: {reason}. Is `meshguard agent` running there? (--agent names another socket or URL)")]
+    Unreachable { addr: String, reason: String },
+    #[error("the agent at {addr} answered {status}: {message}")]
+    Api {
+        addr: String,
+        status: StatusCode,
+        message: String,
+    },
+}
+
+pub struct Client {
+    pub addr: AgentAddr,
+    pub token: Option<String>,
+}
+
+impl Client {
+    fn unreachable(&self, reason: impl ToString) -> ClientError {
+        ClientError::Unreachable {
+            addr: self.addr.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Sends `GET path` and returns the response, its body still streaming.
+    pub async fn send(&self, path: &str) -> Result<Response<Incoming>, ClientError> {
+        let mut req = Request::get(path).header(header::HOST, "meshguard");
+        if let Some(token) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| self.unreachable(e))?;
+        let response = match &self.addr {
+            AgentAddr::Unix(path) => {
+                let stream = UnixStream::connect(path)
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                self.exchange(TokioIo::new(stream), req).await?
+            }
+            AgentAddr::Http(authority) => {
+                let stream = TcpStream::connect(authority)
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                self.exchange(TokioIo::new(stream), req).await?
+            }
+        };
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+        Err(ClientError::Api {
+            addr: self.addr.to_string(),
+            status,
+            message,
+        })
+    }
+
+    async fn exchange<T>(
+        &self,
+        io: TokioIo<T>,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        tokio::spawn(conn);
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unreachable(e))
+    }
+
+    /// `GET path` as JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        let body = self
+            .send(path)
+            .await?
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
+        serde_json::from_slice(&body)
+            .map_err(|e| self.unreachable(format!("the answer is not JSON: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_addresses() {
+        assert_eq!(
+            "/run/meshguard/meshguard.sock".parse(),
+            Ok(AgentAddr::Unix("/run/meshguard/meshguard.sock".into()))
+        );
+        assert_eq!(
+            "http://127.0.0.1:9465".parse(),
+            Ok(AgentAddr::Http("127.0.0.1:9465".into()))
+        );
+        assert_eq!(
+            "http://node-1:9465/".parse(),
+            Ok(AgentAddr::Http("node-1:9465".into()))
+        );
+        for bad in ["https://node:9465", "http://", "http://node/v1", "ftp://x"] {
+            assert!(bad.parse::<AgentAddr>().is_err(), "{bad}");
+        }
+    }
+}

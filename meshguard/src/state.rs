@@ -1,0 +1,95 @@
+//! What the agent's loop publishes for its HTTP endpoints to read: metrics, the flow store,
+//! the live stream of new records, and status.
+
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::AtomicBool, Arc, Mutex},
+};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::{flow::FlowRecord, inventory, metrics::Metrics, store::FlowStore};
+
+/// New records waiting for slow stream clients; beyond this a client skips ahead (and is told).
+pub const STREAM_BACKLOG: usize = 4096;
+
+pub struct AgentState {
+    pub metrics: Metrics,
+    /// The kernel programs are attached (`/readyz`).
+    pub attached: AtomicBool,
+    pub store: Mutex<FlowStore>,
+    pub live: broadcast::Sender<Arc<FlowRecord>>,
+    pub status: Mutex<Status>,
+    pub inventory: inventory::Shared,
+}
+
+impl AgentState {
+    pub fn new(
+        metrics: Metrics,
+        store: FlowStore,
+        inventory: inventory::Shared,
+        status: Status,
+    ) -> Self {
+        Self {
+            metrics,
+            attached: AtomicBool::new(false),
+            store: Mutex::new(store),
+            live: broadcast::channel(STREAM_BACKLOG).0,
+            status: Mutex::new(status),
+            inventory,
+        }
+    }
+
+    /// Publishes a judged record: stored for queries, sent to followers, counted.
+    pub fn publish(&self, record: FlowRecord) {
+        self.metrics.observe(&record);
+        let record = Arc::new(record);
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Arc::clone(&record));
+        // No follower is fine; a lagging one skips ahead on its own.
+        let _ = self.live.send(record);
+    }
+}
+
+/// `GET /v1/status` and `meshguard status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub version: String,
+    pub node: String,
+    /// Kernel release.
+    pub kernel: String,
+    pub started_at: String,
+    pub programs_attached: Vec<String>,
+    /// What does not work and what it costs, in words.
+    pub degraded: Vec<String>,
+    pub inventory: InventoryStatus,
+    pub flow_map: MapStatus,
+    /// Losses since start, by where.
+    pub events_lost: BTreeMap<String, u64>,
+    pub flows_tracked: usize,
+    pub flows_stored: usize,
+    pub flagged_stored: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct InventoryStatus {
+    pub source: String,
+    pub pods: usize,
+    /// Seconds since it last changed; `None` before the source delivered anything.
+    pub age_seconds: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MapStatus {
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

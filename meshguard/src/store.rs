@@ -1,0 +1,373 @@
+//! The agent's memory of recent flows, for the API and CLI: the newest records, bounded, and
+//! the flagged ones (`bypass-plaintext`, `bypass-tls`, `plaintext`) in a bounded store of their
+//! own, so that a flood of ordinary flows cannot push an alarm out. One record per flow: a
+//! flow's later record (closed) replaces its earlier one (classified).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use crate::{flow::FlowRecord, verdict::Verdict};
+
+/// Verdicts that are kept apart from the flood.
+pub fn flagged(v: Verdict) -> bool {
+    matches!(
+        v,
+        Verdict::BypassPlaintext | Verdict::BypassTls | Verdict::Plaintext
+    )
+}
+
+/// One bounded, newest-first set of records.
+#[derive(Default)]
+struct Ring {
+    by_seq: BTreeMap<u64, Arc<FlowRecord>>,
+    seq_of: HashMap<String, u64>,
+    capacity: usize,
+}
+
+impl Ring {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            ..Self::default()
+        }
+    }
+
+    fn put(&mut self, seq: u64, record: &Arc<FlowRecord>) {
+        if let Some(old) = self.seq_of.insert(record.id.clone(), seq) {
+            self.by_seq.remove(&old);
+        }
+        self.by_seq.insert(seq, Arc::clone(record));
+        while self.by_seq.len() > self.capacity {
+            if let Some((_, gone)) = self.by_seq.pop_first() {
+                self.seq_of.remove(&gone.id);
+            }
+        }
+    }
+}
+
+pub struct FlowStore {
+    recent: Ring,
+    flagged: Ring,
+    next: u64,
+}
+
+impl FlowStore {
+    pub fn new(recent: usize, flagged: usize) -> Self {
+        Self {
+            recent: Ring::new(recent),
+            flagged: Ring::new(flagged),
+            next: 0,
+        }
+    }
+
+    pub fn insert(&mut self, record: Arc<FlowRecord>) {
+        self.next += 1;
+        self.recent.put(self.next, &record);
+        if flagged(record.verdict) {
+            self.flagged.put(self.next, &record);
+        }
+    }
+
+    pub fn len(&self) -> (usize, usize) {
+        (self.recent.by_seq.len(), self.flagged.by_seq.len())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<FlowRecord>> {
+        [&self.recent, &self.flagged]
+            .iter()
+            .find_map(|ring| ring.seq_of.get(id).and_then(|seq| ring.by_seq.get(seq)))
+            .cloned()
+    }
+
+    /// Records matching `filter`, newest first, at most `filter.limit`.
+    pub fn query(&self, filter: &Filter, now: SystemTime) -> Vec<Arc<FlowRecord>> {
+        let mut merged: BTreeMap<u64, &Arc<FlowRecord>> = BTreeMap::new();
+        for ring in [&self.recent, &self.flagged] {
+            merged.extend(ring.by_seq.iter().map(|(seq, r)| (*seq, r)));
+        }
+        merged
+            .into_values()
+            .rev()
+            .filter(|r| filter.matches(r, now))
+            .take(filter.limit)
+            .cloned()
+            .collect()
+    }
+}
+
+/// What `/v1/flows` and `meshguard flows` select on. Every field narrows; unset fields don't.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filter {
+    pub verdicts: Vec<Verdict>,
+    /// Either end in this namespace.
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub workload: Option<String>,
+    /// Either end on this port.
+    pub port: Option<u16>,
+    /// Seen within this long.
+    pub since: Option<Duration>,
+    pub limit: usize,
+}
+
+pub const DEFAULT_LIMIT: usize = 1000;
+pub const MAX_LIMIT: usize = 100_000;
+
+impl Default for Filter {
+    fn default() -> Self {
+        Self {
+            verdicts: Vec::new(),
+            namespace: None,
+            pod: None,
+            workload: None,
+            port: None,
+            since: None,
+            limit: DEFAULT_LIMIT,
+        }
+    }
+}
+
+const VERDICTS: [Verdict; 8] = [
+    Verdict::Mtls,
+    Verdict::BypassPlaintext,
+    Verdict::BypassTls,
+    Verdict::Plaintext,
+    Verdict::Unmeshed,
+    Verdict::Expected,
+    Verdict::InPod,
+    Verdict::Pending,
+];
+
+pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
+    VERDICTS
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| {
+            let known: Vec<&str> = VERDICTS.iter().map(|v| v.as_str()).collect();
+            format!("unknown verdict {s:?}; use one of {}", known.join(", "))
+        })
+}
+
+impl Filter {
+    /// From URL query parameters (`verdict=a,b&namespace=x&since=10m&limit=50`).
+    pub fn from_params<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, String> {
+        let mut f = Filter::default();
+        for (key, value) in params {
+            let value = value.trim();
+            match key {
+                "verdict" => {
+                    for v in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        f.verdicts.push(parse_verdict(v)?);
+                    }
+                }
+                "namespace" => f.namespace = Some(value.to_string()),
+                "pod" => f.pod = Some(value.to_string()),
+                "workload" => f.workload = Some(value.to_string()),
+                "port" => f.port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number (1-65535)"))?),
+                "since" => {
+                    let d = humantime::parse_duration(value).map_err(|e| format!("since {value:?} is not a duration like 10m or 1h30m: {e}"))?;
+                    f.since = Some(d);
+                }
+                "limit" => {
+                    f.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}"))?;
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?}; use verdict, namespace, pod, workload, port, since, limit"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn matches(&self, r: &FlowRecord, now: SystemTime) -> bool {
+        let either = |f: &dyn Fn(&crate::flow::Endpoint) -> bool| f(&r.local) || f(&r.remote);
+        (self.verdicts.is_empty() || self.verdicts.contains(&r.verdict))
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| either(&|e| e.namespace.as_deref() == Some(ns)))
+            && self
+                .pod
+                .as_ref()
+                .is_none_or(|p| either(&|e| e.pod.as_deref() == Some(p)))
+            && self
+                .workload
+                .as_ref()
+                .is_none_or(|w| either(&|e| e.workload.as_deref() == Some(w)))
+            && self.port.is_none_or(|p| either(&|e| e.port == p))
+            && self.since.is_none_or(|d| {
+                now.duration_since(r.last_seen_at)
+                    .map_or(true, |age| age <= d)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::{
+        flow::{Change, Encryption, Endpoint, Process},
+        verdict::Path,
+    };
+
+    fn endpoint(ns: &str, pod: &str, port: u16) -> Endpoint {
+        Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port,
+            namespace: Some(ns.into()),
+            pod: Some(format!("{pod}-abc")),
+            workload: Some(pod.into()),
+            node: false,
+            meshed: true,
+        }
+    }
+
+    fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
+        Arc::new(FlowRecord {
+            id: format!("{id:016x}"),
+            node: "n".into(),
+            event: Change::Closed,
+            first_seen: String::new(),
+            last_seen: String::new(),
+            last_seen_at: at,
+            state: "closed",
+            direction: "egress",
+            protocol: "tcp",
+            local: endpoint("shop", "web", 40000),
+            remote: endpoint("legacy", "catalog", 5000),
+            process: Process {
+                pid: None,
+                comm: None,
+                uid: None,
+            },
+            encryption: Encryption::Plaintext,
+            tls: None,
+            plaintext: None,
+            path: Path::Direct,
+            redirect: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            packets_sent: 0,
+            packets_received: 0,
+            verdict,
+            reason: "r",
+            detail: String::new(),
+            midstream: false,
+            netns_cookie: 0,
+        })
+    }
+
+    #[test]
+    fn filters() {
+        let now = SystemTime::now();
+        let r = record(1, Verdict::BypassPlaintext, now - Duration::from_secs(120));
+        let cases: [(&[(&str, &str)], bool); 12] = [
+            (&[], true),
+            (&[("verdict", "bypass-plaintext")], true),
+            (&[("verdict", "mtls,bypass-plaintext")], true),
+            (&[("verdict", "mtls")], false),
+            (&[("namespace", "legacy")], true),
+            (&[("namespace", "kube-system")], false),
+            (&[("pod", "web-abc")], true),
+            (&[("workload", "catalog")], true),
+            (&[("port", "5000")], true),
+            (&[("port", "443")], false),
+            (&[("since", "10m")], true),
+            (&[("since", "1m")], false),
+        ];
+        for (params, want) in cases {
+            let f = Filter::from_params(params.iter().copied()).unwrap();
+            assert_eq!(f.matches(&r, now), want, "{params:?}");
+        }
+    }
+
+    #[test]
+    fn bad_parameters_say_what_is_wrong() {
+        let cases = [
+            (
+                ("verdict", "bypass"),
+                "unknown verdict \"bypass\"; use one of mtls, bypass-plaintext",
+            ),
+            (("port", "http"), "port \"http\" is not a port number"),
+            (
+                ("since", "yesterday"),
+                "since \"yesterday\" is not a duration",
+            ),
+            (
+                ("limit", "0"),
+                "limit \"0\" is not a number from 1 to 100000",
+            ),
+            (("limit", "-5"), "limit \"-5\" is not a number"),
+            (("colour", "red"), "unknown parameter \"colour\""),
+        ];
+        for (param, want) in cases {
+            let e = Filter::from_params([param]).unwrap_err();
+            assert!(e.starts_with(want), "{param:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_flood_cannot_evict_the_flagged() {
+        let now = SystemTime::now();
+        let mut store = FlowStore::new(100, 10);
+        store.insert(record(0, Verdict::BypassPlaintext, now));
+        for id in 1..=10_000 {
+            store.insert(record(id, Verdict::Mtls, now));
+        }
+        assert_eq!(store.len(), (100, 1), "memory stays bounded");
+        assert!(
+            store.get(&format!("{:016x}", 0)).is_some(),
+            "the alarm survived the flood"
+        );
+        let only = Filter {
+            verdicts: vec![Verdict::BypassPlaintext],
+            ..Filter::default()
+        };
+        assert_eq!(store.query(&only, now).len(), 1);
+        let newest = store.query(
+            &Filter {
+                limit: 3,
+                ..Filter::default()
+            },
+            now,
+        );
+        let ids: Vec<&str> = newest.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                format!("{:016x}", 10_000),
+                format!("{:016x}", 9_999),
+                format!("{:016x}", 9_998)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_later_record_replaces_the_earlier_one() {
+        let now = SystemTime::now();
+        let mut store = FlowStore::new(10, 10);
+        store.insert(record(7, Verdict::Pending, now));
+        store.insert(record(8, Verdict::Mtls, now));
+        store.insert(record(7, Verdict::BypassPlaintext, now));
+        assert_eq!(store.len(), (2, 1));
+        let all = store.query(&Filter::default(), now);
+        assert_eq!(
+            all[0].verdict,
+            Verdict::BypassPlaintext,
+            "the update is the newest"
+        );
+    }
+}
