@@ -58,7 +58,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
 async fn flows(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) -> Response {
     let filter = match filter(query) {
         Ok(f) => f,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let flows = state
         .store
@@ -71,7 +71,7 @@ async fn flows(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) 
 async fn stream(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) -> Response {
     let filter = match filter(query) {
         Ok(f) => f,
-        Err(response) => return response,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let lines = BroadcastStream::new(state.live.subscribe()).filter_map(move |item| {
         let line = match item {
