@@ -1,20 +1,23 @@
-//! `cargo xtask bench`: what meshguard costs the node. Runs the same load with and without the
-//! agent, alternating A B A B in one go so that drift on a shared machine cancels, and reports
-//! medians with min and max and the ratio to no agent; then each kernel program's cost per run
-//! (`kernel.bpf_stats_enabled`) in a run of its own.
+//! `cargo xtask bench`: what meshguard costs the node, side by side with no monitoring and with
+//! the users' alternative, a full-packet tcpdump. Every round runs each configuration in turn
+//! (A B C A B C ...) so that drift on a shared machine cancels; figures are medians with min and
+//! max, and ratios to no agent. Then, in runs of their own: each kernel program's cost per run
+//! (`kernel.bpf_stats_enabled`), the agent under connection churn (losses counted), and its
+//! memory with many open flows.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    path::Path,
+    io::{BufRead, BufReader},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context as _};
-use meshguard_tests::{link, Cgroup, Netns};
+use meshguard_tests::{link, run, Cgroup, Netns, TempDir};
 use serde_json::{json, Value};
 
 use crate::{cargo, step, workspace_root};
@@ -24,25 +27,54 @@ pub struct Args {
     /// Rounds per configuration.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Seconds per iperf3 run.
+    /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
+    /// Open flows for the memory figures (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    open_flows: Vec<usize>,
     /// A short run that only proves every figure is produced (for the test suite).
     #[arg(long)]
     smoke: bool,
+    /// The meshguard binary to measure (default: a release build, made now).
+    #[arg(long, value_name = "PATH")]
+    meshguard: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     NoAgent,
     Agent,
+    Tcpdump,
 }
 
 impl Config {
+    const ALL: [Config; 3] = [Config::NoAgent, Config::Agent, Config::Tcpdump];
+
     fn name(self) -> &'static str {
         match self {
             Config::NoAgent => "no agent",
             Config::Agent => "meshguard agent",
+            Config::Tcpdump => "tcpdump -w (full packets)",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Load {
+    Stream,
+    Rr,
+    Crr,
+}
+
+impl Load {
+    const ALL: [Load; 3] = [Load::Stream, Load::Rr, Load::Crr];
+
+    fn name(self) -> &'static str {
+        match self {
+            Load::Stream => "stream (iperf3, Gbit/s)",
+            Load::Rr => "request/response (transactions/s)",
+            Load::Crr => "connect/request/close (transactions/s)",
         }
     }
 }
@@ -62,29 +94,67 @@ impl ProgramCost {
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const SERVER: &str = "10.202.0.2";
+const ECHO_PORT: u16 = 7000;
+const HOLD_PORTS: [u16; 2] = [7100, 7101];
 
-pub fn run(args: &Args) -> anyhow::Result<()> {
+struct Bed {
+    bin: PathBuf,
+    xtask: PathBuf,
+    cgroup: Cgroup,
+    client: Netns,
+    server: Netns,
+    dir: TempDir,
+}
+
+pub fn bench(args: &Args) -> anyhow::Result<()> {
     let (rounds, seconds) = if args.smoke {
         (1, 1)
     } else {
         (args.rounds, args.seconds)
     };
+    let open_flows = if args.smoke {
+        vec![1000]
+    } else {
+        args.open_flows.clone()
+    };
     step(
         "build meshguard (release)",
         cargo().args(["build", "--release", "-p", "meshguard"]),
     )?;
-    let bin = workspace_root().join("target/release/meshguard");
-
-    let cgroup = Cgroup::new("bench")?;
-    let client = Netns::new("mgb-c")?;
-    let server = Netns::new("mgb-s")?;
+    let bed = Bed {
+        bin: workspace_root().join("target/release/meshguard"),
+        xtask: std::env::current_exe()?,
+        cgroup: Cgroup::new("bench")?,
+        client: Netns::new("mgb-c")?,
+        server: Netns::new("mgb-s")?,
+        dir: TempDir::new("bench")?,
+    };
     link(
-        &client,
+        &bed.client,
         ["10.202.0.1/24", "fd00:202::1/64"],
-        &server,
+        &bed.server,
         [&format!("{SERVER}/24"), "fd00:202::2/64"],
     )?;
-    let _iperf = cgroup.start(server.command("iperf3").args(["-s", "-B", SERVER]))?;
+    // Many connections from one address: use every ephemeral port.
+    run(bed
+        .client
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_local_port_range=1024 65535"]))?;
+    run(bed
+        .server
+        .command("sysctl")
+        .args(["-qw", "net.core.somaxconn=65535"]))?;
+    let _iperf = bed
+        .cgroup
+        .start(bed.server.command("iperf3").args(["-s", "-B", SERVER]))?;
+    let _echo = bed
+        .cgroup
+        .start(bed.server.command(&bed.xtask.to_string_lossy()).args([
+            "loadgen",
+            "serve",
+            "--listen",
+            &format!("{SERVER}:{ECHO_PORT}"),
+        ]))?;
     thread::sleep(Duration::from_millis(500));
 
     let mut report = Report {
@@ -92,13 +162,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         seconds,
         ..Report::default()
     };
-    // Throughput with bpf_stats off: the stats' own clock reads would be charged to the agent.
     let stats_before = fs::read_to_string(BPF_STATS).unwrap_or_default();
-    set_bpf_stats("0")?;
-    let measured = measure(&bin, &cgroup, &client, &mut report);
-    let _ = set_bpf_stats(stats_before.trim());
+    let measured = measure(&bed, &mut report, &open_flows);
+    let _ = fs::write(BPF_STATS, stats_before.trim());
     measured?;
 
+    report.complete()?;
     let dir = workspace_root().join("target/bench");
     fs::create_dir_all(&dir)?;
     let markdown = report.markdown();
@@ -112,45 +181,123 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(bin: &Path, cgroup: &Cgroup, client: &Netns, report: &mut Report) -> anyhow::Result<()> {
+fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Result<()> {
     let (rounds, seconds) = (report.rounds, report.seconds);
+    // Throughput with bpf_stats off: the stats' own clock reads would be charged to the agent.
+    fs::write(BPF_STATS, "0").context("setting kernel.bpf_stats_enabled")?;
     for round in 0..rounds {
-        for config in [Config::NoAgent, Config::Agent] {
-            println!("==> round {}/{rounds}: {} ...", round + 1, config.name());
-            let agent = match config {
-                Config::Agent => Some(start_agent(bin, cgroup)?),
+        for config in Config::ALL {
+            println!("==> round {}/{rounds}: {}", round + 1, config.name());
+            let mut running: Option<Child> = match config {
                 Config::NoAgent => None,
+                Config::Agent => Some(start_agent(bed, &[])?),
+                Config::Tcpdump => Some(start_tcpdump(bed)?),
             };
-            let cpu_before = agent.as_ref().map(|a| cpu_seconds(a.id())).transpose()?;
-            let gbps = iperf(client, seconds)?;
-            report.throughput.entry(config).or_default().push(gbps);
-            if let (Some(mut agent), Some(before)) = (agent, cpu_before) {
-                let used = cpu_seconds(agent.id())? - before;
-                report.agent_cpu.push(used / f64::from(seconds) * 100.0);
-                stop(&mut agent)?;
+            let cpu_before = running.as_ref().map(|c| cpu_seconds(c.id())).transpose()?;
+            for load in Load::ALL {
+                let value = run_load(bed, load, seconds)?;
+                println!("    {}: {value:.2}", load.name());
+                report
+                    .results
+                    .entry((load, config))
+                    .or_default()
+                    .push(value);
             }
-            println!("    {gbps:.2} Gbit/s");
+            if let (Some(child), Some(before)) = (running.as_mut(), cpu_before) {
+                let used = cpu_seconds(child.id())? - before;
+                report
+                    .cpu
+                    .entry(config)
+                    .or_default()
+                    .push(used / (3.0 * f64::from(seconds)) * 100.0);
+            }
+            if let Some(mut child) = running {
+                stop(&mut child)?;
+            }
         }
     }
 
-    println!("==> per-program cost (kernel.bpf_stats_enabled=1) ...");
-    set_bpf_stats("1")?;
+    println!("==> per-program cost (kernel.bpf_stats_enabled=1)");
+    fs::write(BPF_STATS, "1")?;
     let started = SystemTime::now() - Duration::from_secs(1);
-    let mut agent = start_agent(bin, cgroup)?;
-    let result = iperf(client, seconds).and_then(|_| program_costs(started));
+    let mut agent = start_agent(bed, &[])?;
+    let result = Load::ALL
+        .into_iter()
+        .try_for_each(|load| run_load(bed, load, seconds).map(drop))
+        .and_then(|()| program_costs(started));
     stop(&mut agent)?;
     report.costs = result?;
+    fs::write(BPF_STATS, "0")?;
+
+    println!("==> connection churn: the agent's losses at the highest new-connection rate");
+    let socket = bed.dir.path.join("churn.sock");
+    let mut agent = start_agent(bed, &["--api-socket", &socket.to_string_lossy()])?;
+    let churn = (|| {
+        let out = loadgen(bed, Load::Crr, seconds.max(2) * 2, 4)?;
+        thread::sleep(Duration::from_millis(500));
+        let status: Value = serde_json::from_slice(
+            &run(Command::new(&bed.bin)
+                .args(["status", "-o", "json", "--agent"])
+                .arg(&socket))?
+            .stdout,
+        )?;
+        anyhow::Ok((
+            out["tps"].as_f64().unwrap_or(0.0),
+            status["events_lost"].clone(),
+        ))
+    })();
+    stop(&mut agent)?;
+    report.churn = Some(churn?);
+
+    for &n in open_flows {
+        println!("==> agent memory with {n} open flows");
+        report.memory.push((n, memory_with_open_flows(bed, n)?));
+    }
     Ok(())
 }
 
-fn set_bpf_stats(value: &str) -> anyhow::Result<()> {
-    fs::write(BPF_STATS, value).context("setting kernel.bpf_stats_enabled")
+fn loadgen(bed: &Bed, load: Load, seconds: u32, connections: usize) -> anyhow::Result<Value> {
+    let mode = if load == Load::Rr { "rr" } else { "crr" };
+    let out = run(bed
+        .client
+        .command(&bed.xtask.to_string_lossy())
+        .args([
+            "loadgen",
+            "run",
+            "--mode",
+            mode,
+            "--target",
+            &format!("{SERVER}:{ECHO_PORT}"),
+        ])
+        .args([
+            "--seconds",
+            &seconds.to_string(),
+            "--connections",
+            &connections.to_string(),
+        ]))?;
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn start_agent(bin: &Path, cgroup: &Cgroup) -> anyhow::Result<Child> {
-    let mut child = cgroup.spawn(Command::new(bin).arg("agent").env("RUST_LOG", "warn"))?;
+fn run_load(bed: &Bed, load: Load, seconds: u32) -> anyhow::Result<f64> {
+    match load {
+        Load::Stream => iperf(&bed.client, seconds),
+        Load::Rr | Load::Crr => Ok(loadgen(bed, load, seconds, 2)?["tps"]
+            .as_f64()
+            .unwrap_or(0.0)),
+    }
+}
+
+fn start_agent(bed: &Bed, extra: &[&str]) -> anyhow::Result<Child> {
+    let started = SystemTime::now() - Duration::from_secs(1);
+    let mut cmd = Command::new(&bed.bin);
+    cmd.args(["agent", "--metrics-addr", "off"])
+        .env("RUST_LOG", "warn");
+    if !extra.contains(&"--api-socket") {
+        cmd.args(["--api-socket", "off"]);
+    }
+    let mut child = bed.cgroup.spawn(cmd.args(extra))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while program_costs(SystemTime::now() - Duration::from_secs(10))?.len() < 4 {
+    while program_costs(started)?.len() < 4 {
         if Instant::now() > deadline || child.try_wait()?.is_some() {
             bail!("the agent did not attach");
         }
@@ -159,10 +306,30 @@ fn start_agent(bin: &Path, cgroup: &Cgroup) -> anyhow::Result<Child> {
     Ok(child)
 }
 
-fn stop(agent: &mut Child) -> anyhow::Result<()> {
+fn start_tcpdump(bed: &Bed) -> anyhow::Result<Child> {
+    let pcap = bed.dir.path.join("bench.pcap");
+    let mut child = bed.cgroup.spawn(
+        bed.client
+            .command("tcpdump")
+            .args(["-i", "mgb-c-v", "-s", "0", "-n", "-w"])
+            .arg(&pcap),
+    )?;
+    let stderr = child.stderr.take().context("tcpdump stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    while let Some(line) = lines.next().transpose()? {
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    // Keep draining its stderr so that it never blocks on a full pipe.
+    thread::spawn(move || lines.for_each(drop));
+    Ok(child)
+}
+
+fn stop(child: &mut Child) -> anyhow::Result<()> {
     // SAFETY: signalling a child we started and have not reaped.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    agent.wait()?;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait()?;
     Ok(())
 }
 
@@ -195,6 +362,60 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
+/// A process's resident memory now and at its peak, in MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0))
+}
+
+/// The agent's memory once `n` connections are open (and tracked) between the namespaces.
+fn memory_with_open_flows(bed: &Bed, n: usize) -> anyhow::Result<Value> {
+    let mut agent = start_agent(bed, &[])?;
+    let listen: Vec<String> = HOLD_PORTS.iter().map(|p| format!("{SERVER}:{p}")).collect();
+    let mut server = bed
+        .cgroup
+        .spawn(bed.server.command(&bed.xtask.to_string_lossy()).args([
+            "loadgen",
+            "hold-serve",
+            "--listen",
+            &listen.join(","),
+        ]))?;
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut holder = bed
+        .cgroup
+        .spawn(bed.client.command(&bed.xtask.to_string_lossy()).args([
+            "loadgen",
+            "hold",
+            "--targets",
+            &listen.join(","),
+            "--connections",
+            &n.to_string(),
+        ]))?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+    let opened: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("opening {n} connections: {line:?}"))?;
+    let open_secs = started.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_secs(2));
+    let (rss, peak) = rss_mib(agent.id())?;
+    for child in [&mut holder, &mut server] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    stop(&mut agent)?;
+    Ok(
+        json!({ "open": opened["open"], "rss_mib": rss, "peak_rss_mib": peak, "seconds_to_open": open_secs }),
+    )
+}
+
 /// One iperf3 stream test; returns the receiver's Gbit/s.
 fn iperf(client: &Netns, seconds: u32) -> anyhow::Result<f64> {
     let out = client
@@ -213,9 +434,12 @@ fn iperf(client: &Netns, seconds: u32) -> anyhow::Result<f64> {
 struct Report {
     rounds: usize,
     seconds: u32,
-    throughput: BTreeMap<Config, Vec<f64>>,
+    results: BTreeMap<(Load, Config), Vec<f64>>,
+    cpu: BTreeMap<Config, Vec<f64>>,
     costs: BTreeMap<String, ProgramCost>,
-    agent_cpu: Vec<f64>,
+    /// New connections per second reached, and the agent's losses by source.
+    churn: Option<(f64, Value)>,
+    memory: Vec<(usize, Value)>,
 }
 
 /// Median, min and max.
@@ -236,8 +460,52 @@ fn summary(values: &[f64]) -> (f64, f64, f64) {
 }
 
 impl Report {
-    fn median(&self, config: Config) -> f64 {
-        summary(self.throughput.get(&config).map_or(&[][..], Vec::as_slice)).0
+    /// Fails unless every figure the report promises was produced.
+    fn complete(&self) -> anyhow::Result<()> {
+        let mut missing = Vec::new();
+        for load in Load::ALL {
+            for config in Config::ALL {
+                if !self.median(load, config).is_finite() || self.median(load, config) <= 0.0 {
+                    missing.push(format!("{} with {}", load.name(), config.name()));
+                }
+            }
+        }
+        for program in [
+            "flow_egress",
+            "flow_ingress",
+            "flow_lifecycle",
+            "flow_release",
+            "flow_sender",
+        ] {
+            if self.costs.get(program).is_none_or(|c| c.runs == 0) {
+                missing.push(format!("the cost of {program}"));
+            }
+        }
+        if self.churn.is_none() {
+            missing.push("connection churn".into());
+        }
+        if self.memory.is_empty()
+            || self
+                .memory
+                .iter()
+                .any(|(_, m)| m["rss_mib"].as_f64().unwrap_or(0.0) <= 0.0)
+        {
+            missing.push("memory with open flows".into());
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            bail!("the bench did not produce: {}", missing.join("; "))
+        }
+    }
+
+    fn median(&self, load: Load, config: Config) -> f64 {
+        summary(
+            self.results
+                .get(&(load, config))
+                .map_or(&[][..], Vec::as_slice),
+        )
+        .0
     }
 
     fn markdown(&self) -> String {
@@ -245,22 +513,33 @@ impl Report {
         let _ = writeln!(md, "# meshguard overhead\n");
         let _ = writeln!(
             md,
-            "`cargo xtask bench --rounds {r} --seconds {s}`: iperf3 stream between two network \
-             namespaces over veth, configurations alternated A B A B; median (min to max) of {r} \
-             runs each.\n",
+            "`cargo xtask bench --rounds {r} --seconds {s}`: two network namespaces joined by veth; each round runs every configuration in turn; median (min to max) of {r} runs.\n",
             r = self.rounds,
             s = self.seconds
         );
         let _ = writeln!(
             md,
-            "| configuration | stream Gbit/s | ratio to no agent |\n|---|---|---|"
+            "| load | configuration | median (min to max) | ratio to no agent |\n|---|---|---|---|"
         );
-        for (config, values) in &self.throughput {
+        for ((load, config), values) in &self.results {
             let (median, min, max) = summary(values);
-            let ratio = median / self.median(Config::NoAgent);
+            let ratio = median / self.median(*load, Config::NoAgent);
             let _ = writeln!(
                 md,
-                "| {} | {median:.2} ({min:.2} to {max:.2}) | {ratio:.3} |",
+                "| {} | {} | {median:.2} ({min:.2} to {max:.2}) | {ratio:.3} |",
+                load.name(),
+                config.name()
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n| process | CPU, % of one core, during the loads |\n|---|---|"
+        );
+        for (config, values) in &self.cpu {
+            let (median, min, max) = summary(values);
+            let _ = writeln!(
+                md,
+                "| {} | {median:.1} ({min:.1} to {max:.1}) |",
                 config.name()
             );
         }
@@ -276,11 +555,17 @@ impl Report {
                 cost.ns_per_run()
             );
         }
-        let (cpu, min, max) = summary(&self.agent_cpu);
-        let _ = writeln!(
-            md,
-            "\nAgent CPU during the stream: {cpu:.1} % of one core ({min:.1} to {max:.1})."
-        );
+        if let Some((rate, lost)) = &self.churn {
+            let _ = writeln!(md, "\nConnection churn (4 connect/request/close loops): {rate:.0} new connections/s; agent losses: {lost}.");
+        }
+        for (n, m) in &self.memory {
+            let _ = writeln!(
+                md,
+                "\nAgent memory with {n} open flows: {:.1} MiB resident, {:.1} MiB peak.",
+                m["rss_mib"].as_f64().unwrap_or(0.0),
+                m["peak_rss_mib"].as_f64().unwrap_or(0.0)
+            );
+        }
         md
     }
 
@@ -289,28 +574,31 @@ impl Report {
             let (median, min, max) = summary(values);
             json!({"median": median, "min": min, "max": max, "runs": values})
         };
-        let throughput: serde_json::Map<_, _> = self
-            .throughput
+        let loads: serde_json::Map<_, _> = Load::ALL
             .iter()
-            .map(|(c, v)| (c.name().to_string(), stat(v)))
-            .collect();
-        let programs: serde_json::Map<_, _> = self
-            .costs
-            .iter()
-            .map(|(n, c)| {
-                (
-                    n.clone(),
-                    json!({"runs": c.runs, "ns_per_run": c.ns_per_run()}),
-                )
+            .map(|load| {
+                let configs: serde_json::Map<_, _> = Config::ALL
+                    .iter()
+                    .filter_map(|c| {
+                        self.results.get(&(*load, *c)).map(|v| {
+                            let mut s = stat(v);
+                            s["ratio_to_no_agent"] =
+                                json!(self.median(*load, *c) / self.median(*load, Config::NoAgent));
+                            (c.name().to_string(), s)
+                        })
+                    })
+                    .collect();
+                (load.name().to_string(), Value::Object(configs))
             })
             .collect();
         json!({
             "rounds": self.rounds,
             "seconds": self.seconds,
-            "stream_gbps": throughput,
-            "stream_ratio_to_no_agent": self.median(Config::Agent) / self.median(Config::NoAgent),
-            "programs": programs,
-            "agent_cpu_percent": stat(&self.agent_cpu),
+            "loads": loads,
+            "cpu_percent": self.cpu.iter().map(|(c, v)| (c.name().to_string(), stat(v))).collect::<serde_json::Map<_, _>>(),
+            "programs": self.costs.iter().map(|(n, c)| (n.clone(), json!({"runs": c.runs, "ns_per_run": c.ns_per_run()}))).collect::<serde_json::Map<_, _>>(),
+            "churn": self.churn.as_ref().map(|(rate, lost)| json!({"new_connections_per_second": rate, "events_lost": lost})),
+            "memory": self.memory.iter().map(|(n, m)| json!({"open_flows": n, "agent": m})).collect::<Vec<_>>(),
         })
     }
 }

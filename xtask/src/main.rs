@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod loadgen;
 mod setup;
 mod test;
 
@@ -28,6 +29,9 @@ enum Task {
     Setup,
     /// Formatting, lints (userspace and eBPF), unit tests, then the privileged tests.
     Test(test::Args),
+    /// The bench's load generator (runs inside a testbed namespace).
+    #[command(hide = true)]
+    Loadgen(loadgen::Args),
     /// Measure what meshguard costs: throughput with and without the agent, program run times.
     Bench(bench::Args),
     /// Bring up the demo node (real Envoy sidecars), run the agent and every scenario, print
@@ -52,9 +56,10 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::run()?;
             test::run(&args)
         }
+        Task::Loadgen(args) => loadgen::run(&args),
         Task::Bench(args) => {
             setup::run()?;
-            bench::run(&args)
+            bench::bench(&args)
         }
         Task::Demo(args) => {
             if !args.down {

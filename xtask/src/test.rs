@@ -55,6 +55,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     let bin = workspace_root().join("target/debug/meshguard");
     step(
+        "bench smoke run (every figure produced; numbers not judged)",
+        cargo()
+            .args(["xtask", "bench", "--smoke", "--meshguard"])
+            .arg(&bin),
+    )?;
+    step(
         "privileged tests (root: network namespaces, cgroups, eBPF)",
         cargo()
             .args([
