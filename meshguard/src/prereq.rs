@@ -67,6 +67,7 @@ pub fn check(cgroup_root: Option<&Path>) -> Result<Node, PrereqError> {
         Some(root) => return Err(PrereqError::NotCgroup2(root.display().to_string())),
         None => find_mount(&mountinfo, "cgroup2").ok_or(PrereqError::NoCgroup2)?,
     };
+    raise_memlock();
     let btf = Path::new(BTF_PATH).exists();
     if !btf {
         warn!(
@@ -80,6 +81,19 @@ pub fn check(cgroup_root: Option<&Path>) -> Result<Node, PrereqError> {
         bpffs: ensure_mounted("bpf", BPFFS_PATH, BPF_FS_MAGIC),
         tracefs: ensure_mounted("tracefs", TRACEFS_PATH, TRACEFS_MAGIC),
     })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, not the memory cgroup; lift it where
+/// allowed (later kernels ignore it).
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("RLIMIT_MEMLOCK not raised (fine on kernels from 5.11)");
+    }
 }
 
 fn read(path: &'static str) -> Result<String, PrereqError> {

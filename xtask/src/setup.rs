@@ -117,6 +117,22 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
 
+    if quiet(Command::new("python3").args(["-c", "import kubernetes_validate, yaml, jsonschema"])) {
+        println!("ok  kubernetes-validate (manifest checks)");
+    } else {
+        step(
+            "pip install kubernetes-validate (the deploy/ manifest checks)",
+            Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "kubernetes-validate",
+            ]),
+        )?;
+    }
+
     if quiet(Command::new(ENVOY_BIN).arg("--version")) {
         println!("ok  envoy (testbed sidecar)");
     } else {

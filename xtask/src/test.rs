@@ -35,6 +35,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     step("clippy (eBPF, warnings denied)", &mut ebpf_clippy())?;
     step(
+        "deploy/ manifests, alert rules and their unit tests, dashboard",
+        Command::new("sh").arg(workspace_root().join("deploy/check.sh")),
+    )?;
+    step(
         "unit tests",
         cargo().args(["test", "--workspace", "--exclude", "meshguard-tests"]),
     )?;
