@@ -38,6 +38,22 @@ pub fn header(kind: EventKind, cookie: u64) -> EventHeader {
     }
 }
 
+/// Don't wake the agent for every event: it drains the ring buffer on a short timer anyway.
+/// Wake it only once a backlog builds up, so that a burst is read before the buffer fills.
+const WAKEUP_BACKLOG: u64 = 256 * 1024;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BACKLOG {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 /// Publishes a snapshot of a flow; a full ring buffer is counted, never silent. Written field by
 /// field into the reservation: a whole `FlowEvent` on the stack would not fit beside the
 /// callers' frames (BPF has 512 bytes of stack in all).
@@ -51,7 +67,7 @@ pub fn emit(kind: EventKind, cookie: u64, flow: &FlowState) {
                 addr_of_mut!((*event).header).write(header(kind, cookie));
                 addr_of_mut!((*event).flow).write(*flow);
             }
-            entry.submit(0);
+            entry.submit(wakeup_flags());
         }
         None => count(Stat::RingbufFull),
     }

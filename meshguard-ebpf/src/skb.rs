@@ -19,7 +19,7 @@ use meshguard_ebpf::{
 };
 
 use crate::{
-    flow::{add, cookie_of, emit, header, normalize_mapped},
+    flow::{add, cookie_of, emit, header, normalize_mapped, wakeup_flags},
     maps::{count, EVENTS, FLOWS},
 };
 
@@ -369,6 +369,6 @@ fn sample(
         count(Stat::PacketUnreadable);
         return false;
     }
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     true
 }

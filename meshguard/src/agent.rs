@@ -72,6 +72,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
         None => Policy::default(),
     };
+    // Say what the node lacks before touching anything.
+    let node = prereq::check(options.cgroup_root.as_deref())?;
     let inventory = start_inventory(&options).await?;
     let state = Arc::new(AgentState::new(
         Metrics::new(options.max_series),
@@ -87,7 +89,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     ));
     serve(&options, &state).await?;
 
-    let node = prereq::check(options.cgroup_root.as_deref())?;
     let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
     let metrics = &state.metrics;
     metrics.programs_attached.set(kernel.attached.len() as i64);
@@ -119,34 +120,18 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut losses = Losses::default();
     info!(node = %options.node_name, "watching flows");
 
+    // The kernel wakes the agent only when a backlog builds up; otherwise it drains on this tick.
+    let mut drain = interval(DRAIN_EVERY);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("polling the ring buffer")?;
-                let ring = guard.get_inner_mut();
-                let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
-                while let Some(item) = ring.next() {
-                    let event = match decode(&item) {
-                        Ok(event) => event,
-                        Err(e) => {
-                            losses.undecodable += 1;
-                            metrics.events_lost.with_label_values(&["undecodable"]).inc();
-                            if losses.undecodable == 1 {
-                                warn!(%e, "undecodable kernel event (counted; further ones are not logged)");
-                            }
-                            continue;
-                        }
-                    };
-                    let Some((flow, change)) = table.apply(&event) else { continue };
-                    let record = flow.record(&options.node_name, change, &pods, &policy);
-                    if options.log_flows {
-                        serde_json::to_writer(&mut stdout, &record)?;
-                        stdout.write_all(b"\n")?;
-                    }
-                    state.publish(record);
-                }
+                drain_events(guard.get_inner_mut(), &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
                 guard.clear_ready();
-                stdout.flush()?;
+            }
+            _ = drain.tick() => {
+                drain_events(events.get_mut(), &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
             }
             _ = health_tick.tick() => {
                 ticks += 1;
@@ -186,6 +171,60 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     drop(kernel);
     info!(tracked = table.stats().tracked, "detached");
+    Ok(())
+}
+
+/// How often the agent reads the ring buffer when the kernel has not woken it: the longest a
+/// flow waits before it is judged, and what `flows -f` adds to its latency.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// Reads every event waiting in the ring buffer and publishes what they change.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the loop's state, borrowed for one batch"
+)]
+fn drain_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    table: &mut FlowTable,
+    state: &AgentState,
+    inventory: &Shared,
+    policy: &Policy,
+    options: &Options,
+    stdout: &mut impl Write,
+    losses: &mut Losses,
+) -> anyhow::Result<()> {
+    let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
+    let mut any = false;
+    while let Some(item) = ring.next() {
+        any = true;
+        let event = match decode(&item) {
+            Ok(event) => event,
+            Err(e) => {
+                losses.undecodable += 1;
+                state
+                    .metrics
+                    .events_lost
+                    .with_label_values(&["undecodable"])
+                    .inc();
+                if losses.undecodable == 1 {
+                    warn!(%e, "undecodable kernel event (counted; further ones are not logged)");
+                }
+                continue;
+            }
+        };
+        let Some((flow, change)) = table.apply(&event) else {
+            continue;
+        };
+        let record = flow.record(&options.node_name, change, &pods, policy);
+        if options.log_flows {
+            serde_json::to_writer(&mut *stdout, &record)?;
+            stdout.write_all(b"\n")?;
+        }
+        state.publish(record);
+    }
+    if any {
+        stdout.flush()?;
+    }
     Ok(())
 }
 
