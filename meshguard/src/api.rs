@@ -30,9 +30,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The filter a query string asks for, or why it is a bad request.
 fn filter(query: Option<String>) -> Result<Filter, String> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| format!("malformed query string: {e}"))?;
-    Filter::from_params(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    Filter::from_query(query.as_deref().unwrap_or(""))
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {

@@ -152,6 +152,13 @@ pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
 }
 
 impl Filter {
+    /// From a URL query string, as the API receives it.
+    pub fn from_query(query: &str) -> Result<Self, String> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+            .map_err(|e| format!("malformed query string: {e}"))?;
+        Filter::from_params(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
     /// From URL query parameters (`verdict=a,b&namespace=x&since=10m&limit=50`).
     pub fn from_params<'a>(
         params: impl IntoIterator<Item = (&'a str, &'a str)>,

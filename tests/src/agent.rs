@@ -60,11 +60,16 @@ impl Agent {
         if !extra_args.contains(&"--api-socket") {
             cmd.arg("--api-socket").arg(&socket);
         }
-        let mut child = cgroup.spawn(
-            cmd.args(extra_args)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1"),
-        )?;
+        cmd.args(extra_args);
+        let mut agent = Self::start_command(cgroup, cmd)?;
+        agent.socket = socket;
+        Ok(agent)
+    }
+
+    /// Starts an agent from a command of the caller's (a wrapper such as setpriv, say).
+    pub fn start_command(cgroup: &Cgroup, mut cmd: Command) -> anyhow::Result<Self> {
+        let socket = PathBuf::new();
+        let mut child = cgroup.spawn(cmd.env("RUST_LOG", "info").env("NO_COLOR", "1"))?;
         let records = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().context("agent stdout")?;
@@ -102,6 +107,10 @@ impl Agent {
             );
         }
         Ok(agent)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Where the agent serves `/metrics`, from its log.

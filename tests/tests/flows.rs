@@ -478,3 +478,54 @@ fn the_agent_names_missing_capabilities() {
         "{stderr}"
     );
 }
+
+/// The DaemonSet grants only CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: the agent must do its whole
+/// job with exactly those.
+#[test]
+fn runs_with_only_bpf_perfmon_and_net_admin() {
+    if !privileged() {
+        return;
+    }
+    let pair = Pair::new("caps", 18);
+    let bin = meshguard_tests::meshguard_bin().unwrap();
+    let socket = pair.dir.path.join("agent.sock");
+    // As root, a process gets every capability of its bounding set: shrink the set to the three.
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--bounding-set",
+        "-all,+bpf,+perfmon,+net_admin",
+        "--inh-caps",
+        "-all",
+    ])
+    .arg(&bin)
+    .args([
+        "agent",
+        "--log-flows",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--api-socket",
+    ])
+    .arg(&socket);
+    let agent = Agent::start_command(&pair.cgroup, cmd).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39).
+    assert_eq!(
+        u64::from_str_radix(&cap_eff, 16).unwrap(),
+        (1 << 12) | (1 << 38) | (1 << 39),
+        "CapEff {cap_eff}"
+    );
+    let _server = http_server(&pair, &pair.server, &pair.v4[1], 8080);
+    let (sent, received) = curl(
+        &pair,
+        &pair.client,
+        &[&format!("http://{}:8080/", pair.v4[1])],
+    );
+    assert_plain_http(&agent, &pair.v4[0], &pair.v4[1], 8080, sent, received);
+    assert!(!agent.log().contains("degraded"), "{}", agent.log());
+}

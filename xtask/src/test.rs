@@ -15,7 +15,7 @@ pub struct Args {
 }
 
 /// The fuzz targets in `meshguard/fuzz`, each with its seed corpus.
-const FUZZ_TARGETS: [&str; 3] = ["fingerprint", "event_decode", "pod_list"];
+const FUZZ_TARGETS: [&str; 4] = ["fingerprint", "event_decode", "pod_list", "api_query"];
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     step(
