@@ -170,6 +170,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     drop(kernel);
+    if let Some(path) = &options.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
     info!(tracked = table.stats().tracked, "detached");
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::{
 
 use meshguard_ebpf::Stat;
 use prometheus::{
-    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::{
@@ -34,6 +34,57 @@ const OVERFLOW: &str = "_overflow";
 /// Label values of one flow series, in `FLOW_LABELS` order.
 type Series = [String; 7];
 
+/// One flow series and its counters, kept so that counting a record allocates nothing.
+struct Tracked {
+    series: Series,
+    /// When a record last counted here.
+    seen: Instant,
+    flows: IntCounter,
+    bytes: IntCounter,
+}
+
+/// The series in use, by a hash of their labels (a bucket holds the rare collisions).
+#[derive(Default)]
+struct Book {
+    buckets: HashMap<u64, Vec<Tracked>>,
+    len: usize,
+}
+
+fn hash(labels: &[&str; 7]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    labels.hash(&mut h);
+    h.finish()
+}
+
+/// A record's label values, borrowed: source and destination by the flow's direction.
+fn end_labels(e: &crate::flow::Endpoint) -> (&str, &str) {
+    match (&e.namespace, &e.workload) {
+        (Some(ns), Some(w)) => (ns.as_str(), w.as_str()),
+        _ if e.node => ("", "node"),
+        _ => ("", "unknown"),
+    }
+}
+
+fn labels_of(record: &FlowRecord) -> [&str; 7] {
+    let end = end_labels;
+    let (local, remote) = (end(&record.local), end(&record.remote));
+    let (src, dst) = if record.direction == "egress" {
+        (local, remote)
+    } else {
+        (remote, local)
+    };
+    [
+        record.verdict.as_str(),
+        record.reason,
+        record.direction,
+        src.0,
+        src.1,
+        dst.0,
+        dst.1,
+    ]
+}
+
 pub struct Metrics {
     registry: Registry,
     flows: IntCounterVec,
@@ -45,8 +96,7 @@ pub struct Metrics {
     pub programs_attached: IntGauge,
     pub degraded: IntGauge,
     pub inventory_age: Gauge,
-    /// When each flow series was last incremented.
-    series: Mutex<HashMap<Series, Instant>>,
+    series: Mutex<Book>,
     max_series: usize,
 }
 
@@ -154,7 +204,7 @@ impl Metrics {
             programs_attached,
             degraded,
             inventory_age,
-            series: Mutex::new(HashMap::new()),
+            series: Mutex::new(Book::default()),
             max_series: max_series.max(1),
         }
     }
@@ -170,49 +220,53 @@ impl Metrics {
         if !count_flow && !closed {
             return;
         }
-        let series = self.series_for(record);
-        let labels: Vec<&str> = series.iter().map(String::as_str).collect();
+        let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let tracked = self.tracked(&mut book, labels_of(record));
+        tracked.seen = Instant::now();
         if count_flow {
-            self.flows.with_label_values(&labels).inc();
+            tracked.flows.inc();
         }
         if closed {
-            self.bytes
-                .with_label_values(&labels)
+            tracked
+                .bytes
                 .inc_by(record.bytes_sent + record.bytes_received);
         }
     }
 
-    fn series_for(&self, record: &FlowRecord) -> Series {
-        let end = |e: &crate::flow::Endpoint| -> (String, String) {
-            match (&e.namespace, &e.workload) {
-                (Some(ns), Some(w)) => (ns.clone(), w.clone()),
-                _ if e.node => (String::new(), "node".into()),
-                _ => (String::new(), "unknown".into()),
-            }
+    /// The series for these labels: found without allocating (the per-record path), made on
+    /// first sight, or the overflow series once the cap is reached.
+    fn tracked<'b>(&self, book: &'b mut Book, labels: [&str; 7]) -> &'b mut Tracked {
+        let mut labels = labels;
+        let mut key = hash(&labels);
+        let known = |book: &Book, key: u64, labels: &[&str; 7]| {
+            book.buckets.get(&key).and_then(|b| {
+                b.iter()
+                    .position(|t| t.series.iter().zip(labels).all(|(a, b)| a == b))
+            })
         };
-        let (local, remote) = (end(&record.local), end(&record.remote));
-        let (src, dst) = if record.direction == "egress" {
-            (local, remote)
-        } else {
-            (remote, local)
-        };
-        let mut series: Series = [
-            record.verdict.as_str().to_string(),
-            record.reason.to_string(),
-            record.direction.to_string(),
-            src.0,
-            src.1,
-            dst.0,
-            dst.1,
-        ];
-        let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        if !book.contains_key(&series) && book.len() >= self.max_series {
-            for v in &mut series[3..] {
-                *v = OVERFLOW.to_string();
+        let mut found = known(book, key, &labels);
+        if found.is_none() && book.len >= self.max_series {
+            for v in &mut labels[3..] {
+                *v = OVERFLOW;
             }
+            key = hash(&labels);
+            found = known(book, key, &labels);
         }
-        book.insert(series.clone(), Instant::now());
-        series
+        let bucket = book.buckets.entry(key).or_default();
+        let i = match found {
+            Some(i) => i,
+            None => {
+                bucket.push(Tracked {
+                    series: labels.map(str::to_string),
+                    seen: Instant::now(),
+                    flows: self.flows.with_label_values(&labels),
+                    bytes: self.bytes.with_label_values(&labels),
+                });
+                book.len += 1;
+                bucket.len() - 1
+            }
+        };
+        &mut bucket[i]
     }
 
     /// Drops the series of workloads no longer in the inventory and not seen for `grace`.
@@ -220,20 +274,23 @@ impl Metrics {
         let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let gone =
             |ns: &str, w: &str| !ns.is_empty() && ns != OVERFLOW && !inventory.has_workload(ns, w);
-        let stale: Vec<Series> = book
-            .iter()
-            .filter(|(s, seen)| {
-                seen.elapsed() > grace && (gone(&s[3], &s[4]) || gone(&s[5], &s[6]))
-            })
-            .map(|(s, _)| s.clone())
-            .collect();
-        for s in &stale {
-            let labels: Vec<&str> = s.iter().map(String::as_str).collect();
-            let _ = self.flows.remove_label_values(&labels);
-            let _ = self.bytes.remove_label_values(&labels);
-            book.remove(s);
+        let mut dropped = 0;
+        for bucket in book.buckets.values_mut() {
+            bucket.retain(|t| {
+                let s = &t.series;
+                let stale = t.seen.elapsed() > grace && (gone(&s[3], &s[4]) || gone(&s[5], &s[6]));
+                if stale {
+                    let labels: Vec<&str> = s.iter().map(String::as_str).collect();
+                    let _ = self.flows.remove_label_values(&labels);
+                    let _ = self.bytes.remove_label_values(&labels);
+                    dropped += 1;
+                }
+                !stale
+            });
         }
-        stale.len()
+        book.buckets.retain(|_, b| !b.is_empty());
+        book.len -= dropped;
+        dropped
     }
 
     /// The text exposition format.
