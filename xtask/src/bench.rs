@@ -118,12 +118,18 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     } else {
         args.open_flows.clone()
     };
-    step(
-        "build meshguard (release)",
-        cargo().args(["build", "--release", "-p", "meshguard"]),
-    )?;
+    let bin = match &args.meshguard {
+        Some(bin) => bin.clone(),
+        None => {
+            step(
+                "build meshguard (release)",
+                cargo().args(["build", "--release", "-p", "meshguard"]),
+            )?;
+            workspace_root().join("target/release/meshguard")
+        }
+    };
     let bed = Bed {
-        bin: workspace_root().join("target/release/meshguard"),
+        bin,
         xtask: std::env::current_exe()?,
         cgroup: Cgroup::new("bench")?,
         client: Netns::new("mgb-c")?,
