@@ -16,10 +16,7 @@ use axum::{
 };
 use futures_util::StreamExt as _;
 use serde_json::json;
-use tokio::{
-    net::{TcpListener, UnixListener},
-    sync::broadcast::error::RecvError,
-};
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{flow::FlowRecord, state::AgentState, store::Filter};
@@ -76,7 +73,6 @@ async fn stream(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery)
         };
         std::future::ready(line.map(|l| Ok::<_, std::convert::Infallible>(l + "\n")))
     });
-    let _ = RecvError::Closed;
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(lines))

@@ -308,7 +308,7 @@ mod tests {
         event::decode,
         event::tests::{flow_event, sample_event},
         flow::FlowTable,
-        inventory::{pod::PodInfo, Inventory},
+        inventory::Inventory,
         verdict::Policy,
     };
     use meshguard_ebpf::{flags, EventKind, FlowState, FlowTuple, DIRECTION_EGRESS};
@@ -415,6 +415,5 @@ mod tests {
             1
         );
         assert!(!m.encode().contains("meshguard_flows_total{"));
-        let _ = PodInfo::parse;
     }
 }

@@ -393,7 +393,6 @@ fn teardown_leaves_nothing_behind_even_after_a_crash() {
     }
     // And tearing down what is not there is fine.
     Node::down("mgcrash").unwrap();
-    let _ = Party::Node;
 }
 
 /// Writes the fuzz seed corpora from real traffic on the testbed: the first payload bytes of
