@@ -43,6 +43,11 @@ pub fn privileged() -> bool {
 /// Runs a command to completion; fails with its stderr.
 pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    succeeded(cmd, out)
+}
+
+/// `out` if `cmd` exited successfully, else an error with its stderr.
+pub fn succeeded(cmd: &Command, out: Output) -> anyhow::Result<Output> {
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}",

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 
 use crate::run;
 
@@ -196,14 +196,7 @@ impl Cgroup {
     /// Runs `cmd` inside this cgroup to completion; fails with its stderr.
     pub fn run(&self, cmd: &mut Command) -> anyhow::Result<Output> {
         let out = self.spawn(cmd)?.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{cmd:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(out)
+        crate::succeeded(cmd, out)
     }
 }
 

