@@ -54,11 +54,12 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
-/// Publishes a snapshot of a flow; a full ring buffer is counted, never silent. Written field by
+/// Publishes a snapshot of a flow; a full ring buffer is counted, never silent, and reported to
+/// the caller, which keeps what the agent must still see in the flow map. Written field by
 /// field into the reservation: a whole `FlowEvent` on the stack would not fit beside the
 /// callers' frames (BPF has 512 bytes of stack in all).
 #[inline(always)]
-pub fn emit(kind: EventKind, cookie: u64, flow: &FlowState) {
+pub fn emit(kind: EventKind, cookie: u64, flow: &FlowState) -> bool {
     match EVENTS.reserve::<FlowEvent>(0) {
         Some(mut entry) => {
             let event = entry.as_mut_ptr();
@@ -68,8 +69,24 @@ pub fn emit(kind: EventKind, cookie: u64, flow: &FlowState) {
                 addr_of_mut!((*event).flow).write(*flow);
             }
             entry.submit(wakeup_flags());
+            true
         }
-        None => count(Stat::RingbufFull),
+        None => {
+            count(Stat::RingbufFull);
+            false
+        }
+    }
+}
+
+/// Ends a flow: publishes its final state and forgets it, or, when the ring buffer is full,
+/// marks it closed and leaves it for the agent's reconciliation.
+#[inline(always)]
+pub fn close(cookie: u64, state: &mut FlowState) {
+    if emit(EventKind::Close, cookie, state) {
+        let _ = crate::maps::FLOWS.remove(cookie);
+    } else {
+        // SAFETY: no preconditions.
+        state.closed_ns = unsafe { bpf_ktime_get_ns() };
     }
 }
 

@@ -7,11 +7,15 @@
 #![no_std]
 
 /// Version of the event and map layouts below.
-pub const LAYOUT_VERSION: u16 = 1;
+pub const LAYOUT_VERSION: u16 = 2;
 
 /// Payload bytes copied once per flow direction: enough for a TLS ClientHello with SNI and ALPN,
 /// even one carrying a post-quantum key share before its ALPN extension.
 pub const SAMPLE_LEN: usize = 1024;
+
+/// Payload bytes kept in the flow map per direction ([`FlowState::head`]): enough to tell TLS
+/// from plaintext, and an HTTP method and path, when the `Sample` event was lost.
+pub const HEAD_LEN: usize = 32;
 
 /// Length of a task's `comm`, as the kernel stores it.
 pub const COMM_LEN: usize = 16;
@@ -79,6 +83,9 @@ pub mod flags {
     /// redirected it (into a sidecar, for a meshed pod).
     pub const REDIRECTED: u32 = 1 << 5;
     pub const UID: u32 = 1 << 6;
+    /// A `Close` for a TCP socket whose entry was gone from the flow map (evicted): only its
+    /// tuple is known.
+    pub const EVICTED: u32 = 1 << 7;
 }
 
 /// Indices of the per-CPU `STATS` array. Every loss the kernel side can see is counted here.
@@ -162,8 +169,17 @@ pub struct FlowState {
     pub redirect: Redirect,
     /// Thread group id of the first sender (valid once `flags::PROCESS` is set).
     pub pid: u32,
-    pub _pad: u32,
+    /// Valid bytes of `head`: egress, ingress.
+    pub head_len: [u8; 2],
+    pub _pad: u16,
     pub comm: [u8; COMM_LEN],
+    /// When the socket closed, if its `Close` event could not be published (0 otherwise). Such
+    /// an entry stays in the map until the agent reconciles it: the map is the source of truth,
+    /// the ring buffer only the fast path.
+    pub closed_ns: u64,
+    /// The first payload bytes of each direction (egress, ingress): what the agent fingerprints
+    /// when the `Sample` event was lost.
+    pub head: [[u8; HEAD_LEN]; 2],
 }
 
 /// First bytes of every ring-buffer event.
@@ -208,11 +224,12 @@ const _: () = {
     assert!(size_of::<Redirect>() == 24);
     assert!(offset_of!(FlowState, counters) == 48);
     assert!(offset_of!(FlowState, comm) == 128);
-    assert!(size_of::<FlowState>() == 144);
+    assert!(offset_of!(FlowState, head) == 152);
+    assert!(size_of::<FlowState>() == 216);
     assert!(size_of::<EventHeader>() == 24);
-    assert!(size_of::<FlowEvent>() == 168);
-    assert!(offset_of!(SampleEvent, data) == 176);
-    assert!(size_of::<SampleEvent>() == 176 + SAMPLE_LEN);
+    assert!(size_of::<FlowEvent>() == 240);
+    assert!(offset_of!(SampleEvent, data) == 248);
+    assert!(size_of::<SampleEvent>() == 248 + SAMPLE_LEN);
 };
 
 #[cfg(feature = "user")]

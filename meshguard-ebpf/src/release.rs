@@ -2,23 +2,22 @@
 //! connections that predate the agent).
 
 use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
-use meshguard_ebpf::{flags, EventKind};
+use meshguard_ebpf::flags;
 
 use crate::{
-    flow::{cookie_of, emit},
+    flow::{close, cookie_of},
     maps::FLOWS,
 };
 
 #[cgroup_sock(sock_release)]
 pub fn flow_release(ctx: SockContext) -> i32 {
     let cookie = cookie_of(ctx.sock.cast());
-    if let Some(state) = FLOWS.get_ptr(cookie) {
+    if let Some(state) = FLOWS.get_ptr_mut(cookie) {
         // SAFETY: a live map value, read before the entry is removed.
-        let state = unsafe { &*state };
+        let state = unsafe { &mut *state };
         // A followed TCP socket may still be closing: its STATE_CB close has the final counts.
-        if state.flags & flags::LIFECYCLE == 0 {
-            emit(EventKind::Close, cookie, state);
-            let _ = FLOWS.remove(cookie);
+        if state.flags & flags::LIFECYCLE == 0 && state.closed_ns == 0 {
+            close(cookie, state);
         }
     }
     1

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use meshguard_ebpf::{
     flags, EventKind, FlowState, FlowTuple, Redirect, SampleEvent, Stat, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, SAMPLE_LEN,
+    DIRECTION_INGRESS, HEAD_LEN, SAMPLE_LEN,
 };
 
 use crate::{
@@ -163,11 +163,44 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     } else {
         flags::SAMPLED_INGRESS
     };
-    if packet.payload_len > 0
-        && state.flags & sampled == 0
-        && sample(ctx, cookie, direction, state, &packet)
-    {
-        state.flags |= sampled;
+    if packet.payload_len > 0 && state.flags & sampled == 0 {
+        keep_head(ctx, direction, state, &packet);
+        if sample(ctx, cookie, direction, state, &packet) {
+            state.flags |= sampled;
+        }
+    }
+}
+
+/// Keeps the first payload bytes of a direction in the flow map itself, so that the flow can
+/// still be fingerprinted if its `Sample` event is lost to a full ring buffer.
+#[inline(always)]
+fn keep_head(ctx: &SkBuffContext, direction: u8, state: &mut FlowState, packet: &Packet) {
+    let (head, head_len) = if direction == DIRECTION_EGRESS {
+        (&mut state.head[0], &mut state.head_len[0])
+    } else {
+        (&mut state.head[1], &mut state.head_len[1])
+    };
+    if *head_len != 0 {
+        return;
+    }
+    let len = if packet.payload_len > HEAD_LEN as u32 {
+        HEAD_LEN as u32
+    } else {
+        packet.payload_len
+    };
+    // In 1..=HEAD_LEN, in a form the verifier can bound (as in `sample`).
+    let len = (len.wrapping_sub(1) & (HEAD_LEN as u32 - 1)) + 1;
+    // SAFETY: `head` is HEAD_LEN bytes of a live map value; `len` is at most HEAD_LEN.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            packet.payload_off,
+            head.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if loaded == 0 {
+        *head_len = len as u8;
     }
 }
 

@@ -17,7 +17,7 @@ use meshguard_ebpf::{
 };
 
 use crate::{
-    flow::{cookie_of, emit, normalize_mapped},
+    flow::{close, cookie_of, emit, normalize_mapped},
     maps::{count, FLOWS},
 };
 
@@ -41,6 +41,24 @@ fn established(ctx: &SockOpsContext, direction: u8) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
     let cookie = cookie_of(ctx.ops.cast());
+    let state = FlowState {
+        tuple: tuple_of(ctx, direction),
+        flags: flags::LIFECYCLE,
+        // SAFETY: `ops` is this program's context.
+        netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        // SAFETY: no preconditions.
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+        ..FlowState::default()
+    };
+    if FLOWS.insert(cookie, state, 0).is_err() {
+        count(Stat::FlowMapFull);
+    }
+    emit(EventKind::Open, cookie, &state);
+}
+
+/// The socket's own addresses and ports.
+#[inline(always)]
+fn tuple_of(ctx: &SockOpsContext, direction: u8) -> FlowTuple {
     let mut tuple = FlowTuple {
         local_port: ctx.local_port() as u16,
         // Network byte order in the upper half on little-endian hosts.
@@ -57,19 +75,7 @@ fn established(ctx: &SockOpsContext, direction: u8) {
         tuple.remote_addr[0] = ctx.remote_ip4();
     }
     normalize_mapped(&mut tuple);
-    let state = FlowState {
-        tuple,
-        flags: flags::LIFECYCLE,
-        // SAFETY: `ops` is this program's context.
-        netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
-        // SAFETY: no preconditions.
-        opened_ns: unsafe { bpf_ktime_get_ns() },
-        ..FlowState::default()
-    };
-    if FLOWS.insert(cookie, state, 0).is_err() {
-        count(Stat::FlowMapFull);
-    }
-    emit(EventKind::Open, cookie, &state);
+    tuple
 }
 
 /// The verifier rejects copying the `*_ip6` arrays out of the context as a whole
@@ -92,12 +98,26 @@ fn read_ip6(ops: *mut bpf_sock_ops, tuple: &mut FlowTuple) {
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx.ops.cast());
-    match FLOWS.get_ptr(cookie) {
-        Some(state) => {
-            // SAFETY: a live map value, read before the entry is removed.
-            emit(EventKind::Close, cookie, unsafe { &*state });
-            let _ = FLOWS.remove(cookie);
+    match FLOWS.get_ptr_mut(cookie) {
+        // SAFETY: a live map value.
+        Some(state) => close(cookie, unsafe { &mut *state }),
+        None => {
+            // Evicted while open: counted, and its tuple still reported so that the agent can
+            // tell whether it ever saw the flow. Which end opened it is unknown; the end with
+            // the higher (ephemeral) port most likely.
+            count(Stat::FlowEvicted);
+            let mut tuple = tuple_of(ctx, DIRECTION_EGRESS);
+            if tuple.local_port < tuple.remote_port {
+                tuple.direction = DIRECTION_INGRESS;
+            }
+            let state = FlowState {
+                tuple,
+                flags: flags::LIFECYCLE | flags::EVICTED,
+                // SAFETY: `ops` is this program's context.
+                netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+                ..FlowState::default()
+            };
+            emit(EventKind::Close, cookie, &state);
         }
-        None => count(Stat::FlowEvicted),
     }
 }

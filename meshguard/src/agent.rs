@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use meshguard_ebpf::{names, Stat};
+use meshguard_ebpf::Stat;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     net::TcpListener,
@@ -57,6 +57,20 @@ pub struct Options {
     /// Records kept for queries: recent flows, and flagged ones apart.
     pub store_flows: usize,
     pub store_flagged: usize,
+    /// Where the kernel side is pinned (bpffs) so that it outlives the agent; `None`: not pinned,
+    /// detached on exit.
+    pub pin_root: Option<PathBuf>,
+    /// What happens to the pinned kernel side when the agent exits.
+    pub on_exit: OnExit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Leave the programs attached and counting: a restarted agent adopts them and reports
+    /// what happened meanwhile.
+    Keep,
+    /// Detach and unpin everything (as `meshguard uninstall` does).
+    Detach,
 }
 
 /// How long the series of a workload gone from the inventory stay in `/metrics`.
@@ -89,19 +103,25 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     ));
     serve(&options, &state).await?;
 
-    let mut kernel = Kernel::attach(&node, options.sizes, options.process_attribution)?;
+    let mut kernel = Kernel::start(
+        &node,
+        options.sizes,
+        options.process_attribution,
+        options.pin_root.as_deref(),
+    )?;
     let metrics = &state.metrics;
     metrics.programs_attached.set(kernel.attached.len() as i64);
     metrics.degraded.set(i64::from(!kernel.degraded.is_empty()));
     metrics
         .map_capacity
         .with_label_values(&["flows"])
-        .set(i64::from(options.sizes.flow_map_entries));
+        .set(i64::from(kernel.flow_map_capacity));
     {
         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
         status.programs_attached = kernel.attached.iter().map(|p| p.to_string()).collect();
         status.degraded = kernel.degraded.clone();
-        status.flow_map.capacity = options.sizes.flow_map_entries;
+        status.flow_map.capacity = kernel.flow_map_capacity;
+        status.adopted = kernel.adopted;
     }
     state.attached.store(true, Ordering::Relaxed);
 
@@ -120,6 +140,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut losses = Losses::default();
     info!(node = %options.node_name, "watching flows");
 
+    // Whatever the ring buffer held (events of flows seen while no agent ran), then the flow map
+    // itself: flows whose events were lost, closed ones the kernel kept for us.
+    drain_events(
+        events.get_mut(),
+        &mut table,
+        &state,
+        &inventory,
+        &policy,
+        &options,
+        &mut stdout,
+        &mut losses,
+    )?;
+    let mut reconcile = Reconcile::default();
+    reconcile.run(
+        &mut kernel,
+        &mut table,
+        &state,
+        &inventory,
+        &policy,
+        &options,
+        &mut stdout,
+    )?;
+
     // The kernel wakes the agent only when a backlog builds up; otherwise it drains on this tick.
     let mut drain = interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -135,27 +178,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
             _ = health_tick.tick() => {
                 ticks += 1;
-                losses.report(&kernel, table.stats().evicted, metrics);
+                losses.report(&kernel, table.stats(), metrics);
+                if reconcile.due(&losses) {
+                    drain_events(events.get_mut(), &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
+                    reconcile.run(&mut kernel, &mut table, &state, &inventory, &policy, &options, &mut stdout)?;
+                }
                 metrics.flows_tracked.set(table.stats().tracked as i64);
                 let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
                 let age = pods.loaded_at.and_then(|t| t.elapsed().ok());
                 metrics.inventory_age.set(age.map_or(0.0, |d| d.as_secs_f64()));
-                let entries = if ticks % 15 == 1 {
-                    match kernel.flow_map_entries() {
-                        Ok(n) => {
-                            metrics.map_entries.with_label_values(&["flows"]).set(n as i64);
-                            Some(n)
-                        }
-                        Err(e) => {
-                            warn!(%e, map = names::FLOWS, "cannot count map entries");
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
+                let entries = (ticks % 15 == 1).then(|| {
+                    let n = kernel.flow_map_entries();
+                    metrics.map_entries.with_label_values(&["flows"]).set(n as i64);
+                    n
+                });
                 let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
                 status.flows_tracked = table.stats().tracked;
+                status.flows_recovered = table.stats().recovered;
                 status.inventory = InventoryStatus { source: pods.source.clone(), pods: pods.len(), age_seconds: age.map(|d| d.as_secs()) };
                 status.events_lost = losses.by_source();
                 if let Some(n) = entries {
@@ -169,12 +208,86 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    drop(kernel);
+    let pinned = options.pin_root.is_some();
+    match options.on_exit {
+        OnExit::Detach => kernel.detach(),
+        OnExit::Keep => drop(kernel),
+    }
     if let Some(path) = &options.api_socket {
         let _ = std::fs::remove_file(path);
     }
-    info!(tracked = table.stats().tracked, "detached");
+    if pinned && options.on_exit == OnExit::Keep {
+        info!(
+            tracked = table.stats().tracked,
+            "stopped; the kernel programs stay attached (meshguard uninstall removes them)"
+        );
+    } else {
+        info!(tracked = table.stats().tracked, "detached");
+    }
     Ok(())
+}
+
+/// Reconciliation of the kernel's flow map with the agent's table: at start, and again after
+/// the ring buffer overflowed (until no entry is left too recent to judge).
+#[derive(Default)]
+struct Reconcile {
+    /// `ringbuf_full` when the last pass ran.
+    ringbuf_full_seen: u64,
+    /// The last pass left recent entries for later.
+    deferred: bool,
+}
+
+impl Reconcile {
+    fn due(&self, losses: &Losses) -> bool {
+        self.deferred || losses.kernel[Stat::RingbufFull as usize] > self.ringbuf_full_seen
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the loop's state, borrowed for one pass"
+    )]
+    fn run(
+        &mut self,
+        kernel: &mut Kernel,
+        table: &mut FlowTable,
+        state: &AgentState,
+        inventory: &Shared,
+        policy: &Policy,
+        options: &Options,
+        stdout: &mut impl Write,
+    ) -> anyhow::Result<()> {
+        self.ringbuf_full_seen = kernel
+            .stats()
+            .map(|s| s[Stat::RingbufFull as usize])
+            .unwrap_or(self.ringbuf_full_seen);
+        let now = crate::kernel::now_ns();
+        let entries = kernel.flow_map();
+        let scanned = entries.len();
+        let found = table.reconcile(entries, now);
+        kernel.forget(&found.forget);
+        self.deferred = found.deferred > 0;
+        let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
+        let recovered = found.published.len();
+        for (flow, change) in found.published {
+            let record = flow.record(&options.node_name, change, &pods, policy);
+            if options.log_flows {
+                serde_json::to_writer(&mut *stdout, &record)?;
+                stdout.write_all(b"\n")?;
+            }
+            state.metrics.flows_recovered.inc();
+            state.publish(record);
+        }
+        stdout.flush()?;
+        if recovered > 0 {
+            warn!(
+                recovered,
+                scanned, "flows reported from the kernel's flow map: their events were lost"
+            );
+        } else {
+            info!(scanned, deferred = found.deferred, "flow map reconciled");
+        }
+        Ok(())
+    }
 }
 
 /// How often the agent reads the ring buffer when the kernel has not woken it: the longest a
@@ -312,6 +425,7 @@ async fn start_inventory(options: &Options) -> anyhow::Result<Shared> {
 struct Losses {
     kernel: [u64; Stat::COUNT as usize],
     evicted: u64,
+    lost_unseen: u64,
     undecodable: u64,
 }
 
@@ -325,10 +439,11 @@ impl Losses {
             .collect();
         out.insert("undecodable".into(), self.undecodable);
         out.insert("agent_table_evicted".into(), self.evicted);
+        out.insert("flow_evicted_unseen".into(), self.lost_unseen);
         out
     }
 
-    fn report(&mut self, kernel: &Kernel, evicted: u64, metrics: &Metrics) {
+    fn report(&mut self, kernel: &Kernel, table: crate::flow::TableStats, metrics: &Metrics) {
         match kernel.stats() {
             Ok(now) => {
                 for stat in Stat::ALL {
@@ -348,6 +463,18 @@ impl Losses {
             }
             Err(e) => warn!(%e, "cannot read kernel counters"),
         }
+        if table.lost_unseen > self.lost_unseen {
+            warn!(
+                total = table.lost_unseen,
+                "flows evicted from the kernel's map before the agent saw them: only their addresses are known"
+            );
+            metrics
+                .events_lost
+                .with_label_values(&["flow_evicted_unseen"])
+                .inc_by(table.lost_unseen - self.lost_unseen);
+            self.lost_unseen = table.lost_unseen;
+        }
+        let evicted = table.evicted;
         if evicted > self.evicted {
             warn!(
                 total = evicted,

@@ -375,23 +375,60 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         "Flows:       {} tracked, {} stored ({} flagged)",
         s["flows_tracked"], s["flows_stored"], s["flagged_stored"]
     )?;
+    writeln!(
+        out,
+        "Kernel side: {}",
+        if s["adopted"] == true {
+            "adopted from an earlier agent (pinned programs kept counting meanwhile)"
+        } else {
+            "attached by this agent"
+        }
+    )?;
+    let recovered = s["flows_recovered"].as_u64().unwrap_or(0);
+    if recovered > 0 {
+        writeln!(
+            out,
+            "Recovered:   {recovered} flows reported from the kernel's flow map after their events were lost"
+        )?;
+    }
     let lost: Vec<String> = s["events_lost"]
         .as_object()
         .into_iter()
         .flatten()
-        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
-        .map(|(k, n)| format!("{n} {}", k.replace('_', " ")))
+        .filter_map(|(k, n)| Some(loss_in_words(k, n.as_u64().filter(|&n| n > 0)?)))
         .collect();
-    writeln!(
-        out,
-        "Losses:      {}",
-        if lost.is_empty() {
-            "none".to_string()
-        } else {
-            lost.join(", ")
+    if lost.is_empty() {
+        writeln!(out, "Losses:      none")?;
+    } else {
+        writeln!(out, "Losses:")?;
+        for line in lost {
+            writeln!(out, "  {line}")?;
         }
-    )?;
+    }
     Ok(())
+}
+
+/// One loss counter of `/v1/status` as a person on call reads it: what was lost, what it costs.
+fn loss_in_words(source: &str, n: u64) -> String {
+    match source {
+        "ringbuf_full" => format!(
+            "{n} kernel events dropped by a full ring buffer (their flows are recovered from the flow map; raise --ringbuf-bytes if this grows)"
+        ),
+        "flow_map_full" => format!("{n} flows not tracked: the kernel's flow map refused them"),
+        "flow_evicted" => format!(
+            "{n} flows evicted from the kernel's flow map while open: their byte counts stop early (raise --flow-map-size)"
+        ),
+        "flow_evicted_unseen" => format!(
+            "{n} flows evicted before the agent saw them: only their addresses are known, no verdict"
+        ),
+        "undecodable" => format!(
+            "{n} kernel events unreadable (an agent and programs of different versions?)"
+        ),
+        "agent_table_evicted" => format!(
+            "{n} open flows dropped from the agent's table to make room (raise --max-flows)"
+        ),
+        other => format!("{n} {}", other.replace('_', " ")),
+    }
 }
 
 #[cfg(test)]

@@ -234,6 +234,37 @@ pub(crate) mod tests {
         }
     }
 
+    /// Writes the event decoder's fuzz seeds: one event of each kind in the current layout.
+    /// Run after a layout change: `cargo test -p meshguard write_event_seeds -- --ignored`.
+    #[test]
+    #[ignore = "writes the committed fuzz corpus"]
+    fn write_event_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/event_decode");
+        std::fs::create_dir_all(&dir).unwrap();
+        let flow = ipv4_flow();
+        let seeds = [
+            ("open", flow_event(EventKind::Open, 1, flow)),
+            ("process", flow_event(EventKind::Process, 1, flow)),
+            ("close", flow_event(EventKind::Close, 1, flow)),
+            (
+                "sample-http",
+                sample_event(
+                    1,
+                    flow,
+                    DIRECTION_EGRESS,
+                    b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n\r\n",
+                ),
+            ),
+            (
+                "sample-tls",
+                sample_event(1, flow, DIRECTION_EGRESS, &[22, 3, 1, 0, 5, 1, 0, 0, 1, 3]),
+            ),
+        ];
+        for (name, bytes) in seeds {
+            std::fs::write(dir.join(format!("v{LAYOUT_VERSION}-{name}")), bytes).unwrap();
+        }
+    }
+
     #[test]
     fn addresses_in_kernel_byte_order() {
         let v4 = [u32::from_ne_bytes([192, 0, 2, 7]), 0, 0, 0];

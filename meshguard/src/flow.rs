@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use meshguard_ebpf::{flags, EventKind, FlowState, DIRECTION_EGRESS};
+use meshguard_ebpf::{flags, EventKind, FlowState, DIRECTION_EGRESS, DIRECTION_INGRESS, HEAD_LEN};
 use serde::Serialize;
 
 use crate::{
@@ -39,6 +39,13 @@ pub struct Flow {
     pub encryption: Encryption,
     pub tls: Option<TlsInfo>,
     pub plaintext: Option<PlaintextHint>,
+    /// Learnt from the kernel's flow map by reconciliation, not from its events (which were
+    /// lost to a full ring buffer, or went to an agent that has since restarted).
+    pub recovered: bool,
+    /// Some record of this flow was published already.
+    reported: bool,
+    /// This snapshot is the flow's first record (what metrics count).
+    pub first_report: bool,
 }
 
 /// What a kernel event changed, worth publishing.
@@ -55,7 +62,26 @@ pub struct TableStats {
     pub tracked: usize,
     /// Flows dropped to make room before they closed.
     pub evicted: u64,
+    /// Flows the kernel evicted from its map before the agent saw any event of them: only
+    /// their tuple is known.
+    pub lost_unseen: u64,
+    /// Flows published from the kernel's flow map by reconciliation.
+    pub recovered: u64,
 }
+
+/// What one reconciliation pass found in the kernel's flow map.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Flows to publish, as `apply` returns them.
+    pub published: Vec<(Flow, Change)>,
+    /// Closed flows now reported: their map entries can go.
+    pub forget: Vec<u64>,
+    /// Entries too recent to judge (their events may still be on their way): look again soon.
+    pub deferred: usize,
+}
+
+/// How long after a map entry was written its events are surely in the ring buffer.
+pub const EVENT_GRACE_NS: u64 = 1_000_000_000;
 
 pub struct FlowTable {
     flows: HashMap<u64, Flow>,
@@ -64,6 +90,8 @@ pub struct FlowTable {
     order: VecDeque<u64>,
     capacity: usize,
     evicted: u64,
+    lost_unseen: u64,
+    recovered: u64,
     /// Wall-clock time at boot: kernel timestamps are nanoseconds since boot (CLOCK_MONOTONIC).
     boot: SystemTime,
 }
@@ -75,6 +103,8 @@ impl FlowTable {
             order: VecDeque::new(),
             capacity: capacity.max(1),
             evicted: 0,
+            lost_unseen: 0,
+            recovered: 0,
             boot,
         }
     }
@@ -83,6 +113,8 @@ impl FlowTable {
         TableStats {
             tracked: self.flows.len(),
             evicted: self.evicted,
+            lost_unseen: self.lost_unseen,
+            recovered: self.recovered,
         }
     }
 
@@ -95,20 +127,10 @@ impl FlowTable {
     /// did; a closed flow leaves the table.
     pub fn apply(&mut self, event: &KernelEvent) -> Option<(Flow, Change)> {
         let at = self.boot + Duration::from_nanos(event.ktime_ns);
-        if !self.flows.contains_key(&event.cookie) {
-            self.make_room();
-            self.order.push_back(event.cookie);
+        if event.flow.flags & flags::EVICTED != 0 && !self.flows.contains_key(&event.cookie) {
+            self.lost_unseen += 1;
         }
-        let flow = self.flows.entry(event.cookie).or_insert_with(|| Flow {
-            cookie: event.cookie,
-            kernel: event.flow,
-            first_seen: at,
-            last_seen: at,
-            closed: false,
-            encryption: Encryption::Unknown,
-            tls: None,
-            plaintext: None,
-        });
+        let flow = self.entry(event.cookie, &event.flow, at);
         merge(&mut flow.kernel, &event.flow);
         flow.last_seen = flow.last_seen.max(at);
 
@@ -121,15 +143,95 @@ impl FlowTable {
             }
         }
         if event.kind == EventKind::Close {
+            // Its sample was lost, or went to an agent since restarted: the map kept its head.
+            flow.learn_from_head();
             flow.closed = true;
             change = Some(Change::Closed);
         }
         let change = change?;
-        let snapshot = flow.clone();
+        let snapshot = flow.snapshot();
         if change == Change::Closed {
             self.flows.remove(&event.cookie);
         }
         Some((snapshot, change))
+    }
+
+    /// The flow of `cookie`, created from `state` if the table does not know it yet.
+    fn entry(&mut self, cookie: u64, state: &FlowState, at: SystemTime) -> &mut Flow {
+        if !self.flows.contains_key(&cookie) {
+            self.make_room();
+            self.order.push_back(cookie);
+        }
+        self.flows.entry(cookie).or_insert_with(|| Flow {
+            cookie,
+            kernel: *state,
+            first_seen: at,
+            last_seen: at,
+            closed: false,
+            encryption: Encryption::Unknown,
+            tls: None,
+            plaintext: None,
+            recovered: false,
+            reported: false,
+            first_report: false,
+        })
+    }
+
+    /// Compares the kernel's flow map with the table, after the ring buffer was drained: flows
+    /// whose events were lost are published from their map entry (marked recovered), and
+    /// closed entries the kernel could not announce are reported and can be forgotten. Entries
+    /// written within `EVENT_GRACE_NS` of `now_ns` are left for the next pass: their events
+    /// may not have been read yet.
+    pub fn reconcile(
+        &mut self,
+        entries: impl IntoIterator<Item = (u64, FlowState)>,
+        now_ns: u64,
+    ) -> Reconciled {
+        let cutoff = now_ns.saturating_sub(EVENT_GRACE_NS);
+        let mut out = Reconciled::default();
+        for (cookie, state) in entries {
+            let written = if state.closed_ns != 0 {
+                state.closed_ns
+            } else {
+                state.opened_ns
+            };
+            if written >= cutoff {
+                out.deferred += 1;
+                continue;
+            }
+            let known = self.flows.contains_key(&cookie);
+            if state.closed_ns == 0
+                && known
+                && self.flows[&cookie].encryption != Encryption::Unknown
+            {
+                // Followed through its events; only the counters may have moved on.
+                merge(&mut self.flows.get_mut(&cookie).unwrap().kernel, &state);
+                continue;
+            }
+            let at = self.boot + Duration::from_nanos(written);
+            let flow = self.entry(cookie, &state, at);
+            merge(&mut flow.kernel, &state);
+            flow.last_seen = flow.last_seen.max(at);
+            let classified = flow.learn_from_head();
+            let change = if state.closed_ns != 0 {
+                flow.closed = true;
+                Change::Closed
+            } else if classified {
+                Change::Classified
+            } else {
+                // Open and silent so far: its events will tell.
+                continue;
+            };
+            flow.recovered = true;
+            let snapshot = flow.snapshot();
+            self.recovered += 1;
+            if change == Change::Closed {
+                self.flows.remove(&cookie);
+                out.forget.push(cookie);
+            }
+            out.published.push((snapshot, change));
+        }
+        out
     }
 
     fn make_room(&mut self) {
@@ -167,10 +269,43 @@ fn merge(into: &mut FlowState, from: &FlowState) {
     if new & flags::REDIRECTED != 0 {
         into.redirect = from.redirect;
     }
+    for d in 0..2 {
+        if into.head_len[d] == 0 && from.head_len[d] != 0 {
+            into.head[d] = from.head[d];
+            into.head_len[d] = from.head_len[d];
+        }
+    }
+    into.closed_ns = into.closed_ns.max(from.closed_ns);
     into.flags |= from.flags;
 }
 
 impl Flow {
+    /// A copy to publish; the first one is marked so.
+    fn snapshot(&mut self) -> Flow {
+        self.first_report = !self.reported;
+        self.reported = true;
+        self.clone()
+    }
+
+    /// Fingerprints the first payload bytes the kernel kept in the flow map, when no sample
+    /// did; true if that classified the flow.
+    fn learn_from_head(&mut self) -> bool {
+        if self.encryption != Encryption::Unknown {
+            return false;
+        }
+        let k = self.kernel;
+        for (direction, head, len) in [
+            (DIRECTION_EGRESS, &k.head[0], k.head_len[0]),
+            (DIRECTION_INGRESS, &k.head[1], k.head_len[1]),
+        ] {
+            let len = usize::from(len).min(HEAD_LEN);
+            if len > 0 {
+                self.learn(fingerprint(&head[..len]), direction);
+            }
+        }
+        self.encryption != Encryption::Unknown
+    }
+
     /// Folds a payload sample into what is known. TLS in either direction makes the flow TLS;
     /// the ClientHello names SNI and ALPN, the ServerHello the negotiated version.
     fn learn(&mut self, fp: Fingerprint, direction: u8) {
@@ -284,6 +419,9 @@ impl Flow {
             reason: decision.reason,
             detail: decision.detail,
             midstream: k.flags & flags::MIDSTREAM != 0,
+            recovered: self.recovered,
+            first_report: self.first_report,
+            evicted: k.flags & flags::EVICTED != 0,
             netns_cookie: k.netns,
         }
     }
@@ -322,6 +460,14 @@ pub struct FlowRecord {
     pub detail: String,
     /// First seen mid-connection: its start predates the agent.
     pub midstream: bool,
+    /// Reported from the kernel's flow map because its events were lost (see `reconcile`).
+    pub recovered: bool,
+    /// The flow's first record: metrics count the flow once, on it.
+    #[serde(skip)]
+    pub first_report: bool,
+    /// The kernel evicted the flow's entry while it was open: counters stop where the agent
+    /// last saw them.
+    pub evicted: bool,
     pub netns_cookie: u64,
 }
 
@@ -545,7 +691,8 @@ mod tests {
             table.stats(),
             TableStats {
                 tracked: 3,
-                evicted: 7
+                evicted: 7,
+                ..TableStats::default()
             }
         );
         assert!(
@@ -563,8 +710,149 @@ mod tests {
             table.stats(),
             TableStats {
                 tracked: 0,
-                evicted: 7
+                evicted: 7,
+                ..TableStats::default()
             }
         );
+    }
+
+    /// A map entry as the kernel leaves it: opened at `opened_s`, closed at `closed_s` (0: open),
+    /// with `head` as its first egress payload bytes.
+    fn entry(opened_s: u64, closed_s: u64, head: &[u8]) -> FlowState {
+        let mut s = state(DIRECTION_EGRESS, 100, flags::UID);
+        s.opened_ns = opened_s * 1_000_000_000;
+        s.closed_ns = closed_s * 1_000_000_000;
+        s.head[0][..head.len()].copy_from_slice(head);
+        s.head_len[0] = head.len() as u8;
+        s
+    }
+
+    #[test]
+    fn reconciliation_reports_what_the_ring_buffer_lost() {
+        const NOW: u64 = 100 * 1_000_000_000;
+        let get = b"GET /orders?id=7 HTTP/1.1\r\nHost";
+        let tls = &[22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+        // (what, entry, the agent saw its events already, published change, forgotten)
+        let cases: [(&str, FlowState, bool, Option<Change>, bool); 7] = [
+            (
+                "closed, all events lost",
+                entry(10, 20, get),
+                false,
+                Some(Change::Closed),
+                true,
+            ),
+            (
+                "closed, only its close lost",
+                entry(10, 20, get),
+                true,
+                Some(Change::Closed),
+                true,
+            ),
+            (
+                "open, all events lost",
+                entry(10, 0, tls),
+                false,
+                Some(Change::Classified),
+                false,
+            ),
+            (
+                "open, no payload yet",
+                entry(10, 0, b""),
+                false,
+                None,
+                false,
+            ),
+            (
+                "open and already followed",
+                entry(10, 0, get),
+                true,
+                None,
+                false,
+            ),
+            (
+                "opened too recently to judge",
+                entry(99, 0, get),
+                false,
+                None,
+                false,
+            ),
+            (
+                "closed too recently to judge",
+                entry(10, 99, get),
+                false,
+                None,
+                false,
+            ),
+        ];
+        for (what, kernel, seen, want, forgotten) in cases {
+            let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+            if seen {
+                let sample = sample_event(7, kernel, DIRECTION_EGRESS, get);
+                apply(&mut table, sample);
+            }
+            let found = table.reconcile([(7, kernel)], NOW);
+            let published: Vec<Change> = found.published.iter().map(|(_, c)| *c).collect();
+            assert_eq!(published, Vec::from_iter(want), "{what}");
+            assert_eq!(found.forget == [7], forgotten, "{what}");
+            assert_eq!(
+                found.deferred,
+                usize::from(what.contains("recently")),
+                "{what}"
+            );
+            if let Some((flow, change)) = found.published.first() {
+                assert!(flow.recovered, "{what}");
+                let record =
+                    flow.record("n", *change, &Inventory::empty("none"), &Policy::default());
+                assert!(record.recovered, "{what}");
+                let encryption = if kernel.head[0][0] == 22 {
+                    Encryption::Tls
+                } else {
+                    Encryption::Plaintext
+                };
+                assert_eq!(
+                    record.encryption, encryption,
+                    "{what}: from the head the map kept"
+                );
+                assert_eq!(record.first_report, !seen, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_close_after_restart_is_classified_from_the_map_head() {
+        // The sample went to an agent since restarted; the close carries the head.
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let kernel = entry(1, 0, b"POST /pay HTTP/1.1\r\n");
+        let (flow, change) = table
+            .apply(&decode(&flow_event(EventKind::Close, 3, kernel)).unwrap())
+            .unwrap();
+        let record = flow.record("n", change, &Inventory::empty("none"), &Policy::default());
+        assert_eq!(record.encryption, Encryption::Plaintext);
+        assert_eq!(record.plaintext.unwrap().method.as_deref(), Some("POST"));
+        assert!(record.first_report);
+    }
+
+    #[test]
+    fn an_evicted_flow_the_agent_never_saw_is_counted() {
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let evicted = state(DIRECTION_EGRESS, 0, flags::EVICTED);
+        apply(
+            &mut table,
+            flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 0, 0)),
+        );
+        apply(&mut table, flow_event(EventKind::Close, 1, evicted));
+        assert_eq!(table.stats().lost_unseen, 0, "seen before its eviction");
+        let (flow, _) = table
+            .apply(&decode(&flow_event(EventKind::Close, 2, evicted)).unwrap())
+            .unwrap();
+        assert_eq!(table.stats().lost_unseen, 1);
+        let record = flow.record(
+            "n",
+            Change::Closed,
+            &Inventory::empty("none"),
+            &Policy::default(),
+        );
+        assert!(record.evicted);
+        assert_eq!(record.state, "closed");
     }
 }

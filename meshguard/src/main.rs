@@ -38,6 +38,12 @@ enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+    /// Detach and unpin the kernel programs an agent left on this node (run as root).
+    Uninstall {
+        /// Where agents pin the kernel side (their --bpf-pin-dir).
+        #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+        bpf_pin_dir: std::path::PathBuf,
+    },
 }
 
 /// How the CLI reaches an agent.
@@ -165,6 +171,13 @@ struct AgentArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Where on bpffs to pin the kernel side so that it outlives the agent (a restarted agent
+    /// adopts it, and reports the flows of the meantime); "off": nothing pinned, detached on exit.
+    #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+    bpf_pin_dir: String,
+    /// On exit, keep the pinned kernel side attached (for the next agent) or detach it.
+    #[arg(long, value_enum, default_value_t = agent::OnExit::Keep)]
+    on_exit: agent::OnExit,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -175,6 +188,8 @@ enum LogFormat {
 
 /// Where the agent serves its API and the CLI looks for it.
 const DEFAULT_SOCKET: &str = "/run/meshguard/meshguard.sock";
+/// Where the agent pins its programs and maps.
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshguard";
 
 #[derive(Clone, Copy, Debug)]
 struct MetricsAddr(Option<std::net::SocketAddr>);
@@ -264,6 +279,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Command::Uninstall { bpf_pin_dir } => uninstall(&bpf_pin_dir),
         Command::Agent(args) => {
             init_logging(args.log_format);
             let options = agent::Options {
@@ -284,6 +300,8 @@ fn main() -> ExitCode {
                 api_tcp: args.api_addr.zip(args.api_token_file),
                 store_flows: args.store_flows as usize,
                 store_flagged: args.store_flagged as usize,
+                pin_root: (args.bpf_pin_dir != "off").then(|| args.bpf_pin_dir.into()),
+                on_exit: args.on_exit,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -299,6 +317,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `meshguard uninstall`: unpins every generation of the kernel side; says what it removed.
+fn uninstall(dir: &std::path::Path) -> anyhow::Result<()> {
+    let removed = kernel::uninstall(dir)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e} (run as root)", dir.display()))?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}", dir.display());
+    } else {
+        for path in &removed {
+            println!("detached and unpinned {}", path.display());
+        }
+    }
+    if std::os::unix::net::UnixStream::connect(DEFAULT_SOCKET).is_ok() {
+        println!(
+            "an agent still runs ({DEFAULT_SOCKET}): its programs stay attached until it exits"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

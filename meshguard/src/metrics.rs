@@ -16,7 +16,7 @@ use prometheus::{
 };
 
 use crate::{
-    flow::{Change, Encryption, FlowRecord},
+    flow::{Change, FlowRecord},
     inventory::Inventory,
 };
 
@@ -93,6 +93,7 @@ pub struct Metrics {
     pub map_entries: IntGaugeVec,
     pub map_capacity: IntGaugeVec,
     pub flows_tracked: IntGauge,
+    pub flows_recovered: IntCounter,
     pub programs_attached: IntGauge,
     pub degraded: IntGauge,
     pub inventory_age: Gauge,
@@ -149,6 +150,11 @@ impl Metrics {
         .expect("valid metric");
         let flows_tracked = IntGauge::new("meshguard_flows_tracked", "Flows in the agent's table.")
             .expect("valid metric");
+        let flows_recovered = IntCounter::new(
+            "meshguard_flows_recovered_total",
+            "Flow records published from the kernel's flow map because their events were lost.",
+        )
+        .expect("valid metric");
         let programs_attached =
             IntGauge::new("meshguard_programs_attached", "Kernel programs attached.")
                 .expect("valid metric");
@@ -176,6 +182,7 @@ impl Metrics {
             "flow_evicted",
             "undecodable",
             "agent_table_evicted",
+            "flow_evicted_unseen",
         ] {
             events_lost.with_label_values(&[source]);
         }
@@ -186,6 +193,7 @@ impl Metrics {
             Box::new(map_entries.clone()),
             Box::new(map_capacity.clone()),
             Box::new(flows_tracked.clone()),
+            Box::new(flows_recovered.clone()),
             Box::new(programs_attached.clone()),
             Box::new(degraded.clone()),
             Box::new(inventory_age.clone()),
@@ -201,6 +209,7 @@ impl Metrics {
             map_entries,
             map_capacity,
             flows_tracked,
+            flows_recovered,
             programs_attached,
             degraded,
             inventory_age,
@@ -212,10 +221,7 @@ impl Metrics {
     /// Counts a flow once, when its first verdict is known (or at close for one that never
     /// carried payload), and its bytes when it closes.
     pub fn observe(&self, record: &FlowRecord) {
-        let count_flow = match record.event {
-            Change::Classified => true,
-            Change::Closed => record.encryption == Encryption::Unknown,
-        };
+        let count_flow = record.first_report;
         let closed = record.event == Change::Closed;
         if !count_flow && !closed {
             return;

@@ -70,6 +70,10 @@ pub struct Status {
     /// Losses since start, by where.
     pub events_lost: BTreeMap<String, u64>,
     pub flows_tracked: usize,
+    /// Flows reported from the kernel's flow map because their events were lost.
+    pub flows_recovered: u64,
+    /// The kernel side was taken over from an earlier agent (pinned), not attached anew.
+    pub adopted: bool,
     pub flows_stored: usize,
     pub flagged_stored: usize,
 }

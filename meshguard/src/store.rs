@@ -273,6 +273,9 @@ mod tests {
             reason: "r",
             detail: String::new(),
             midstream: false,
+            recovered: false,
+            first_report: true,
+            evicted: false,
             netns_cookie: 0,
         })
     }

@@ -31,6 +31,51 @@ pub fn meshguard_bin() -> anyhow::Result<PathBuf> {
     Ok(workspace.join("target/debug/meshguard"))
 }
 
+/// A bpffs directory of a test's own for the agent's pins (`--bpf-pin-dir`); dropping it runs
+/// `meshguard uninstall` on it, so that nothing stays attached after the test, even a failed one.
+pub struct Pins {
+    pub path: PathBuf,
+}
+
+impl Pins {
+    pub fn new(name: &str) -> Self {
+        Self {
+            path: PathBuf::from(format!(
+                "/sys/fs/bpf/meshguard-test-{}-{name}",
+                std::process::id()
+            )),
+        }
+    }
+
+    /// The pinned generations (one per set of programs attached).
+    pub fn generations(&self) -> Vec<String> {
+        std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let uninstalled = meshguard_bin().ok().is_some_and(|bin| {
+            Command::new(bin)
+                .arg("uninstall")
+                .arg("--bpf-pin-dir")
+                .arg(&self.path)
+                .output()
+                .is_ok_and(|out| out.status.success())
+        });
+        if !uninstalled {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// The real agent, running with `--log-flows`; its records are collected as they come.
 pub struct Agent {
     child: Child,
@@ -38,6 +83,8 @@ pub struct Agent {
     pub socket: PathBuf,
     records: Arc<Mutex<Vec<Value>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Pins of the agent's own (unless the test passed `--bpf-pin-dir`), removed after it.
+    _pins: Option<Pins>,
 }
 
 impl Agent {
@@ -60,13 +107,19 @@ impl Agent {
         if !extra_args.contains(&"--api-socket") {
             cmd.arg("--api-socket").arg(&socket);
         }
+        let pins = (!extra_args.contains(&"--bpf-pin-dir")).then(|| Pins::new(name));
+        if let Some(pins) = &pins {
+            cmd.arg("--bpf-pin-dir").arg(&pins.path);
+        }
         cmd.args(extra_args);
         let mut agent = Self::start_command(cgroup, cmd)?;
         agent.socket = socket;
+        agent._pins = pins;
         Ok(agent)
     }
 
-    /// Starts an agent from a command of the caller's (a wrapper such as setpriv, say).
+    /// Starts an agent from a command of the caller's (a wrapper such as setpriv, say), which
+    /// names its `--bpf-pin-dir` (or "off").
     pub fn start_command(cgroup: &Cgroup, mut cmd: Command) -> anyhow::Result<Self> {
         let socket = PathBuf::new();
         let mut child = cgroup.spawn(cmd.env("RUST_LOG", "info").env("NO_COLOR", "1"))?;
@@ -98,6 +151,7 @@ impl Agent {
             socket,
             records,
             stderr,
+            _pins: None,
         };
         if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
             let status = agent.child.try_wait()?;
@@ -157,6 +211,20 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or the OOM killer would; returns its log.
+    pub fn kill9(mut self) -> anyhow::Result<String> {
+        let pid = i32::try_from(self.child.id())?;
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        self.child.wait()?;
+        Ok(self.log())
+    }
+
+    /// Records collected so far.
+    pub fn records(&self) -> Vec<Value> {
+        self.records.lock().unwrap().clone()
     }
 
     /// Stops the agent as an operator would (SIGTERM) and checks that it exited cleanly.

@@ -146,8 +146,18 @@ fn on_call_queries() {
         );
     }
     thread::sleep(Duration::from_millis(1100));
+    // (The agent sees the whole host: only the testbed's flows are known to have stopped.)
+    let testbed_ns = bypasses
+        .iter()
+        .find(|f| f["remote"]["pod"] == catalog_pod.as_str())
+        .and_then(|f| f["remote"]["namespace"].as_str())
+        .unwrap();
     assert!(
-        json(&cli(&agent, &["flows", "--since", "1s", "-o", "json"])).is_empty(),
+        json(&cli(
+            &agent,
+            &["flows", "--since", "1s", "-n", testbed_ns, "-o", "json"]
+        ))
+        .is_empty(),
         "nothing in the last second"
     );
     assert_eq!(

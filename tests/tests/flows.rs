@@ -7,7 +7,7 @@
 
 use std::{process::Command, thread, time::Duration};
 
-use meshguard_tests::{link, privileged, Agent, Cgroup, Netns, RecordExt, Service, TempDir};
+use meshguard_tests::{link, privileged, Agent, Cgroup, Netns, Pins, RecordExt, Service, TempDir};
 use serde_json::Value;
 
 /// Two namespaces joined by a veth pair: `client` at .1 / ::1, `server` at .2 / ::2 of the
@@ -199,10 +199,11 @@ fn plaintext_http_between_namespaces() {
     assert_eq!(classified[0].str_at("/state"), "open");
     assert_eq!(classified[0].str_at("/encryption"), "plaintext");
 
+    // SIGTERM: a clean exit that leaves the pinned programs for the next agent, and says so.
     let log = agent.stop().unwrap();
     assert!(
-        log.contains("detached"),
-        "the agent says it detached:\n{log}"
+        log.contains("the kernel programs stay attached"),
+        "the agent says what it left behind:\n{log}"
     );
 }
 
@@ -489,6 +490,7 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     let pair = Pair::new("caps", 18);
     let bin = meshguard_tests::meshguard_bin().unwrap();
     let socket = pair.dir.path.join("agent.sock");
+    let pins = Pins::new("caps");
     // As root, a process gets every capability of its bounding set: shrink the set to the three.
     let mut cmd = Command::new("setpriv");
     cmd.args([
@@ -505,7 +507,9 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
         "127.0.0.1:0",
         "--api-socket",
     ])
-    .arg(&socket);
+    .arg(&socket)
+    .arg("--bpf-pin-dir")
+    .arg(&pins.path);
     let agent = Agent::start_command(&pair.cgroup, cmd).unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let cap_eff = status

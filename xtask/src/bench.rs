@@ -303,7 +303,8 @@ fn run_load(bed: &Bed, load: Load, seconds: u32) -> anyhow::Result<f64> {
 fn start_agent(bed: &Bed, extra: &[&str]) -> anyhow::Result<Child> {
     let started = SystemTime::now() - Duration::from_secs(1);
     let mut cmd = Command::new(&bed.bin);
-    cmd.args(["agent", "--metrics-addr", "off"])
+    // Nothing pinned: each run's programs go with its agent, and the next run starts clean.
+    cmd.args(["agent", "--metrics-addr", "off", "--bpf-pin-dir", "off"])
         .env("RUST_LOG", "warn");
     if !extra.contains(&"--api-socket") {
         cmd.args(["--api-socket", "off"]);

@@ -23,6 +23,9 @@ use crate::{cargo, step, workspace_root};
 pub const NODE: &str = "mgdemo";
 const SUBNET: [u8; 2] = [244, 1];
 
+/// The demo agent's pins: its own, so that tearing the demo down leaves a real agent's alone.
+const PINS: &str = "/sys/fs/bpf/meshguard-demo";
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Tear the demo node down (everything it made, also after a crash) and exit.
@@ -33,6 +36,13 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.down {
         Node::down(NODE)?;
+        // The agent's kernel side outlives it (pinned): unpinning detaches it.
+        match fs::remove_dir_all(PINS) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::from(e).context(format!("removing {PINS}")))
+            }
+            _ => {}
+        }
         println!("==> demo node {NODE} is down; nothing of it is left");
         return Ok(());
     }
@@ -69,6 +79,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 NODE,
                 "--metrics-addr",
                 "127.0.0.1:9464",
+                "--bpf-pin-dir",
+                PINS,
                 "--inventory",
             ])
             .arg(format!("file:{}", node.dir.join("pods.json").display()))
