@@ -76,16 +76,36 @@ pub enum OnExit {
 /// How long the series of a workload gone from the inventory stay in `/metrics`.
 const SERIES_GRACE: Duration = Duration::from_secs(600);
 
-pub async fn run(options: Options) -> anyhow::Result<()> {
-    let policy = match &options.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading policy {}", path.display()))?;
-            serde_json::from_str::<Policy>(&text)
-                .with_context(|| format!("policy {}", path.display()))?
-        }
-        None => Policy::default(),
+/// The `--policy` file, or the defaults.
+fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Policy> {
+    let Some(path) = path else {
+        return Ok(Policy::default());
     };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading policy {}", path.display()))?;
+    serde_json::from_str::<Policy>(&text).with_context(|| format!("policy {}", path.display()))
+}
+
+/// SIGHUP: reads the policy and the inventory file again. A file that is now broken changes
+/// nothing: the agent keeps what it had, and says so.
+fn reload(options: &Options, policy: &mut Policy, inventory: &Shared) {
+    match load_policy(options.policy.as_deref()) {
+        Ok(new) => {
+            if new != *policy {
+                info!("SIGHUP: policy reloaded");
+            }
+            *policy = new;
+        }
+        Err(e) => warn!(error = %format!("{e:#}"), "SIGHUP: keeping the current policy"),
+    }
+    if let Source::File(path) = &options.inventory {
+        inventory::source::reload(path, inventory);
+    }
+    info!("SIGHUP: configuration reloaded");
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let mut policy = load_policy(options.policy.as_deref())?;
     // Say what the node lacks before touching anything.
     let node = prereq::check(options.cgroup_root.as_deref())?;
     let inventory = start_inventory(&options).await?;
@@ -135,6 +155,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut health_tick = interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
     let mut losses = Losses::default();
@@ -204,6 +225,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     metrics.forget_gone_workloads(&pods, SERIES_GRACE);
                 }
             }
+            _ = sighup.recv() => reload(&options, &mut policy, &inventory),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

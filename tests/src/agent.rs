@@ -222,6 +222,12 @@ impl Agent {
         Ok(self.log())
     }
 
+    /// Sends SIGHUP: the agent reads its configuration again.
+    pub fn hangup(&self) {
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+    }
+
     /// Records collected so far.
     pub fn records(&self) -> Vec<Value> {
         self.records.lock().unwrap().clone()

@@ -1,6 +1,7 @@
 //! Faults meshguard must survive without losing a flagged flow: the agent killed with SIGKILL
 //! and restarted while bypass traffic goes on, a ring buffer too small for a burst, a flow map
-//! too small for the connections open, and pinned programs replaced or uninstalled.
+//! too small for the connections open, pinned programs replaced or uninstalled, and a
+//! configuration reloaded with SIGHUP, broken or not.
 //!
 //! Each test brings up its own testbed node (or uses loopback only), its own agent and its own
 //! bpffs pin directory; all of it is removed when the test ends, passed or failed.
@@ -279,4 +280,62 @@ fn other_pinned_programs_are_replaced_and_uninstall_removes_them() {
         .unwrap();
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing pinned"));
+}
+
+#[test]
+fn sighup_reloads_the_policy_and_a_broken_one_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("faults-sighup").unwrap();
+    let node = Node::up("mgsighup", [245, 22], scenarios::pods()).unwrap();
+    let inventory = format!("file:{}", node.dir.join("pods.json").display());
+    let policy = node.dir.join("policy.json");
+    std::fs::write(&policy, "{}").unwrap();
+    let agent = Agent::start(
+        &cgroup,
+        &[
+            "--inventory",
+            &inventory,
+            "--policy",
+            &policy.to_string_lossy(),
+        ],
+    )
+    .unwrap();
+    let excluded = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == "excluded-port")
+        .unwrap();
+    let client = &excluded.expect[0];
+    assert_eq!(client.verdict, "bypass-plaintext");
+    let port = client.remote_port.unwrap();
+    let verdict_of_round = |round: usize| {
+        excluded.run(&node).unwrap();
+        let found = agent
+            .wait_for(round, client.what, |r| {
+                r["event"] == "closed" && client.matches(&node, r)
+            })
+            .unwrap();
+        found[round - 1].str_at("/verdict").to_string()
+    };
+    assert_eq!(verdict_of_round(1), "bypass-plaintext");
+
+    // The operator declares that port's plaintext expected, and reloads.
+    std::fs::write(
+        &policy,
+        format!(r#"{{"expected": [{{"rule": "legacy-catalog", "ports": [{port}]}}]}}"#),
+    )
+    .unwrap();
+    agent.hangup();
+    thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(verdict_of_round(2), "expected");
+
+    // A broken policy: a warning, the agent stays up with what it had.
+    std::fs::write(&policy, r#"{"expected": "#).unwrap();
+    agent.hangup();
+    thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(verdict_of_round(3), "expected");
+    let log = agent.stop().unwrap();
+    assert!(log.contains("SIGHUP: policy reloaded"), "{log}");
+    assert!(log.contains("SIGHUP: keeping the current policy"), "{log}");
 }
