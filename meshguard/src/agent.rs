@@ -62,6 +62,18 @@ pub struct Options {
     pub pin_root: Option<PathBuf>,
     /// What happens to the pinned kernel side when the agent exits.
     pub on_exit: OnExit,
+    /// What flow records keep of the payload.
+    pub evidence: Evidence,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Evidence {
+    /// The fingerprint only: TLS version, SNI, ALPN; for plaintext the protocol and, for HTTP,
+    /// the method and the path without its query string.
+    Fingerprint,
+    /// Also the HTTP/1 head of each flow's first sample, every header value and the query string
+    /// replaced by `<redacted>`, in records and the API (never in metrics).
+    Redacted,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -152,6 +164,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .map_err(std::io::Error::from)
         .context("polling the ring buffer")?;
     let mut table = FlowTable::new(options.max_flows, boot_time());
+    table.capture_redacted = options.evidence == Evidence::Redacted;
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

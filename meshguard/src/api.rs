@@ -155,15 +155,25 @@ pub fn evidence(r: &FlowRecord) -> Vec<String> {
             }
         ),
         (None, Some(p)) => format!(
-            "payload: plaintext ({}{})",
+            "payload: plaintext ({}{}{})",
             p.protocol,
             p.method
                 .as_ref()
                 .map(|m| format!(" {m}"))
+                .unwrap_or_default(),
+            p.path
+                .as_ref()
+                .map(|path| format!(" {path}"))
                 .unwrap_or_default()
         ),
         (None, None) => "payload: none seen yet".to_string(),
     });
+    if let Some(head) = &r.redacted_sample {
+        lines.push(format!(
+            "redacted sample (--evidence redacted): {}",
+            head.replace('\n', " | ")
+        ));
+    }
     lines.push(format!(
         "bytes: {} sent, {} received",
         r.bytes_sent, r.bytes_received

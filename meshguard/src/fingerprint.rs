@@ -60,9 +60,11 @@ impl Serialize for TlsVersion {
 /// The application protocol a plaintext sample looks like.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PlaintextHint {
-    /// An HTTP/1 request with its method.
+    /// An HTTP/1 request with its method and path. The path never carries its query string or
+    /// fragment (they may hold tokens); `None` when the sample ends before the path does.
     HttpRequest {
         method: String,
+        path: Option<String>,
     },
     HttpResponse,
     /// The HTTP/2 connection preface (h2c, prior knowledge).
@@ -239,10 +241,84 @@ fn plaintext(sample: &[u8]) -> PlaintextHint {
         if sample.starts_with(method.as_bytes()) && sample.get(method.len()) == Some(&b' ') {
             return PlaintextHint::HttpRequest {
                 method: method.to_string(),
+                path: request_path(&sample[method.len() + 1..]),
             };
         }
     }
     PlaintextHint::Unknown
+}
+
+/// Longest path kept, in characters.
+const MAX_PATH: usize = 256;
+
+/// The request target's path, without query string or fragment, from the bytes after the
+/// method: only when its end is in the sample, and only printable ASCII (escaped otherwise).
+fn request_path(target: &[u8]) -> Option<String> {
+    let end = target.iter().position(|&b| b == b' ' || b == b'\r')?;
+    let target = &target[..end];
+    let path_end = target
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    let mut path = String::new();
+    for &b in &target[..path_end] {
+        if path.len() >= MAX_PATH {
+            path.push('…');
+            break;
+        }
+        if b.is_ascii_graphic() {
+            path.push(char::from(b));
+        } else {
+            path.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    Some(path)
+}
+
+/// The opt-in redacted evidence (`--evidence redacted`) of an HTTP/1 sample: its first line
+/// (a request's path without query string) and its header names, every header value replaced
+/// by `<redacted>`, never a body. Nothing for anything else: TLS is fully described by its
+/// fingerprint, and unknown plaintext cannot be redacted safely.
+pub fn redacted(sample: &[u8]) -> Option<String> {
+    let head = match fingerprint(sample) {
+        Fingerprint::Plaintext(PlaintextHint::HttpRequest { method, path }) => {
+            format!("{method} {} HTTP/1.x", path.as_deref().unwrap_or("…"))
+        }
+        Fingerprint::Plaintext(PlaintextHint::HttpResponse) => {
+            let line = sample.split(|&b| b == b'\r' || b == b'\n').next()?;
+            // "HTTP/1.1 200 OK": the version and the status code; the reason phrase is free text.
+            let mut words = line.splitn(3, |&b| b == b' ');
+            let version = words
+                .next()
+                .filter(|w| w.iter().all(u8::is_ascii_graphic))?;
+            let code = words
+                .next()
+                .filter(|c| c.len() == 3 && c.iter().all(u8::is_ascii_digit))?;
+            format!(
+                "{} {}",
+                String::from_utf8_lossy(version),
+                String::from_utf8_lossy(code)
+            )
+        }
+        _ => return None,
+    };
+    let mut out = head;
+    // Header lines after the first, up to the blank line; the last one may be cut short.
+    for line in sample.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            break;
+        };
+        let name = &line[..colon];
+        if name.is_empty() || !name.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-') {
+            break;
+        }
+        out.push_str(&format!("\n{}: <redacted>", String::from_utf8_lossy(name)));
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -379,12 +455,14 @@ pub(crate) mod tests {
                 b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
                 PlaintextHint::HttpRequest {
                     method: "GET".into(),
+                    path: Some("/".into()),
                 },
             ),
             (
                 b"POST /api HTTP/1.1\r\n",
                 PlaintextHint::HttpRequest {
                     method: "POST".into(),
+                    path: Some("/api".into()),
                 },
             ),
             (b"HTTP/1.0 200 OK\r\n", PlaintextHint::HttpResponse),
@@ -399,6 +477,50 @@ pub(crate) mod tests {
                 Fingerprint::Plaintext(want),
                 "{bytes:?}"
             );
+        }
+    }
+
+    #[test]
+    fn http_paths_lose_their_query_strings() {
+        let cases: [(&[u8], Option<&str>); 6] = [
+            (b"GET /orders?token=s3cret HTTP/1.1\r\n", Some("/orders")),
+            (b"POST /pay#frag HTTP/1.1\r\n", Some("/pay")),
+            (b"GET /a%20b HTTP/1.1\r\n", Some("/a%20b")),
+            (b"GET http://h/x?y HTTP/1.1\r\n", Some("http://h/x")),
+            (b"GET /cut-before-its-end", None),
+            (b"GET /\x01 HTTP/1.1\r\n", Some("/\\x01")),
+        ];
+        for (sample, want) in cases {
+            let Fingerprint::Plaintext(PlaintextHint::HttpRequest { path, .. }) =
+                fingerprint(sample)
+            else {
+                panic!("{sample:?}: not an HTTP request")
+            };
+            assert_eq!(path.as_deref(), want, "{sample:?}");
+        }
+    }
+
+    #[test]
+    fn redacted_evidence_keeps_names_and_drops_values() {
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (
+                b"GET /orders?token=s3cret HTTP/1.1\r\nHost: shop\r\nAuthorization: Bearer abc\r\n\r\nbody",
+                Some("GET /orders HTTP/1.x\nHost: <redacted>\nAuthorization: <redacted>"),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nSet-Cookie: id=1\r\n\r\n",
+                Some("HTTP/1.1 200\nSet-Cookie: <redacted>"),
+            ),
+            (b"GET / HTTP/1.1\r\nX-Cut: par", Some("GET / HTTP/1.x\nX-Cut: <redacted>")),
+            (&[22, 3, 1, 0, 5, 1, 0, 0, 1, 3], None),
+            (b"\x00\x01binary", None),
+        ];
+        for (sample, want) in cases {
+            assert_eq!(redacted(sample).as_deref(), want, "{sample:?}");
+            let out = redacted(sample).unwrap_or_default();
+            for secret in ["s3cret", "Bearer", "abc", "id=1", "shop", "body", "par"] {
+                assert!(!out.contains(secret), "{sample:?} leaks {secret}: {out}");
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     event::{ip_addr, KernelEvent},
-    fingerprint::{fingerprint, Fingerprint, PlaintextHint, TlsInfo},
+    fingerprint::{fingerprint, redacted, Fingerprint, PlaintextHint, TlsInfo},
     inventory::{Identity, Inventory},
     verdict::{decide, Direction, Evidence, Path, Policy, Verdict},
 };
@@ -44,6 +44,8 @@ pub struct Flow {
     pub recovered: bool,
     /// Some record of this flow was published already.
     reported: bool,
+    /// The redacted evidence of its first HTTP/1 sample (`--evidence redacted`).
+    pub redacted: Option<String>,
     /// This snapshot is the flow's first record (what metrics count).
     pub first_report: bool,
 }
@@ -94,6 +96,8 @@ pub struct FlowTable {
     recovered: u64,
     /// Wall-clock time at boot: kernel timestamps are nanoseconds since boot (CLOCK_MONOTONIC).
     boot: SystemTime,
+    /// `--evidence redacted`: keep a redacted copy of each flow's HTTP/1 head.
+    pub capture_redacted: bool,
 }
 
 impl FlowTable {
@@ -106,6 +110,7 @@ impl FlowTable {
             lost_unseen: 0,
             recovered: 0,
             boot,
+            capture_redacted: false,
         }
     }
 
@@ -130,6 +135,7 @@ impl FlowTable {
         if event.flow.flags & flags::EVICTED != 0 && !self.flows.contains_key(&event.cookie) {
             self.lost_unseen += 1;
         }
+        let capture_redacted = self.capture_redacted;
         let flow = self.entry(event.cookie, &event.flow, at);
         merge(&mut flow.kernel, &event.flow);
         flow.last_seen = flow.last_seen.max(at);
@@ -138,6 +144,9 @@ impl FlowTable {
         if let Some(sample) = &event.sample {
             let first = flow.encryption == Encryption::Unknown;
             flow.learn(fingerprint(&sample.bytes), sample.direction);
+            if capture_redacted && flow.redacted.is_none() {
+                flow.redacted = redacted(&sample.bytes);
+            }
             if first {
                 change = Some(Change::Classified);
             }
@@ -174,6 +183,7 @@ impl FlowTable {
             recovered: false,
             reported: false,
             first_report: false,
+            redacted: None,
         })
     }
 
@@ -398,13 +408,20 @@ impl Flow {
             },
             encryption: self.encryption,
             tls: self.tls.clone(),
-            plaintext: self.plaintext.as_ref().map(|hint| PlaintextRecord {
-                protocol: hint.protocol(),
-                method: match hint {
-                    PlaintextHint::HttpRequest { method } => Some(method.clone()),
-                    _ => None,
-                },
+            plaintext: self.plaintext.as_ref().map(|hint| {
+                let (method, path) = match hint {
+                    PlaintextHint::HttpRequest { method, path } => {
+                        (Some(method.clone()), path.clone())
+                    }
+                    _ => (None, None),
+                };
+                PlaintextRecord {
+                    protocol: hint.protocol(),
+                    method,
+                    path,
+                }
             }),
+            redacted_sample: self.redacted.clone(),
             path: decision.path,
             redirect: ev.redirect.map(|to| RedirectRecord {
                 ip: to.ip(),
@@ -447,6 +464,9 @@ pub struct FlowRecord {
     pub encryption: Encryption,
     pub tls: Option<TlsInfo>,
     pub plaintext: Option<PlaintextRecord>,
+    /// With `--evidence redacted` only: the first sampled HTTP/1 head, header values redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redacted_sample: Option<String>,
     pub path: Path,
     /// Where egress really went when netfilter sent it elsewhere than the socket's peer.
     pub redirect: Option<RedirectRecord>,
@@ -509,6 +529,8 @@ pub struct Process {
 pub struct PlaintextRecord {
     pub protocol: &'static str,
     pub method: Option<String>,
+    /// An HTTP request's path, without query string or fragment.
+    pub path: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -175,6 +175,10 @@ struct AgentArgs {
     /// adopts it, and reports the flows of the meantime); "off": nothing pinned, detached on exit.
     #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
     bpf_pin_dir: String,
+    /// What records keep of the payload: the fingerprint (default), or also a redacted HTTP
+    /// head (header names, no values, no query string). Raw payload never leaves the agent.
+    #[arg(long, value_enum, default_value_t = agent::Evidence::Fingerprint)]
+    evidence: agent::Evidence,
     /// On exit, keep the pinned kernel side attached (for the next agent) or detach it.
     #[arg(long, value_enum, default_value_t = agent::OnExit::Keep)]
     on_exit: agent::OnExit,
@@ -302,6 +306,7 @@ fn main() -> ExitCode {
                 store_flagged: args.store_flagged as usize,
                 pin_root: (args.bpf_pin_dir != "off").then(|| args.bpf_pin_dir.into()),
                 on_exit: args.on_exit,
+                evidence: args.evidence,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

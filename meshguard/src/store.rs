@@ -263,6 +263,7 @@ mod tests {
             encryption: Encryption::Plaintext,
             tls: None,
             plaintext: None,
+            redacted_sample: None,
             path: Path::Direct,
             redirect: None,
             bytes_sent: 0,

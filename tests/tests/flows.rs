@@ -533,3 +533,57 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     assert_plain_http(&agent, &pair.v4[0], &pair.v4[1], 8080, sent, received);
     assert!(!agent.log().contains("degraded"), "{}", agent.log());
 }
+
+/// Payload never leaves the agent raw: by default records carry the fingerprint (an HTTP path
+/// without its query string); `--evidence redacted` adds the request head with every header
+/// value redacted. Neither ever shows the secrets the request carried.
+#[test]
+fn payload_secrets_never_leave_the_agent() {
+    if !privileged() {
+        return;
+    }
+    let pair = Pair::new("redact", 19);
+    let _server = http_server(&pair, &pair.server, &pair.v4[1], 8080);
+    let url = format!("http://{}:8080/index.html?token=s3cret-query", pair.v4[1]);
+    let auth = "Authorization: Bearer s3cret-header";
+    for evidence in ["fingerprint", "redacted"] {
+        let agent = Agent::start(&pair.cgroup, &["--evidence", evidence]).unwrap();
+        curl(&pair, &pair.client, &["-H", auth, &url]);
+        let client = agent
+            .wait_for(1, "the client's closed flow", |r| {
+                is_closed(r, &pair.v4[0], &pair.v4[1], 8080)
+            })
+            .unwrap()
+            .remove(0);
+        assert_eq!(client.str_at("/plaintext/path"), "/index.html", "{client}");
+        let head = client["redacted_sample"].as_str();
+        if evidence == "redacted" {
+            let head = head.unwrap_or_else(|| panic!("no redacted sample: {client}"));
+            assert!(head.starts_with("GET /index.html HTTP/1.x"), "{head}");
+            assert!(head.contains("Authorization: <redacted>"), "{head}");
+        } else {
+            assert_eq!(head, None, "only when asked: {client}");
+        }
+        let explain = Command::new(meshguard_tests::meshguard_bin().unwrap())
+            .args(["explain", client.str_at("/id"), "--agent"])
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        assert!(explain.status.success(), "{explain:?}");
+        let everything = format!(
+            "{}\n{}\n{}",
+            agent
+                .records()
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            String::from_utf8_lossy(&explain.stdout),
+            agent.stop().unwrap()
+        );
+        assert!(
+            !everything.contains("s3cret"),
+            "{evidence}: a secret left the agent:\n{everything}"
+        );
+    }
+}
