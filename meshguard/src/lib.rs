@@ -21,4 +21,6 @@ pub mod metrics;
 pub mod prereq;
 pub mod state;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod verdict;

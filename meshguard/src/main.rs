@@ -43,12 +43,16 @@ enum Command {
 /// How the CLI reaches an agent.
 #[derive(clap::Args)]
 struct AgentConn {
-    /// The agent's unix socket, or http://HOST:PORT of its TCP API.
+    /// The agent's unix socket, or http://HOST:PORT or https://HOST:PORT of its TCP API.
     #[arg(long, env = "MESHGUARD_AGENT", default_value = DEFAULT_SOCKET, value_parser = parse_agent)]
     agent: client::AgentAddr,
-    /// File holding the bearer token for an http:// agent.
+    /// File holding the bearer token for an http(s):// agent.
     #[arg(long, env = "MESHGUARD_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA that signed an https:// agent's certificate (instead of the system's
+    /// roots).
+    #[arg(long, env = "MESHGUARD_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl AgentConn {
@@ -67,6 +71,7 @@ impl AgentConn {
         Ok(client::Client {
             addr: self.agent.clone(),
             token,
+            ca_file: self.ca_file.clone(),
         })
     }
 }
