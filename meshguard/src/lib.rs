@@ -11,6 +11,8 @@ pub mod api;
 pub mod btf;
 pub mod cli;
 pub mod client;
+#[cfg(feature = "kubernetes")]
+pub mod cluster;
 pub mod event;
 pub mod fingerprint;
 pub mod flow;
