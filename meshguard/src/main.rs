@@ -68,6 +68,11 @@ impl AgentConn {
             ),
             None => None,
         };
+        // A CA file that cannot be used is bad usage, not an unreachable agent.
+        #[cfg(feature = "tls")]
+        if let (client::AgentAddr::Https(_), Some(path)) = (&self.agent, &self.ca_file) {
+            meshguard::tls::connector(Some(path)).map_err(cli::CliError::Usage)?;
+        }
         Ok(client::Client {
             addr: self.agent.clone(),
             token,

@@ -2,6 +2,8 @@
 //! agent pods, the token Secret, the agents' /v1/flows through the pod proxy) served on
 //! 127.0.0.1, a kubeconfig pointing at it, and the real binary. No cluster and no root needed.
 
+#![cfg(feature = "kubernetes")]
+
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
