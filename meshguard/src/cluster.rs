@@ -10,7 +10,7 @@
 
 use std::{collections::BTreeSet, fmt::Write as _, io::Write as _, path::PathBuf, time::Duration};
 
-use futures::future::join_all;
+use futures::{stream, StreamExt as _};
 use http_body_util::BodyExt as _;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{
@@ -29,6 +29,8 @@ use crate::{
 pub const TOKEN_KEY: &str = "token";
 /// The agent container's port for its TCP API (`--api-addr`), by name.
 pub const API_PORT_NAME: &str = "api";
+/// Agents asked at once.
+const MAX_CONCURRENT_AGENTS: usize = 32;
 
 /// Where the agents are and how to reach the API server.
 #[derive(Clone, Debug)]
@@ -246,7 +248,7 @@ async fn kube_client(opts: &Options) -> Result<Client, CliError> {
         context: opts.kube_context.clone(),
         ..KubeConfigOptions::default()
     };
-    let config = match (&opts.kubeconfig, &opts.kube_context) {
+    let mut config = match (&opts.kubeconfig, &opts.kube_context) {
         (Some(path), _) => {
             let file = Kubeconfig::read_from(path)
                 .map_err(|e| CliError::Usage(format!("--kubeconfig {}: {e}", path.display())))?;
@@ -263,7 +265,6 @@ async fn kube_client(opts: &Options) -> Result<Client, CliError> {
             ))
         })?,
     };
-    let mut config = config;
     // The client's default retries 503s with backoff for minutes; here a 503 is an
     // unreachable node, to be reported at once.
     config.default_retry = false;
@@ -372,12 +373,16 @@ pub async fn flows(opts: &Options, query: &FlowQuery, output: Output) -> Result<
              (--agent-namespace, --agent-selector)"
         )));
     }
-    let token = within(
-        opts.timeout,
-        "reading the agents' API token",
-        token(&client, opts),
-    )
-    .await?;
+    let token = if targets.is_empty() {
+        String::new()
+    } else {
+        within(
+            opts.timeout,
+            "reading the agents' API token",
+            token(&client, opts),
+        )
+        .await?
+    };
 
     let asks = targets.iter().map(|t| {
         let (client, qs, token) = (&client, &qs, &token);
@@ -388,9 +393,15 @@ pub async fn flows(opts: &Options, query: &FlowQuery, output: Output) -> Result<
             (t, answer)
         }
     });
+    // A bounded number at a time, to spare the API server on large clusters; each agent's
+    // timeout starts when it is asked.
+    let results: Vec<_> = stream::iter(asks)
+        .buffer_unordered(MAX_CONCURRENT_AGENTS)
+        .collect()
+        .await;
     let mut answers = Vec::new();
     let mut answered = Vec::new();
-    for (target, answer) in join_all(asks).await {
+    for (target, answer) in results {
         match answer {
             Ok(flows) => {
                 answered.push(target.node.clone());
@@ -403,6 +414,9 @@ pub async fn flows(opts: &Options, query: &FlowQuery, output: Output) -> Result<
             }),
         }
     }
+    // They finish in any order: report and merge in node order.
+    answered.sort();
+    answers.sort_by(|a, b| a.0.cmp(&b.0));
     failures.sort_by(|a, b| (&a.node, &a.pod).cmp(&(&b.node, &b.pod)));
     for f in &failures {
         eprintln!("{}", failure_line(f));

@@ -13,8 +13,8 @@ use std::{
 };
 
 use axum::{
-    extract::{Request, State},
-    http::StatusCode,
+    extract::State,
+    http::{HeaderMap, StatusCode, Uri},
     response::{IntoResponse, Response},
     Router,
 };
@@ -49,6 +49,8 @@ struct Seen {
 struct Replay {
     /// Pods whose proxy answers 503, as for a node the API server cannot reach.
     unreachable: BTreeSet<String>,
+    /// Pods whose proxy answers only after a minute.
+    stalled: BTreeSet<String>,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -56,17 +58,17 @@ fn json(status: StatusCode, body: String) -> Response {
     (status, [("content-type", "application/json")], body).into_response()
 }
 
-async fn answer(State(replay): State<Arc<Replay>>, req: Request) -> Response {
+async fn answer(State(replay): State<Arc<Replay>>, uri: Uri, headers: HeaderMap) -> Response {
     let header = |name: &str| {
-        req.headers()
+        headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let path = req.uri().path().to_string();
+    let path = uri.path().to_string();
     replay.seen.lock().unwrap().push(Seen {
         path: path.clone(),
-        query: req.uri().query().unwrap_or("").to_string(),
+        query: uri.query().unwrap_or("").to_string(),
         authorization: header("authorization"),
         meshguard_token: header("x-meshguard-token"),
     });
@@ -104,6 +106,9 @@ async fn answer(State(replay): State<Arc<Replay>>, req: Request) -> Response {
             let Some((node, _)) = PODS.iter().find(|(_, p)| *p == pod) else {
                 return not_found();
             };
+            if replay.stalled.contains(pod) {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            }
             if replay.unreachable.contains(pod) {
                 return json(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -123,8 +128,14 @@ struct ApiServer {
 
 impl ApiServer {
     fn start(unreachable: &[&str]) -> Self {
+        Self::start_with(unreachable, &[])
+    }
+
+    fn start_with(unreachable: &[&str], stalled: &[&str]) -> Self {
+        let set = |pods: &[&str]| pods.iter().map(|p| p.to_string()).collect();
         let replay = Arc::new(Replay {
-            unreachable: unreachable.iter().map(|p| p.to_string()).collect(),
+            unreachable: set(unreachable),
+            stalled: set(stalled),
             seen: Mutex::new(Vec::new()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -422,6 +433,27 @@ fn no_agent_answering_is_a_failure() {
             "error: no agent answered (3 asked, on kind-worker, kind-worker2, kind-worker3)"
         ),
         "{err}"
+    );
+}
+
+#[test]
+fn a_stalled_agent_is_given_up_on_after_its_timeout() {
+    let api = ApiServer::start_with(&[], &["meshguard-z5rtn"]);
+    let started = std::time::Instant::now();
+    let out = api.meshguard(&["flows", "--cluster", "--agent-timeout", "1s", "-o", "jsonl"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "warning: no answer from node kind-worker3 (pod meshguard-z5rtn): no answer within 1s"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        stdout(&out).lines().count(),
+        5 + 1,
+        "two nodes' flows and the failed agent"
     );
 }
 
