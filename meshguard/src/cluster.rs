@@ -275,7 +275,11 @@ async fn kube_client(opts: &Options) -> Result<Client, CliError> {
 /// A failed API server request, said for a person, with the RBAC it needs when refused.
 fn api_error(what: &str, needs: &str, e: kube::Error) -> CliError {
     CliError::Failed(match e {
-        kube::Error::Api(s) if s.code == 401 || s.code == 403 => {
+        kube::Error::Api(s) if s.code == 401 => format!(
+            "{what}: {} (the API server refused your credentials: log in again?)",
+            s.message
+        ),
+        kube::Error::Api(s) if s.code == 403 => {
             format!("{what}: {} (this needs {needs})", s.message)
         }
         kube::Error::Api(s) => format!("{what}: {}", s.message),

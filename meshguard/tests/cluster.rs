@@ -93,6 +93,16 @@ async fn answer(State(replay): State<Arc<Replay>>, uri: Uri, headers: HeaderMap)
     match rest {
         "/pods" => json(StatusCode::OK, fixture("pods.json")),
         "/secrets/meshguard-api-token" => json(StatusCode::OK, fixture("secret.json")),
+        // Any other Secret is out of the on-call user's reach, as with the meshguard-viewer Role.
+        _ if rest.starts_with("/secrets/") => {
+            let name = &rest["/secrets/".len()..];
+            json(
+                StatusCode::FORBIDDEN,
+                format!(
+                    r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"secrets \"{name}\" is forbidden: User \"oncall\" cannot get resource \"secrets\" in API group \"\" in the namespace \"meshguard\"","reason":"Forbidden","details":{{"name":"{name}","kind":"secrets"}},"code":403}}"#
+                ),
+            )
+        }
         _ => {
             let Some(target) = rest
                 .strip_prefix("/pods/")
@@ -495,6 +505,30 @@ fn another_context_and_a_token_file() {
             Some("a-token-from-a-file-0123456789")
         );
     }
+}
+
+#[test]
+fn a_secret_out_of_reach_says_what_access_is_needed() {
+    let api = ApiServer::start(&[]);
+    let out = api.meshguard(&["flows", "--cluster", "--token-secret", "other-token"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "error: reading the agents' API token from Secret meshguard/other-token: secrets \"other-token\" is forbidden"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "(this needs `get` on secrets/other-token in meshguard; or pass --token-file)"
+        ),
+        "{err}"
+    );
+    assert!(
+        api.proxied().is_empty(),
+        "no agent is asked without a token"
+    );
 }
 
 #[test]
