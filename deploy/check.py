@@ -8,7 +8,8 @@ passes, or prints what is wrong and exits 1.
   check.py crds RENDERED            validate ServiceMonitor, PrometheusRule and
                                     SecurityContextConstraints objects by structure
   check.py consistency RENDERED     the objects agree with each other (selectors, ports,
-                                    service account, SCC grants)
+                                    service account, SCC grants, the agent API's port, token
+                                    Secret and viewer Role)
   check.py groups RENDERED RULES    the PrometheusRule's groups equal the rules file's groups
   check.py promql RULES             the rules use only meshguard metrics, labels and values
                                     that the agent exports
@@ -283,7 +284,61 @@ def cmd_consistency(rendered):
 
     for scc in by_kind.get("SecurityContextConstraints", []):
         problems += scc_admits(scc, docs, ds, ns, sa_name)
+    problems += api_access(docs, containers, volumes)
     return fail(problems)
+
+
+def flag(args, name):
+    """The value of `name` in a container's args (`name VALUE` or `name=VALUE`), or None."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+VIEWER_ROLE = "meshguard-viewer"
+
+
+def api_access(docs, containers, volumes):
+    """What `meshguard flows --cluster` relies on: the agent serves its TCP API on the container
+    port named `api`, reads its token from a mounted Secret, and the meshguard-viewer Role grants
+    exactly `list` pods, `get` pods/proxy and `get` on that Secret."""
+    problems, secrets = [], set()
+    for c in containers:
+        args = c.get("args", [])
+        addr = flag(args, "--api-addr")
+        if addr is None:
+            continue
+        port = int(addr.rsplit(":", 1)[1])
+        api_ports = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == "api"]
+        if api_ports != [port]:
+            problems.append(f"{c['name']} serves its API on port {port}, but its container "
+                            f"ports named api are {api_ports}")
+        token_file = flag(args, "--api-token-file") or ""
+        found = [volumes[m["name"]]["secret"]["secretName"] for m in c.get("volumeMounts", [])
+                 if token_file.startswith(m["mountPath"].rstrip("/") + "/")
+                 and "secret" in volumes.get(m["name"], {})]
+        if not found:
+            problems.append(f"{c['name']}: --api-token-file {token_file!r} is not in a mounted "
+                            "Secret")
+        secrets.update(found)
+    if not secrets:
+        return problems
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == VIEWER_ROLE]
+    if len(roles) != 1:
+        return problems + [f"expected one Role {VIEWER_ROLE}, found {len(roles)}"]
+    granted = {(res, verb, tuple(sorted(r.get("resourceNames", []))))
+               for r in roles[0].get("rules", []) if r.get("apiGroups") == [""]
+               for res in r.get("resources", []) for verb in r.get("verbs", [])}
+    others = [r for r in roles[0].get("rules", []) if r.get("apiGroups") != [""]]
+    wanted = {("pods", "list", ()), ("pods/proxy", "get", ()),
+              ("secrets", "get", tuple(sorted(secrets)))}
+    if granted != wanted or others:
+        problems.append(f"Role {VIEWER_ROLE} must grant exactly {sorted(wanted)}; it grants "
+                        f"{sorted(granted)}" + (f" and {others}" if others else ""))
+    return problems
 
 
 def scc_admits(scc, docs, ds, ns, sa_name):

@@ -14,7 +14,9 @@
 #     strictly (unknown fields fail), with kubernetes-validate;
 #   - ServiceMonitor, PrometheusRule and SecurityContextConstraints, which kubernetes-validate has
 #     no schema for, validate against structural subsets of their CRD schemas (check.py crds);
-#   - the rendered objects agree with each other: selectors, ports, service account, SCC grants;
+#   - the rendered objects agree with each other: selectors, ports, service account, SCC grants,
+#     and what `meshguard flows --cluster` relies on (the agent API's port named api, its token
+#     from a mounted Secret, the meshguard-viewer Role granting exactly the access it needs);
 #   - the PrometheusRule's groups equal deploy/prometheus/rules.yaml's;
 #   - promtool check rules and promtool test rules;
 #   - the rules and the Grafana dashboard use only metrics, labels and label values the agent
@@ -96,7 +98,7 @@ for target in base overlays/openshift; do
     out="$TMP/$(echo "$target" | tr / _).yaml"
     validate="$target: built-in kinds valid (kubernetes-validate -k $KUBERNETES_VERSION --strict)"
     crds="$target: ServiceMonitor, PrometheusRule, SCC valid by structure"
-    consistent="$target: objects consistent (selectors, ports, service account, SCC)"
+    consistent="$target: objects consistent (selectors, ports, service account, SCC, API access)"
     groups="$target: PrometheusRule groups = prometheus/rules.yaml"
     run "$target: kubectl kustomize renders" sh -c 'kubectl kustomize "$1" >"$2"' \
         sh "$DEPLOY/$target" "$out"

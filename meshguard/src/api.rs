@@ -231,7 +231,24 @@ async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the API on TCP; every request must carry `Authorization: Bearer <token>`.
+/// The header that carries the token through the Kubernetes API server's pod proxy, which
+/// strips `Authorization` before proxying (kubernetes/kubernetes#38775).
+pub const TOKEN_HEADER: &str = "x-meshguard-token";
+
+/// Whether a request presents the token: `Authorization: Bearer <token>`, or `X-Meshguard-Token:
+/// <token>` when it came through the pod proxy.
+fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = bearer
+        .or_else(|| headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()))
+        .unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.as_bytes())
+}
+
+/// Serves the API on TCP; every request must present the token (see [`authorized`]).
 pub async fn serve_tcp(
     listener: TcpListener,
     token: String,
@@ -241,16 +258,13 @@ pub async fn serve_tcp(
     let app = router(state).layer(middleware::from_fn(move |req: Request, next: Next| {
         let token = Arc::clone(&token);
         async move {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            if authorized(req.headers(), &token) {
                 next.run(req).await
             } else {
-                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+                error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong token (Authorization: Bearer, or X-Meshguard-Token)",
+                )
             }
         }
     }));
@@ -269,6 +283,40 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_in_either_header() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let token = "0123456789abcdef";
+        assert!(authorized(
+            &with(&[("authorization", "Bearer 0123456789abcdef")]),
+            token
+        ));
+        assert!(authorized(
+            &with(&[(TOKEN_HEADER, "0123456789abcdef")]),
+            token
+        ));
+        assert!(authorized(
+            &with(&[("X-Meshguard-Token", "0123456789abcdef")]),
+            token
+        ));
+        for wrong in [
+            with(&[]),
+            with(&[("authorization", "0123456789abcdef")]),
+            with(&[("authorization", "Bearer nope")]),
+            with(&[(TOKEN_HEADER, "nope")]),
+            with(&[(TOKEN_HEADER, "")]),
+        ] {
+            assert!(!authorized(&wrong, token), "{wrong:?}");
+        }
+    }
 
     #[test]
     fn token_comparison() {

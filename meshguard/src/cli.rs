@@ -29,6 +29,9 @@ pub enum CliError {
     Usage(String),
     #[error(transparent)]
     Agent(#[from] ClientError),
+    /// Anything else that stopped the verb (the API server unreachable, no agent answering).
+    #[error("{0}")]
+    Failed(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -104,7 +107,7 @@ pub async fn flows(
     follow: bool,
 ) -> Result<(), CliError> {
     let qs = query.to_query()?;
-    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let color = color();
     let mut out = std::io::stdout().lock();
     // Following without --last starts from now, like `hubble observe -f`.
     if !follow || query.last.is_some() {
@@ -123,9 +126,9 @@ pub async fn flows(
                 }
             }
             Output::Table | Output::Wide => {
-                writeln!(out, "{}", header(output))?;
+                writeln!(out, "{}", header(output, false))?;
                 for f in &flows {
-                    writeln!(out, "{}", row(f, output, color))?;
+                    writeln!(out, "{}", row(f, output, color, false))?;
                 }
             }
         }
@@ -135,7 +138,7 @@ pub async fn flows(
         return Ok(());
     }
     if matches!(output, Output::Table | Output::Wide) && query.last.is_none() {
-        writeln!(out, "{}", header(output))?;
+        writeln!(out, "{}", header(output, false))?;
         out.flush()?;
     }
     let mut body = client
@@ -163,7 +166,7 @@ pub async fn flows(
             }
             match output {
                 Output::Json | Output::Jsonl => writeln!(out, "{v}")?,
-                Output::Table | Output::Wide => writeln!(out, "{}", row(&v, output, color))?,
+                Output::Table | Output::Wide => writeln!(out, "{}", row(&v, output, color, false))?,
             }
             out.flush()?;
         }
@@ -171,17 +174,29 @@ pub async fn flows(
     Ok(())
 }
 
-fn header(output: Output) -> String {
-    let mut h = format!(
-        "{:<19} {:<17} {:<19} {:<40} {:<46} {:<10} {:>9}",
-        "TIME", "VERDICT", "REASON", "SOURCE", "DESTINATION", "ENCRYPTION", "BYTES"
+/// Colour only for a person at a terminal who has not asked for none.
+pub(crate) fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// The table's header. `node_column` puts NODE second (answers merged from several nodes);
+/// otherwise only `wide` shows it, near the end.
+pub(crate) fn header(output: Output, node_column: bool) -> String {
+    let mut h = format!("{:<19} ", "TIME");
+    if node_column {
+        let _ = write!(h, "{:<16} ", "NODE");
+    }
+    let _ = write!(
+        h,
+        "{:<17} {:<19} {:<40} {:<46} {:<10} {:>9}",
+        "VERDICT", "REASON", "SOURCE", "DESTINATION", "ENCRYPTION", "BYTES"
     );
     if output == Output::Wide {
-        let _ = write!(
-            h,
-            " {:<16} {:<16} {:<8} {:<24} TLS",
-            "ID", "NODE", "PATH", "PROCESS"
-        );
+        let _ = write!(h, " {:<16} ", "ID");
+        if !node_column {
+            let _ = write!(h, "{:<16} ", "NODE");
+        }
+        let _ = write!(h, "{:<8} {:<24} TLS", "PATH", "PROCESS");
     }
     h
 }
@@ -225,16 +240,22 @@ fn paint(verdict: &str, color: bool) -> String {
     format!("\x1b[{code}m{text}\x1b[0m")
 }
 
-fn row(f: &Value, output: Output, color: bool) -> String {
+/// One flow as a table row, in the columns of [`header`].
+pub(crate) fn row(f: &Value, output: Output, color: bool, node_column: bool) -> String {
     let (src, dst) = if f["direction"] == "egress" {
         (&f["local"], &f["remote"])
     } else {
         (&f["remote"], &f["local"])
     };
     let bytes = f["bytes_sent"].as_u64().unwrap_or(0) + f["bytes_received"].as_u64().unwrap_or(0);
-    let mut line = format!(
-        "{:<19} {} {:<19} {:<40} {:<46} {:<10} {:>9}",
-        short_time(f["last_seen"].as_str().unwrap_or("")),
+    let node = f["node"].as_str().unwrap_or("?");
+    let mut line = format!("{:<19} ", short_time(f["last_seen"].as_str().unwrap_or("")));
+    if node_column {
+        let _ = write!(line, "{node:<16} ");
+    }
+    let _ = write!(
+        line,
+        "{} {:<19} {:<40} {:<46} {:<10} {:>9}",
         paint(f["verdict"].as_str().unwrap_or("?"), color),
         f["reason"].as_str().unwrap_or("?"),
         who(src),
@@ -264,11 +285,13 @@ fn row(f: &Value, output: Output, color: bool) -> String {
             ),
             None => "-".into(),
         };
+        let _ = write!(line, " {:<16} ", f["id"].as_str().unwrap_or("?"));
+        if !node_column {
+            let _ = write!(line, "{node:<16} ");
+        }
         let _ = write!(
             line,
-            " {:<16} {:<16} {:<8} {:<24} {tls}",
-            f["id"].as_str().unwrap_or("?"),
-            f["node"].as_str().unwrap_or("?"),
+            "{:<8} {:<24} {tls}",
             f["path"].as_str().unwrap_or("?"),
             process
         );
@@ -486,7 +509,7 @@ mod tests {
             "local": {"ip": "10.0.0.2", "port": 5000, "namespace": "legacy", "pod": "catalog-1", "node": false},
             "remote": {"ip": "10.0.0.1", "port": 40000, "namespace": null, "pod": null, "node": true},
         });
-        let line = row(&f, Output::Table, false);
+        let line = row(&f, Output::Table, false, false);
         assert!(
             line.starts_with("Nov 28 22:31:36.912 bypass-plaintext  excluded-port"),
             "{line}"
@@ -498,6 +521,6 @@ mod tests {
         assert!(line.contains("legacy/catalog-1:5000"), "{line}");
         assert!(line.trim_end().ends_with("150"), "{line}");
         assert!(!line.contains('\x1b'), "no colour off a terminal");
-        assert!(row(&f, Output::Table, true).contains("\x1b[1;31m"));
+        assert!(row(&f, Output::Table, true, false).contains("\x1b[1;31m"));
     }
 }

@@ -1,5 +1,5 @@
 //! The CLI's side of the agent API: plain HTTP/1.1 over the agent's unix socket, or over TCP
-//! with a bearer token.
+//! (http:// or https://) with a bearer token.
 
 use std::{path::PathBuf, str::FromStr};
 
@@ -15,6 +15,20 @@ pub enum AgentAddr {
     Unix(PathBuf),
     /// `host:port` of an `http://` URL.
     Http(String),
+    /// `host:port` of an `https://` URL.
+    Https(String),
+}
+
+/// The `host:port` of a URL given without a path.
+fn authority<'a>(url: &str, rest: &'a str) -> Result<&'a str, String> {
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        let scheme = url.split("://").next().unwrap_or("http");
+        return Err(format!(
+            "{url:?}: give the agent as {scheme}://HOST:PORT, without a path"
+        ));
+    }
+    Ok(authority)
 }
 
 impl FromStr for AgentAddr {
@@ -22,22 +36,21 @@ impl FromStr for AgentAddr {
 
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some(rest) = s.strip_prefix("http://") {
-            let authority = rest.trim_end_matches('/');
-            if authority.is_empty() || authority.contains('/') {
+            return Ok(AgentAddr::Http(authority(s, rest)?.to_string()));
+        }
+        if let Some(rest) = s.strip_prefix("https://") {
+            if cfg!(not(feature = "tls")) {
                 return Err(format!(
-                    "{s:?}: give the agent as http://HOST:PORT, without a path"
+                    "{s:?}: this meshguard was built without TLS (feature `tls`); reach the agent \
+                     over its unix socket or http://"
                 ));
             }
-            return Ok(AgentAddr::Http(authority.to_string()));
-        }
-        if s.starts_with("https://") {
-            return Err(format!(
-                "{s:?}: https is not supported yet; reach the agent over its unix socket or http:// \
-                 (for example through `kubectl port-forward`)"
-            ));
+            return Ok(AgentAddr::Https(authority(s, rest)?.to_string()));
         }
         if s.contains("://") {
-            return Err(format!("{s:?}: use a unix socket path or an http:// URL"));
+            return Err(format!(
+                "{s:?}: use a unix socket path or an http:// or https:// URL"
+            ));
         }
         Ok(AgentAddr::Unix(PathBuf::from(s)))
     }
@@ -48,6 +61,7 @@ impl std::fmt::Display for AgentAddr {
         match self {
             AgentAddr::Unix(p) => write!(f, "{}", p.display()),
             AgentAddr::Http(a) => write!(f, "http://{a}"),
+            AgentAddr::Https(a) => write!(f, "https://{a}"),
         }
     }
 }
@@ -67,6 +81,8 @@ pub enum ClientError {
 pub struct Client {
     pub addr: AgentAddr,
     pub token: Option<String>,
+    /// The CA to verify an https:// agent against, instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Client {
@@ -99,6 +115,10 @@ impl Client {
                     .map_err(|e| self.unreachable(e))?;
                 self.exchange(TokioIo::new(stream), req).await?
             }
+            AgentAddr::Https(authority) => {
+                let stream = self.tls_connect(authority).await?;
+                self.exchange(TokioIo::new(stream), req).await?
+            }
         };
         if response.status().is_success() {
             return Ok(response);
@@ -119,6 +139,29 @@ impl Client {
             status,
             message,
         })
+    }
+
+    #[cfg(feature = "tls")]
+    async fn tls_connect(
+        &self,
+        authority: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        let connector =
+            crate::tls::connector(self.ca_file.as_deref()).map_err(|e| self.unreachable(e))?;
+        let name = crate::tls::server_name(authority).map_err(|e| self.unreachable(e))?;
+        let tcp = TcpStream::connect(authority)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| self.unreachable(format!("TLS: {e}")))
+    }
+
+    /// Never reached: without TLS, https:// addresses are refused when parsed.
+    #[cfg(not(feature = "tls"))]
+    async fn tls_connect(&self, _authority: &str) -> Result<TcpStream, ClientError> {
+        Err(self.unreachable("this meshguard was built without TLS"))
     }
 
     async fn exchange<T>(
@@ -172,7 +215,17 @@ mod tests {
             "http://node-1:9465/".parse(),
             Ok(AgentAddr::Http("node-1:9465".into()))
         );
-        for bad in ["https://node:9465", "http://", "http://node/v1", "ftp://x"] {
+        assert_eq!(
+            "https://agent.example:9465".parse(),
+            Ok(AgentAddr::Https("agent.example:9465".into()))
+        );
+        for bad in [
+            "https://",
+            "https://node/v1",
+            "http://",
+            "http://node/v1",
+            "ftp://x",
+        ] {
             assert!(bad.parse::<AgentAddr>().is_err(), "{bad}");
         }
     }

@@ -11,6 +11,8 @@ pub mod api;
 pub mod btf;
 pub mod cli;
 pub mod client;
+#[cfg(feature = "kubernetes")]
+pub mod cluster;
 pub mod event;
 pub mod fingerprint;
 pub mod flow;
@@ -21,4 +23,6 @@ pub mod metrics;
 pub mod prereq;
 pub mod state;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod verdict;

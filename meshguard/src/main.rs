@@ -19,7 +19,7 @@ enum Command {
     Agent(AgentArgs),
     /// Show recent flows and their verdicts; -f follows new ones as they are judged.
     #[command(
-        after_help = "Examples:\n  meshguard flows --verdict bypass-plaintext -A\n  meshguard flows -n shop --since 10m -o wide\n  meshguard flows -f --verdict bypass-plaintext,bypass-tls"
+        after_help = "Examples:\n  meshguard flows --verdict bypass-plaintext -A\n  meshguard flows -n shop --since 10m -o wide\n  meshguard flows -f --verdict bypass-plaintext,bypass-tls\n  meshguard flows --cluster --verdict bypass-plaintext,bypass-tls --last 50"
     )]
     Flows(FlowsArgs),
     /// Explain one flow's verdict: the evidence and the rule that led to it.
@@ -49,12 +49,16 @@ enum Command {
 /// How the CLI reaches an agent.
 #[derive(clap::Args)]
 struct AgentConn {
-    /// The agent's unix socket, or http://HOST:PORT of its TCP API.
+    /// The agent's unix socket, or http://HOST:PORT or https://HOST:PORT of its TCP API.
     #[arg(long, env = "MESHGUARD_AGENT", default_value = DEFAULT_SOCKET, value_parser = parse_agent)]
     agent: client::AgentAddr,
-    /// File holding the bearer token for an http:// agent.
+    /// File holding the bearer token for an http(s):// agent.
     #[arg(long, env = "MESHGUARD_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA that signed an https:// agent's certificate (instead of the system's
+    /// roots).
+    #[arg(long, env = "MESHGUARD_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl AgentConn {
@@ -70,9 +74,15 @@ impl AgentConn {
             ),
             None => None,
         };
+        // A CA file that cannot be used is bad usage, not an unreachable agent.
+        #[cfg(feature = "tls")]
+        if let (client::AgentAddr::Https(_), Some(path)) = (&self.agent, &self.ca_file) {
+            meshguard::tls::connector(Some(path)).map_err(cli::CliError::Usage)?;
+        }
         Ok(client::Client {
             addr: self.agent.clone(),
             token,
+            ca_file: self.ca_file.clone(),
         })
     }
 }
@@ -115,6 +125,50 @@ struct FlowsArgs {
     output: cli::Output,
     #[command(flatten)]
     agent: AgentConn,
+    #[command(flatten)]
+    cluster: ClusterConn,
+}
+
+/// How `flows --cluster` finds every node's agent: through the Kubernetes API.
+#[derive(clap::Args)]
+struct ClusterConn {
+    /// Ask every node's agent, found through the Kubernetes API and reached through the API
+    /// server's pod proxy, and merge their answers (with a NODE column). Needs the
+    /// meshguard-viewer Role.
+    #[arg(long)]
+    cluster: bool,
+    /// The agents' namespace.
+    #[arg(long, default_value = DEFAULT_AGENT_NAMESPACE, requires = "cluster", value_name = "NS")]
+    agent_namespace: String,
+    /// The label selector of the agent pods.
+    #[arg(long, default_value = DEFAULT_AGENT_SELECTOR, requires = "cluster", value_name = "SELECTOR")]
+    agent_selector: String,
+    /// The Secret (in the agents' namespace) whose key `token` is the agents' API token;
+    /// --token-file overrides it.
+    #[arg(long, default_value = DEFAULT_TOKEN_SECRET, requires = "cluster", value_name = "NAME")]
+    token_secret: String,
+    /// How long to wait for each agent (and for each API server request).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout, requires = "cluster", value_name = "DURATION")]
+    agent_timeout: std::time::Duration,
+    /// The kubeconfig file to use (default: KUBECONFIG, ~/.kube/config, or the pod's service
+    /// account).
+    #[arg(long, requires = "cluster", value_name = "FILE")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, requires = "cluster", value_name = "CONTEXT")]
+    kube_context: Option<String>,
+}
+
+// The defaults of `flows --cluster`, as deploy/ names things.
+const DEFAULT_AGENT_NAMESPACE: &str = "meshguard";
+const DEFAULT_AGENT_SELECTOR: &str = "app.kubernetes.io/name=meshguard";
+const DEFAULT_TOKEN_SECRET: &str = "meshguard-api-token";
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a duration like 5s or 1m"))
 }
 
 #[derive(clap::Args)]
@@ -222,6 +276,47 @@ fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+#[cfg(feature = "kubernetes")]
+async fn cluster_flows(
+    conn: &ClusterConn,
+    agent: &AgentConn,
+    query: &cli::FlowQuery,
+    output: cli::Output,
+    follow: bool,
+) -> Result<(), cli::CliError> {
+    if follow {
+        return Err(cli::CliError::Usage(
+            "--follow does not go with --cluster: follow one node's agent (--agent, or `kubectl \
+             exec` into its pod), or repeat `meshguard flows --cluster --since 1m`"
+                .into(),
+        ));
+    }
+    let options = meshguard::cluster::Options {
+        namespace: conn.agent_namespace.clone(),
+        selector: conn.agent_selector.clone(),
+        token_secret: conn.token_secret.clone(),
+        token_file: agent.token_file.clone(),
+        kubeconfig: conn.kubeconfig.clone(),
+        kube_context: conn.kube_context.clone(),
+        timeout: conn.agent_timeout,
+    };
+    meshguard::cluster::flows(&options, query, output).await
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn cluster_flows(
+    _: &ClusterConn,
+    _: &AgentConn,
+    _: &cli::FlowQuery,
+    _: cli::Output,
+    _: bool,
+) -> Result<(), cli::CliError> {
+    Err(cli::CliError::Usage(
+        "--cluster: this meshguard was built without Kubernetes support (feature `kubernetes`)"
+            .into(),
+    ))
+}
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -251,7 +346,15 @@ fn run_verb(verb: impl std::future::Future<Output = Result<(), cli::CliError>>) 
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `--agent` on the command line contradicts `--cluster`; MESHGUARD_AGENT in the
+    // environment does not (it is for the other verbs).
+    let agent_on_command_line = matches
+        .subcommand_matches("flows")
+        .and_then(|m| m.value_source("agent"))
+        == Some(clap::parser::ValueSource::CommandLine);
     let result = match cli.command {
         Command::Flows(args) => {
             let query = cli::FlowQuery {
@@ -264,6 +367,20 @@ fn main() -> ExitCode {
                 last: args.last,
             };
             let (output, follow) = (args.output, args.follow);
+            if args.cluster.cluster {
+                if agent_on_command_line {
+                    return run_verb(async {
+                        Err(cli::CliError::Usage(
+                            "--agent names one agent and --cluster asks every node's: give one \
+                             or the other"
+                                .into(),
+                        ))
+                    });
+                }
+                return run_verb(async move {
+                    cluster_flows(&args.cluster, &args.agent, &query, output, follow).await
+                });
+            }
             return run_verb(async move {
                 cli::flows(&args.agent.client()?, &query, output, follow).await
             });
