@@ -133,7 +133,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             ..Status::default()
         },
     ));
-    serve(&options, &state).await?;
+    let serving = serve(&options, &state).await?;
 
     let mut kernel = Kernel::start(
         &node,
@@ -143,7 +143,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     )?;
     let metrics = &state.metrics;
     metrics.programs_attached.set(kernel.attached.len() as i64);
-    metrics.degraded.set(i64::from(!kernel.degraded.is_empty()));
+    let degraded: Vec<String> = kernel.degraded.iter().chain(&serving).cloned().collect();
+    metrics.degraded.set(i64::from(!degraded.is_empty()));
     metrics
         .map_capacity
         .with_label_values(&["flows"])
@@ -151,7 +152,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     {
         let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
         status.programs_attached = kernel.attached.iter().map(|p| p.to_string()).collect();
-        status.degraded = kernel.degraded.clone();
+        status.degraded = degraded;
         status.flow_map.capacity = kernel.flow_map_capacity;
         status.adopted = kernel.adopted;
     }
@@ -380,8 +381,11 @@ fn drain_events(
 }
 
 /// Starts the endpoints: metrics and health on TCP, the API on its unix socket and, if asked,
-/// on TCP with a token. Failing to bind is fatal: a DaemonSet pod should restart, loudly.
-async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<()> {
+/// on TCP with a token. Failing to bind is fatal: a DaemonSet pod should restart, loudly. A token
+/// file that does not exist (its Secret not created yet) only leaves the TCP API off: the node
+/// is still watched. Returns what is not served, in words.
+async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<Vec<String>> {
+    let mut not_served = Vec::new();
     if let Some(addr) = options.metrics_addr {
         let listener = TcpListener::bind(addr)
             .await
@@ -406,10 +410,21 @@ async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<()>
         ready_rx.await.context("starting the API socket")??;
     }
     if let Some((addr, token_file)) = &options.api_tcp {
-        let token = std::fs::read_to_string(token_file)
-            .with_context(|| format!("reading the API token from {}", token_file.display()))?
-            .trim()
-            .to_string();
+        let token = match std::fs::read_to_string(token_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let why = format!(
+                    "no API on {addr}: the token file {} does not exist (for a DaemonSet: create the Secret meshguard-api-token, then restart the pods)",
+                    token_file.display()
+                );
+                warn!("{why}");
+                not_served.push(why);
+                return Ok(not_served);
+            }
+            read => read
+                .with_context(|| format!("reading the API token from {}", token_file.display()))?
+                .trim()
+                .to_string(),
+        };
         anyhow::ensure!(
             token.len() >= 16,
             "the API token in {} is shorter than 16 characters",
@@ -426,7 +441,7 @@ async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<()>
             }
         });
     }
-    Ok(())
+    Ok(not_served)
 }
 
 /// Starts the `--inventory` source; the inventory is empty until it delivers.

@@ -339,3 +339,28 @@ fn sighup_reloads_the_policy_and_a_broken_one_changes_nothing() {
     assert!(log.contains("SIGHUP: policy reloaded"), "{log}");
     assert!(log.contains("SIGHUP: keeping the current policy"), "{log}");
 }
+
+#[test]
+fn a_missing_api_token_leaves_only_the_tcp_api_off() {
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("faults-notoken").unwrap();
+    let agent = Agent::start(
+        &cgroup,
+        &[
+            "--api-addr",
+            "127.0.0.1:0",
+            "--api-token-file",
+            "/nonexistent/meshguard-token",
+        ],
+    )
+    .unwrap();
+    let status = status(&agent);
+    let degraded = status["degraded"].to_string();
+    assert!(
+        degraded.contains("no API on 127.0.0.1:0") && degraded.contains("does not exist"),
+        "{status}"
+    );
+    agent.stop().unwrap();
+}
