@@ -35,6 +35,7 @@ METRICS = {
     "meshguard_map_entries": {"map"},
     "meshguard_map_capacity": {"map"},
     "meshguard_flows_tracked": set(),
+    "meshguard_flows_recovered_total": set(),
     "meshguard_programs_attached": set(),
     "meshguard_degraded": set(),
     "meshguard_inventory_age_seconds": set(),
@@ -44,8 +45,8 @@ METRICS = {
 LABEL_VALUES = {
     "verdict": {"mtls", "bypass-plaintext", "bypass-tls", "plaintext", "unmeshed", "expected",
                 "in-pod", "pending"},
-    "source": {"ringbuf_full", "flow_map_full", "flow_evicted", "undecodable",
-               "agent_table_evicted"},
+    "source": {"ringbuf_full", "flow_map_full", "flow_evicted", "flow_evicted_unseen",
+               "undecodable", "agent_table_evicted"},
     "map": {"flows"},
 }
 # Labels that Prometheus and the ServiceMonitor (its node relabeling) add to every series.
@@ -529,7 +530,34 @@ def cmd_dashboard(path):
     return fail(problems)
 
 
+def cmd_uninstall(rendered):
+    """The removal DaemonSet runs `meshguard uninstall` with the host's bpffs, and carries no
+    label that would make `flows --cluster` (or the agents' Service) take it for an agent."""
+    problems = []
+    docs = [d for d in load_all(rendered) if d.get("kind") == "DaemonSet"]
+    if len(docs) != 1:
+        return fail([f"expected one DaemonSet, found {len(docs)}"])
+    ds = docs[0]
+    pod = ds["spec"]["template"]
+    labels = pod["metadata"].get("labels", {})
+    if labels.get("app.kubernetes.io/name") == "meshguard":
+        problems.append("its pods carry the agents' label app.kubernetes.io/name=meshguard")
+    spec = pod["spec"]
+    init = spec.get("initContainers", [])
+    if not any(c.get("args", [])[:1] == ["uninstall"] for c in init):
+        problems.append("no init container runs `meshguard uninstall`")
+    paths = {v["hostPath"]["path"] for v in spec.get("volumes", []) if "hostPath" in v}
+    if "/sys/fs/bpf" not in paths:
+        problems.append("the host's bpffs is not mounted")
+    for c in init + spec.get("containers", []):
+        added = c.get("securityContext", {}).get("capabilities", {}).get("add", [])
+        if added or c.get("securityContext", {}).get("privileged"):
+            problems.append(f"container {c['name']} asks for privileges it does not need")
+    return fail(problems)
+
+
 COMMANDS = {
+    "uninstall": (cmd_uninstall, 1),
     "builtin": (cmd_builtin, 2), "crds": (cmd_crds, 1), "consistency": (cmd_consistency, 1),
     "groups": (cmd_groups, 2), "promql": (cmd_promql, 1), "dashboard": (cmd_dashboard, 1),
 }

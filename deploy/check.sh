@@ -114,6 +114,20 @@ for target in base overlays/openshift; do
     run "$groups" python3 "$DEPLOY/check.py" groups "$out" "$DEPLOY/prometheus/rules.yaml"
 done
 
+# The removal DaemonSet: renders, validates, and runs `meshguard uninstall`.
+out="$TMP/uninstall.yaml"
+run "uninstall: kubectl kustomize renders" sh -c 'kubectl kustomize "$1" >"$2"' \
+    sh "$DEPLOY/uninstall" "$out"
+if [ -s "$out" ]; then
+    run "uninstall: built-in kinds valid (kubernetes-validate -k $KUBERNETES_VERSION --strict)" \
+        validate_builtin "$out"
+    run "uninstall: runs meshguard uninstall, not labelled as an agent" \
+        python3 "$DEPLOY/check.py" uninstall "$out"
+else
+    skip "uninstall: built-in kinds valid" "did not render"
+    skip "uninstall: runs meshguard uninstall, not labelled as an agent" "did not render"
+fi
+
 run "promtool check rules prometheus/rules.yaml" \
     promtool check rules "$DEPLOY/prometheus/rules.yaml"
 run "promtool test rules prometheus/rules-test.yaml" \

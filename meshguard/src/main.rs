@@ -43,6 +43,9 @@ enum Command {
         /// Where agents pin the kernel side (their --bpf-pin-dir).
         #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
         bpf_pin_dir: std::path::PathBuf,
+        /// Then wait for SIGTERM (as the container of a DaemonSet that uninstalls on every node).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -400,7 +403,12 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Command::Uninstall { bpf_pin_dir } => uninstall(&bpf_pin_dir),
+        Command::Uninstall { bpf_pin_dir, wait } => uninstall(&bpf_pin_dir).and_then(|()| {
+            if wait {
+                wait_for_termination()?;
+            }
+            Ok(())
+        }),
         Command::Agent(args) => {
             init_logging(args.log_format);
             let options = agent::Options {
@@ -458,6 +466,23 @@ fn uninstall(dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT.
+fn wait_for_termination() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            Ok(())
+        })
 }
 
 #[cfg(test)]
