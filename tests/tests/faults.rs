@@ -364,3 +364,66 @@ fn a_missing_api_token_leaves_only_the_tcp_api_off() {
     );
     agent.stop().unwrap();
 }
+
+#[test]
+fn a_stuck_api_client_never_holds_up_the_agent() {
+    use std::{io::Write, os::unix::net::UnixStream};
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("faults-stuck").unwrap();
+    let agent = Agent::start(&cgroup, &[]).unwrap();
+    // A follower that never reads, and a client that never finishes its request.
+    let mut follower = UnixStream::connect(&agent.socket).unwrap();
+    follower
+        .write_all(b"GET /v1/flows/stream HTTP/1.1\r\nHost: meshguard\r\n\r\n")
+        .unwrap();
+    let mut half = UnixStream::connect(&agent.socket).unwrap();
+    half.write_all(b"GET /v1/flows HTTP/1.1\r\nHost: mesh")
+        .unwrap();
+
+    // Thousands of flows (with payload: each is judged and streamed) while they hang on.
+    const FLOWS: usize = 2000;
+    let script = format!(
+        "
+import socket, threading
+server = socket.socket()
+server.bind(('127.0.0.1', 0))
+server.listen(1024)
+print(server.getsockname()[1], flush=True)
+def serve():
+    while True:
+        c, _ = server.accept()
+        c.recv(64)
+        c.sendall(b'pong')
+        c.close()
+threading.Thread(target=serve, daemon=True).start()
+for _ in range({FLOWS}):
+    s = socket.create_connection(server.getsockname())
+    s.sendall(b'ping')
+    s.recv(64)
+    s.close()
+"
+    );
+    let out = cgroup
+        .run(Command::new("python3").args(["-c", &script]))
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let port: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let clients = agent
+        .wait_for(FLOWS, "every client socket", |r| {
+            r["event"] == "closed" && r["remote"]["port"] == port
+        })
+        .unwrap();
+    assert_eq!(clients.len(), FLOWS);
+    // And the API still answers everyone else.
+    assert_eq!(
+        status(&agent)["programs_attached"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    drop((follower, half));
+    agent.stop().unwrap();
+}
