@@ -22,8 +22,9 @@ use tracing::{info, warn};
 
 use crate::{
     api,
+    cookie::CookieMap,
     event::decode,
-    flow::FlowTable,
+    flow::{Change, Flow, FlowTable},
     http,
     inventory::{self, source::Source, Inventory, Shared},
     kernel::{Kernel, ProcessAttribution, Sizes},
@@ -36,7 +37,7 @@ use crate::{
 
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub node_name: String,
+    pub node_name: Arc<str>,
     pub log_flows: bool,
     pub sizes: Sizes,
     pub process_attribution: ProcessAttribution,
@@ -127,7 +128,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Arc::clone(&inventory),
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            node: options.node_name.clone(),
+            node: options.node_name.to_string(),
             kernel: kernel_release(),
             started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             ..Status::default()
@@ -347,6 +348,7 @@ fn drain_events(
 ) -> anyhow::Result<()> {
     let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
     let mut any = false;
+    let mut batch = Batch::default();
     while let Some(item) = ring.next() {
         any = true;
         let event = match decode(&item) {
@@ -367,6 +369,9 @@ fn drain_events(
         let Some((flow, change)) = table.apply(&event) else {
             continue;
         };
+        batch.add(flow, change);
+    }
+    for (flow, change) in batch.flows {
         let record = flow.record(&options.node_name, change, &pods, policy);
         if options.log_flows {
             serde_json::to_writer(&mut *stdout, &record)?;
@@ -378,6 +383,31 @@ fn drain_events(
         stdout.flush()?;
     }
     Ok(())
+}
+
+/// The flow changes of one read of the ring buffer, in order. A flow classified and closed
+/// within the same read (most short connections) is published once, closed: half the records
+/// to build, store and stream, and nothing a reader could have seen in between.
+#[derive(Default)]
+struct Batch {
+    flows: Vec<(Flow, Change)>,
+    classified_at: CookieMap<usize>,
+}
+
+impl Batch {
+    fn add(&mut self, mut flow: Flow, change: Change) {
+        if change == Change::Closed {
+            if let Some(i) = self.classified_at.remove(&flow.cookie) {
+                // The closed record is now the flow's first: metrics count the flow on it.
+                flow.first_report |= self.flows[i].0.first_report;
+                self.flows[i] = (flow, change);
+                return;
+            }
+        } else {
+            self.classified_at.insert(flow.cookie, self.flows.len());
+        }
+        self.flows.push((flow, change));
+    }
 }
 
 /// Starts the endpoints: metrics and health on TCP, the API on its unix socket and, if asked,
@@ -562,4 +592,39 @@ pub fn default_node_name() -> String {
                 .map(|h| h.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use meshguard_ebpf::{EventKind, FlowState, DIRECTION_EGRESS};
+
+    use super::*;
+    use crate::event::tests::{flow_event, sample_event};
+
+    #[test]
+    fn a_flow_classified_and_closed_in_one_read_is_published_once() {
+        let mut table = FlowTable::new(8, SystemTime::UNIX_EPOCH);
+        let mut batch = Batch::default();
+        let state = FlowState::default();
+        let get = b"GET / HTTP/1.1\r\n";
+        for event in [
+            sample_event(1, state, DIRECTION_EGRESS, get),
+            sample_event(2, state, DIRECTION_EGRESS, get),
+            flow_event(EventKind::Close, 1, state),
+        ] {
+            if let Some((flow, change)) = table.apply(&decode(&event).unwrap()) {
+                batch.add(flow, change);
+            }
+        }
+        let published: Vec<(u64, Change, bool)> = batch
+            .flows
+            .iter()
+            .map(|(flow, change)| (flow.cookie, *change, flow.first_report))
+            .collect();
+        assert_eq!(
+            published,
+            [(1, Change::Closed, true), (2, Change::Classified, true)],
+            "flow 1 once, closed, and still counted; flow 2 as it is"
+        );
+    }
 }

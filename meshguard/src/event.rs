@@ -78,16 +78,20 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         });
     }
     let (flow, sample) = if kind == EventKind::Sample {
-        let event: SampleEvent = read(bytes);
-        let len = event.len as usize;
-        if len > SAMPLE_LEN {
-            return Err(DecodeError::SampleLength(event.len));
+        // Field by field: copying the whole event (over a kilobyte) for a few payload bytes
+        // would be most of the decoder's work.
+        use std::mem::offset_of;
+        let len: u32 = read(&bytes[offset_of!(SampleEvent, len)..]);
+        if len as usize > SAMPLE_LEN {
+            return Err(DecodeError::SampleLength(len));
         }
+        let direction: u32 = read(&bytes[offset_of!(SampleEvent, direction)..]);
+        let data = offset_of!(SampleEvent, data);
         let sample = Sample {
-            direction: event.direction as u8,
-            bytes: event.data[..len].to_vec(),
+            direction: direction as u8,
+            bytes: bytes[data..data + len as usize].to_vec(),
         };
-        (event.flow, Some(sample))
+        (read(&bytes[offset_of!(SampleEvent, flow)..]), Some(sample))
     } else {
         (read::<FlowEvent>(bytes).flow, None)
     };

@@ -3,8 +3,9 @@
 //! it closed. Bounded: when full, the oldest flow makes room and the eviction is counted.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -12,6 +13,7 @@ use meshguard_ebpf::{flags, EventKind, FlowState, DIRECTION_EGRESS, DIRECTION_IN
 use serde::Serialize;
 
 use crate::{
+    cookie::CookieMap,
     event::{ip_addr, KernelEvent},
     fingerprint::{fingerprint, redacted, Fingerprint, PlaintextHint, TlsInfo},
     inventory::{Identity, Inventory},
@@ -86,7 +88,7 @@ pub struct Reconciled {
 pub const EVENT_GRACE_NS: u64 = 1_000_000_000;
 
 pub struct FlowTable {
-    flows: HashMap<u64, Flow>,
+    flows: CookieMap<Flow>,
     /// Cookies in arrival order; may hold cookies of flows already gone (skipped on eviction,
     /// compacted when it grows past twice the capacity).
     order: VecDeque<u64>,
@@ -103,7 +105,9 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(capacity: usize, boot: SystemTime) -> Self {
         Self {
-            flows: HashMap::new(),
+            // Not sized up front: few flows are open at once on most nodes, and a table sized
+            // for the worst case would touch a new page for nearly every insert.
+            flows: CookieMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
             evicted: 0,
@@ -374,7 +378,7 @@ impl Flow {
 
     pub fn record(
         &self,
-        node: &str,
+        node: &Arc<str>,
         change: Change,
         inventory: &Inventory,
         policy: &Policy,
@@ -387,12 +391,12 @@ impl Flow {
         );
         let decision = decide(&ev, local, remote, policy);
         FlowRecord {
-            id: format!("{:016x}", self.cookie),
-            node: node.to_string(),
+            cookie: self.cookie,
+            id: FlowId(self.cookie),
+            node: Arc::clone(node),
             event: change,
-            first_seen: humantime::format_rfc3339_millis(self.first_seen).to_string(),
-            last_seen: humantime::format_rfc3339_millis(self.last_seen).to_string(),
-            last_seen_at: self.last_seen,
+            first_seen: Timestamp(self.first_seen),
+            last_seen: Timestamp(self.last_seen),
             state: if self.closed { "closed" } else { "open" },
             direction: match ev.direction {
                 Direction::Egress => "egress",
@@ -447,14 +451,15 @@ impl Flow {
 /// A flow as `--log-flows` and, later, the API and CLI show it.
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRecord {
-    pub id: String,
-    pub node: String,
-    pub event: Change,
-    pub first_seen: String,
-    pub last_seen: String,
-    /// `last_seen` as a time, for filters.
+    /// The socket cookie; `id` is it in hex.
     #[serde(skip)]
-    pub last_seen_at: SystemTime,
+    pub cookie: u64,
+    pub id: FlowId,
+    /// Shared by every record of the agent.
+    pub node: Arc<str>,
+    pub event: Change,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
     pub state: &'static str,
     pub direction: &'static str,
     pub protocol: &'static str,
@@ -489,6 +494,33 @@ pub struct FlowRecord {
     /// last saw them.
     pub evicted: bool,
     pub netns_cookie: u64,
+}
+
+/// A flow's id: its socket cookie, shown as 16 hex digits. Kept as the number, so that a record
+/// costs no string for it until it is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowId(pub u64);
+
+impl std::fmt::Display for FlowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Serialize for FlowId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A time as records show it (RFC 3339, milliseconds, UTC), formatted only when shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamp(pub SystemTime);
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -612,7 +644,7 @@ mod tests {
             if want == Some(Change::Closed) {
                 let (flow, _) = table.apply(&decode(&bytes).unwrap()).unwrap();
                 let record = flow.record(
-                    "node-a",
+                    &"node-a".into(),
                     Change::Closed,
                     &Inventory::empty("none"),
                     &Policy::default(),
@@ -659,7 +691,12 @@ mod tests {
                 )
                 .unwrap();
             assert_eq!(change, Change::Classified);
-            let record = flow.record("n", change, &Inventory::empty("none"), &Policy::default());
+            let record = flow.record(
+                &"n".into(),
+                change,
+                &Inventory::empty("none"),
+                &Policy::default(),
+            );
             assert_eq!(record.encryption, encryption, "{bytes:?}");
             assert_eq!(record.plaintext.map(|p| p.protocol), protocol);
         }
@@ -680,8 +717,13 @@ mod tests {
             .unwrap();
         assert_eq!(change, Change::Closed);
         assert_eq!(
-            flow.record("n", change, &Inventory::empty("none"), &Policy::default())
-                .encryption,
+            flow.record(
+                &"n".into(),
+                change,
+                &Inventory::empty("none"),
+                &Policy::default()
+            )
+            .encryption,
             Encryption::Unknown
         );
     }
@@ -823,8 +865,12 @@ mod tests {
             );
             if let Some((flow, change)) = found.published.first() {
                 assert!(flow.recovered, "{what}");
-                let record =
-                    flow.record("n", *change, &Inventory::empty("none"), &Policy::default());
+                let record = flow.record(
+                    &"n".into(),
+                    *change,
+                    &Inventory::empty("none"),
+                    &Policy::default(),
+                );
                 assert!(record.recovered, "{what}");
                 let encryption = if kernel.head[0][0] == 22 {
                     Encryption::Tls
@@ -848,7 +894,12 @@ mod tests {
         let (flow, change) = table
             .apply(&decode(&flow_event(EventKind::Close, 3, kernel)).unwrap())
             .unwrap();
-        let record = flow.record("n", change, &Inventory::empty("none"), &Policy::default());
+        let record = flow.record(
+            &"n".into(),
+            change,
+            &Inventory::empty("none"),
+            &Policy::default(),
+        );
         assert_eq!(record.encryption, Encryption::Plaintext);
         assert_eq!(record.plaintext.unwrap().method.as_deref(), Some("POST"));
         assert!(record.first_report);
@@ -869,7 +920,7 @@ mod tests {
             .unwrap();
         assert_eq!(table.stats().lost_unseen, 1);
         let record = flow.record(
-            "n",
+            &"n".into(),
             Change::Closed,
             &Inventory::empty("none"),
             &Policy::default(),

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 #[cfg(feature = "kubernetes")]
 pub mod cluster;
+pub mod cookie;
 pub mod event;
 pub mod fingerprint;
 pub mod flow;

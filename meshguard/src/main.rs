@@ -412,7 +412,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => {
             init_logging(args.log_format);
             let options = agent::Options {
-                node_name: args.node_name,
+                node_name: args.node_name.into(),
                 log_flows: args.log_flows,
                 sizes: kernel::Sizes {
                     flow_map_entries: args.flow_map_size,

@@ -361,7 +361,7 @@ mod tests {
         ]
         .iter()
         .filter_map(|bytes| table.apply(&decode(bytes).unwrap()))
-        .map(|(flow, change)| flow.record("n", change, &inv, &policy))
+        .map(|(flow, change)| flow.record(&"n".into(), change, &inv, &policy))
         .collect()
     }
 

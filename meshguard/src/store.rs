@@ -4,12 +4,12 @@
 //! flow's later record (closed) replaces its earlier one (classified).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use crate::{flow::FlowRecord, verdict::Verdict};
+use crate::{cookie::CookieMap, flow::FlowRecord, verdict::Verdict};
 
 /// Verdicts that are kept apart from the flood.
 pub fn flagged(v: Verdict) -> bool {
@@ -19,32 +19,66 @@ pub fn flagged(v: Verdict) -> bool {
     )
 }
 
-/// One bounded, newest-first set of records.
-#[derive(Default)]
+/// One bounded set of records in arrival order, each with its number (`seq`, increasing). A
+/// flow's later record empties the slot of its earlier one; holes leave as they reach the
+/// front, and there are never more of them than flows (a flow has two records at most: when
+/// classified and when closed).
 struct Ring {
-    by_seq: BTreeMap<u64, Arc<FlowRecord>>,
-    seq_of: HashMap<String, u64>,
+    /// (seq, cookie, record): the cookie beside the record, so that evicting the oldest does
+    /// not have to read the record itself, long gone from the CPU's caches.
+    slots: VecDeque<(u64, u64, Option<Arc<FlowRecord>>)>,
+    /// Each flow's live record, by cookie.
+    seq_of: CookieMap<u64>,
     capacity: usize,
 }
 
 impl Ring {
+    /// Sized up front: growing while records pour in would copy the whole ring, more than once.
     fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
-            capacity: capacity.max(1),
-            ..Self::default()
+            slots: VecDeque::with_capacity(capacity + capacity / 4),
+            seq_of: CookieMap::with_capacity_and_hasher(capacity + 1, Default::default()),
+            capacity,
         }
     }
 
+    fn len(&self) -> usize {
+        self.seq_of.len()
+    }
+
+    fn index(&self, seq: u64) -> Option<usize> {
+        self.slots.binary_search_by_key(&seq, |(s, _, _)| *s).ok()
+    }
+
+    fn get(&self, cookie: u64) -> Option<&Arc<FlowRecord>> {
+        let i = self.index(*self.seq_of.get(&cookie)?)?;
+        self.slots[i].2.as_ref()
+    }
+
+    /// Stores record number `seq`, higher than any stored before.
     fn put(&mut self, seq: u64, record: &Arc<FlowRecord>) {
-        if let Some(old) = self.seq_of.insert(record.id.clone(), seq) {
-            self.by_seq.remove(&old);
-        }
-        self.by_seq.insert(seq, Arc::clone(record));
-        while self.by_seq.len() > self.capacity {
-            if let Some((_, gone)) = self.by_seq.pop_first() {
-                self.seq_of.remove(&gone.id);
+        if let Some(old) = self.seq_of.insert(record.cookie, seq) {
+            if let Some(i) = self.index(old) {
+                self.slots[i].2 = None;
             }
         }
+        self.slots
+            .push_back((seq, record.cookie, Some(Arc::clone(record))));
+        while self.seq_of.len() > self.capacity || matches!(self.slots.front(), Some((_, _, None)))
+        {
+            if let Some((_, cookie, Some(_))) = self.slots.pop_front() {
+                self.seq_of.remove(&cookie);
+            }
+        }
+    }
+
+    /// Records, newest first, with their numbers.
+    fn newest_first(&self) -> impl Iterator<Item = (u64, &Arc<FlowRecord>)> {
+        self.slots
+            .iter()
+            .rev()
+            .filter_map(|(seq, _, r)| Some((*seq, r.as_ref()?)))
     }
 }
 
@@ -72,25 +106,42 @@ impl FlowStore {
     }
 
     pub fn len(&self) -> (usize, usize) {
-        (self.recent.by_seq.len(), self.flagged.by_seq.len())
+        (self.recent.len(), self.flagged.len())
     }
 
+    /// The record of flow `id` (its cookie in hex, as records show it).
     pub fn get(&self, id: &str) -> Option<Arc<FlowRecord>> {
-        [&self.recent, &self.flagged]
-            .iter()
-            .find_map(|ring| ring.seq_of.get(id).and_then(|seq| ring.by_seq.get(seq)))
+        let cookie = u64::from_str_radix(id, 16).ok()?;
+        self.recent
+            .get(cookie)
+            .or_else(|| self.flagged.get(cookie))
             .cloned()
     }
 
-    /// Records matching `filter`, newest first, at most `filter.limit`.
+    /// Records matching `filter`, newest first, at most `filter.limit`: the two rings merged by
+    /// number (a flagged record may be in both).
     pub fn query(&self, filter: &Filter, now: SystemTime) -> Vec<Arc<FlowRecord>> {
-        let mut merged: BTreeMap<u64, &Arc<FlowRecord>> = BTreeMap::new();
-        for ring in [&self.recent, &self.flagged] {
-            merged.extend(ring.by_seq.iter().map(|(seq, r)| (*seq, r)));
-        }
+        let mut recent = self.recent.newest_first().peekable();
+        let mut flagged = self.flagged.newest_first().peekable();
+        let merged = std::iter::from_fn(|| {
+            let newer_recent = match (recent.peek(), flagged.peek()) {
+                (Some((a, _)), Some((b, _))) if a == b => {
+                    flagged.next();
+                    true
+                }
+                (Some((a, _)), Some((b, _))) => a > b,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => return None,
+            };
+            if newer_recent {
+                recent.next()
+            } else {
+                flagged.next()
+            }
+        });
         merged
-            .into_values()
-            .rev()
+            .map(|(_, r)| r)
             .filter(|r| filter.matches(r, now))
             .take(filter.limit)
             .cloned()
@@ -214,7 +265,7 @@ impl Filter {
                 .is_none_or(|w| either(&|e| e.workload.as_deref() == Some(w)))
             && self.port.is_none_or(|p| either(&|e| e.port == p))
             && self.since.is_none_or(|d| {
-                now.duration_since(r.last_seen_at)
+                now.duration_since(r.last_seen.0)
                     .map_or(true, |age| age <= d)
             })
     }
@@ -244,12 +295,12 @@ mod tests {
 
     fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
         Arc::new(FlowRecord {
-            id: format!("{id:016x}"),
+            cookie: id,
+            id: crate::flow::FlowId(id),
             node: "n".into(),
             event: Change::Closed,
-            first_seen: String::new(),
-            last_seen: String::new(),
-            last_seen_at: at,
+            first_seen: crate::flow::Timestamp(at),
+            last_seen: crate::flow::Timestamp(at),
             state: "closed",
             direction: "egress",
             protocol: "tcp",
@@ -355,7 +406,7 @@ mod tests {
             },
             now,
         );
-        let ids: Vec<&str> = newest.iter().map(|r| r.id.as_str()).collect();
+        let ids: Vec<String> = newest.iter().map(|r| r.id.to_string()).collect();
         assert_eq!(
             ids,
             [
@@ -380,5 +431,43 @@ mod tests {
             Verdict::BypassPlaintext,
             "the update is the newest"
         );
+    }
+
+    #[test]
+    fn replacements_leave_no_lasting_holes() {
+        let now = SystemTime::now();
+        let mut store = FlowStore::new(50, 50);
+        for cookie in 0..1000 {
+            // Each flow as the agent publishes it: classified, then closed; a third flagged.
+            let last = if cookie % 3 == 0 {
+                Verdict::BypassPlaintext
+            } else {
+                Verdict::Mtls
+            };
+            store.insert(record(cookie, Verdict::Pending, now));
+            store.insert(record(cookie, last, now));
+        }
+        assert_eq!(store.len(), (50, 50));
+        for ring in [&store.recent, &store.flagged] {
+            assert!(ring.slots.len() <= 100, "{} slots", ring.slots.len());
+        }
+        let all = store.query(
+            &Filter {
+                limit: MAX_LIMIT,
+                ..Filter::default()
+            },
+            now,
+        );
+        let cookies: Vec<u64> = all.iter().map(|r| r.cookie).collect();
+        let mut newest_first_once = cookies.clone();
+        newest_first_once.sort_unstable_by(|a, b| b.cmp(a));
+        newest_first_once.dedup();
+        assert_eq!(cookies, newest_first_once, "newest first, each flow once");
+        assert_eq!(
+            cookies.len(),
+            50 + 50 - 17,
+            "the recent 50 and the older flagged"
+        );
+        assert!(all.iter().all(|r| r.verdict != Verdict::Pending));
     }
 }

@@ -215,7 +215,7 @@ fn on_call_queries() {
         "verdict: bypass-plaintext (excluded-port)",
         "netfilter: not redirected",
         "owner: curl",
-        "payload: plaintext (http/1 GET)",
+        "payload: plaintext (http/1 GET /)",
         "excludeOutboundPorts",
     ] {
         assert!(text.contains(needle), "{needle} missing:\n{text}");

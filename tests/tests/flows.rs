@@ -190,14 +190,37 @@ fn plaintext_http_between_namespaces() {
     assert!(received > 20_000);
     assert_plain_http(&agent, &pair.v4[0], &pair.v4[1], 8080, sent, received);
 
-    // A classified record comes first, while the connection is open.
+    // A connection that stays open after its request: its classified record comes while it is
+    // open. (One that opens and closes between two reads of the ring buffer gets its closed
+    // record only.)
+    let mut slow = pair
+        .cgroup
+        .spawn(pair.client.command("python3").args([
+            "-c",
+            &format!(
+                "import socket, time\n\
+                 s = socket.create_connection(('{}', 8080))\n\
+                 s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
+                 s.recv(100)\n\
+                 time.sleep(3)\n",
+                pair.v4[1]
+            ),
+        ]))
+        .unwrap();
     let classified = agent
         .wait_for(1, "the client's classified flow", |r| {
             r["event"] == "classified" && r["local"]["ip"] == pair.v4[0].as_str()
         })
         .unwrap();
+    assert!(
+        slow.try_wait().unwrap().is_none(),
+        "classified while the connection is open"
+    );
     assert_eq!(classified[0].str_at("/state"), "open");
     assert_eq!(classified[0].str_at("/encryption"), "plaintext");
+    assert_eq!(classified[0].str_at("/plaintext/method"), "GET");
+    let _ = slow.kill();
+    let _ = slow.wait();
 
     // SIGTERM: a clean exit that leaves the pinned programs for the next agent, and says so.
     let log = agent.stop().unwrap();
