@@ -39,17 +39,25 @@ pub struct Flow {
     pub last_seen: SystemTime,
     pub closed: bool,
     pub encryption: Encryption,
-    pub tls: Option<TlsInfo>,
-    pub plaintext: Option<PlaintextHint>,
+    /// What its payload samples said; boxed, since a node keeps many flows that have not
+    /// carried any yet (the table's memory is mostly this struct, once per open flow).
+    pub payload: Option<Box<Payload>>,
     /// Learnt from the kernel's flow map by reconciliation, not from its events (which were
     /// lost to a full ring buffer, or went to an agent that has since restarted).
     pub recovered: bool,
     /// Some record of this flow was published already.
     reported: bool,
-    /// The redacted evidence of its first HTTP/1 sample (`--evidence redacted`).
-    pub redacted: Option<String>,
     /// This snapshot is the flow's first record (what metrics count).
     pub first_report: bool,
+}
+
+/// What a flow's payload samples said.
+#[derive(Clone, Debug, Default)]
+pub struct Payload {
+    pub tls: Option<TlsInfo>,
+    pub plaintext: Option<PlaintextHint>,
+    /// The redacted evidence of its first HTTP/1 sample (`--evidence redacted`).
+    pub redacted: Option<String>,
 }
 
 /// What a kernel event changed, worth publishing.
@@ -88,7 +96,9 @@ pub struct Reconciled {
 pub const EVENT_GRACE_NS: u64 = 1_000_000_000;
 
 pub struct FlowTable {
-    flows: CookieMap<Flow>,
+    /// Boxed: growing the table then moves pointers, not whole flows, and never holds two
+    /// copies of every flow at once.
+    flows: CookieMap<Box<Flow>>,
     /// Cookies in arrival order; may hold cookies of flows already gone (skipped on eviction,
     /// compacted when it grows past twice the capacity).
     order: VecDeque<u64>,
@@ -129,7 +139,7 @@ impl FlowTable {
 
     #[cfg(test)]
     pub fn get(&self, cookie: u64) -> Option<&Flow> {
-        self.flows.get(&cookie)
+        self.flows.get(&cookie).map(|flow| &**flow)
     }
 
     /// Applies one kernel event. Returns the flow and what changed, if anything worth publishing
@@ -148,8 +158,11 @@ impl FlowTable {
         if let Some(sample) = &event.sample {
             let first = flow.encryption == Encryption::Unknown;
             flow.learn(fingerprint(&sample.bytes), sample.direction);
-            if capture_redacted && flow.redacted.is_none() {
-                flow.redacted = redacted(&sample.bytes);
+            if capture_redacted {
+                let payload = flow.payload.get_or_insert_default();
+                if payload.redacted.is_none() {
+                    payload.redacted = redacted(&sample.bytes);
+                }
             }
             if first {
                 change = Some(Change::Classified);
@@ -175,19 +188,19 @@ impl FlowTable {
             self.make_room();
             self.order.push_back(cookie);
         }
-        self.flows.entry(cookie).or_insert_with(|| Flow {
-            cookie,
-            kernel: *state,
-            first_seen: at,
-            last_seen: at,
-            closed: false,
-            encryption: Encryption::Unknown,
-            tls: None,
-            plaintext: None,
-            recovered: false,
-            reported: false,
-            first_report: false,
-            redacted: None,
+        self.flows.entry(cookie).or_insert_with(|| {
+            Box::new(Flow {
+                cookie,
+                kernel: *state,
+                first_seen: at,
+                last_seen: at,
+                closed: false,
+                encryption: Encryption::Unknown,
+                payload: None,
+                recovered: false,
+                reported: false,
+                first_report: false,
+            })
         })
     }
 
@@ -294,6 +307,10 @@ fn merge(into: &mut FlowState, from: &FlowState) {
 }
 
 impl Flow {
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.payload.as_ref()?.tls.as_ref()
+    }
+
     /// A copy to publish; the first one is marked so.
     fn snapshot(&mut self) -> Flow {
         self.first_report = !self.reported;
@@ -326,7 +343,11 @@ impl Flow {
         match fp {
             Fingerprint::Tls(info) => {
                 self.encryption = Encryption::Tls;
-                let tls = self.tls.get_or_insert_with(TlsInfo::default);
+                let tls = self
+                    .payload
+                    .get_or_insert_default()
+                    .tls
+                    .get_or_insert_with(TlsInfo::default);
                 if info.handshake == Some(crate::fingerprint::Handshake::ServerHello) {
                     tls.version = info.version;
                 } else {
@@ -342,8 +363,9 @@ impl Flow {
                     self.encryption = Encryption::Plaintext;
                 }
                 // The request names the protocol better than the response.
-                if self.plaintext.is_none() || direction == self.kernel.tuple.direction {
-                    self.plaintext = Some(hint);
+                let payload = self.payload.get_or_insert_default();
+                if payload.plaintext.is_none() || direction == self.kernel.tuple.direction {
+                    payload.plaintext = Some(hint);
                 }
             }
         }
@@ -371,7 +393,7 @@ impl Flow {
             redirect: (k.flags & flags::REDIRECTED != 0)
                 .then(|| SocketAddr::new(ip_addr(t.family, k.redirect.addr), k.redirect.port)),
             encryption: self.encryption,
-            alpn: self.tls.as_ref().map_or(&[], |t| t.alpn.as_slice()),
+            alpn: self.tls().map_or(&[], |t| t.alpn.as_slice()),
         };
         (evidence, comm)
     }
@@ -411,21 +433,25 @@ impl Flow {
                 uid: ev.uid,
             },
             encryption: self.encryption,
-            tls: self.tls.clone(),
-            plaintext: self.plaintext.as_ref().map(|hint| {
-                let (method, path) = match hint {
-                    PlaintextHint::HttpRequest { method, path } => {
-                        (Some(method.clone()), path.clone())
+            tls: self.tls().cloned(),
+            plaintext: self
+                .payload
+                .as_ref()
+                .and_then(|p| p.plaintext.as_ref())
+                .map(|hint| {
+                    let (method, path) = match hint {
+                        PlaintextHint::HttpRequest { method, path } => {
+                            (Some(method.clone()), path.clone())
+                        }
+                        _ => (None, None),
+                    };
+                    PlaintextRecord {
+                        protocol: hint.protocol(),
+                        method,
+                        path,
                     }
-                    _ => (None, None),
-                };
-                PlaintextRecord {
-                    protocol: hint.protocol(),
-                    method,
-                    path,
-                }
-            }),
-            redacted_sample: self.redacted.clone(),
+                }),
+            redacted_sample: self.payload.as_ref().and_then(|p| p.redacted.clone()),
             path: decision.path,
             redirect: ev.redirect.map(|to| RedirectRecord {
                 ip: to.ip(),
