@@ -58,6 +58,9 @@ pub struct Payload {
     pub plaintext: Option<PlaintextHint>,
     /// The redacted evidence of its first HTTP/1 sample (`--evidence redacted`).
     pub redacted: Option<String>,
+    /// All of it came from the few first bytes the kernel's flow map keeps (no sample was
+    /// read): a TLS ClientHello's SNI and ALPN are beyond them.
+    pub head_only: bool,
 }
 
 /// What a kernel event changed, worth publishing.
@@ -158,6 +161,9 @@ impl FlowTable {
         if let Some(sample) = &event.sample {
             let first = flow.encryption == Encryption::Unknown;
             flow.learn(fingerprint(&sample.bytes), sample.direction);
+            if let Some(payload) = &mut flow.payload {
+                payload.head_only = false;
+            }
             if capture_redacted {
                 let payload = flow.payload.get_or_insert_default();
                 if payload.redacted.is_none() {
@@ -332,6 +338,7 @@ impl Flow {
             let len = usize::from(len).min(HEAD_LEN);
             if len > 0 {
                 self.learn(fingerprint(&head[..len]), direction);
+                self.payload.get_or_insert_default().head_only = true;
             }
         }
         self.encryption != Encryption::Unknown
@@ -394,6 +401,7 @@ impl Flow {
                 .then(|| SocketAddr::new(ip_addr(t.family, k.redirect.addr), k.redirect.port)),
             encryption: self.encryption,
             alpn: self.tls().map_or(&[], |t| t.alpn.as_slice()),
+            alpn_seen: !self.payload.as_ref().is_some_and(|p| p.head_only),
         };
         (evidence, comm)
     }
@@ -891,6 +899,11 @@ mod tests {
             );
             if let Some((flow, change)) = found.published.first() {
                 assert!(flow.recovered, "{what}");
+                assert_eq!(
+                    flow.evidence().0.alpn_seen,
+                    seen,
+                    "{what}: a sample, or only the head"
+                );
                 let record = flow.record(
                     &"n".into(),
                     *change,

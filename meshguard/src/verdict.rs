@@ -86,6 +86,9 @@ pub struct Evidence<'a> {
     pub encryption: Encryption,
     /// ALPN protocols the ClientHello offered.
     pub alpn: &'a [String],
+    /// Whether the ClientHello was seen whole enough to know its ALPN: not when the flow was
+    /// recovered from the first bytes the kernel's flow map keeps.
+    pub alpn_seen: bool,
 }
 
 impl Evidence<'_> {
@@ -321,6 +324,11 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
     if let Some(pod) = sidecar(local) {
         let proxy_uid = ev.uid == Some(pod.proxy_uid);
         if proxy_uid && policy.is_proxy_process(ev.comm) {
+            if ev.encryption == Encryption::Tls && !ev.alpn_seen && sidecar(remote).is_some() {
+                // Recovered evidence: TLS from the proxy to a meshed peer is how mesh mTLS
+                // looks; without its ALPN, say so rather than raise a bypass-tls alarm.
+                return decision(Verdict::Mtls, "mtls-alpn-unseen", Path::Sidecar, format!("{me}'s sidecar carried TLS with meshed {peer}; its ALPN was not seen (the flow was recovered from the kernel's flow map), so mesh mTLS is assumed"));
+            }
             return proxy_socket(ev, remote, &me, &peer, enc);
         }
         if proxy_uid {
@@ -465,6 +473,7 @@ mod tests {
         redirect: Option<&'static str>,
         encryption: Encryption,
         alpn: &'static [&'static str],
+        alpn_seen: bool,
         want: (Verdict, &'static str, Path),
     }
 
@@ -492,6 +501,7 @@ mod tests {
             redirect: None,
             encryption,
             alpn: &[],
+            alpn_seen: true,
             want,
         }
     }
@@ -579,6 +589,19 @@ mod tests {
                     "wrk:worker_0",
                     Tls,
                     (Mtls, "istio-mtls", Path::Sidecar),
+                )
+            },
+            Case {
+                alpn_seen: false,
+                ..case(
+                    "sidecar to sidecar, recovered without its ALPN",
+                    Egress,
+                    ("10.0.0.10", 40000),
+                    ("10.0.0.11", 8080),
+                    PROXY,
+                    "wrk:worker_0",
+                    Tls,
+                    (Mtls, "mtls-alpn-unseen", Path::Sidecar),
                 )
             },
             Case {
@@ -860,6 +883,7 @@ mod tests {
                 redirect: c.redirect.map(|r| r.parse().unwrap()),
                 encryption: c.encryption,
                 alpn: &alpn,
+                alpn_seen: c.alpn_seen,
             };
             let d = decide(
                 &ev,
