@@ -265,7 +265,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 }
 
 /// Reconciliation of the kernel's flow map with the agent's table: at start, and again after
-/// the ring buffer overflowed (until no entry is left too recent to judge).
+/// the ring buffer overflowed (again while a closed entry is too recent to judge).
 #[derive(Default)]
 struct Reconcile {
     /// `ringbuf_full` when the last pass ran.

@@ -136,8 +136,7 @@ impl Kernel {
             }
         }
         // Built in a scratch directory and renamed into place, so that a crash midway leaves no
-        // half generation to adopt.
-        // (bpffs refuses names with dots.)
+        // half generation to adopt. (bpffs refuses names with dots.)
         let scratch = root.join(format!("new-{generation}-{}", std::process::id()));
         remove_pins(&scratch);
         std::fs::create_dir_all(&scratch).map_err(|e| pin_error(&scratch, &e))?;
@@ -150,10 +149,11 @@ impl Kernel {
                 kernel.pins = Some(dir);
                 Ok(kernel)
             });
-        if result.is_err() {
-            remove_pins(&scratch);
+        match &result {
+            // Only now: until the new generation runs, the old one keeps counting.
+            Ok(_) => retire(root, &generation),
+            Err(_) => remove_pins(&scratch),
         }
-        retire(root, &generation);
         result
     }
 
