@@ -235,13 +235,13 @@ impl FlowTable {
                 out.deferred += usize::from(state.closed_ns != 0);
                 continue;
             }
-            let known = self.flows.contains_key(&cookie);
-            if state.closed_ns == 0
-                && known
-                && self.flows[&cookie].encryption != Encryption::Unknown
+            if let Some(followed) = self
+                .flows
+                .get_mut(&cookie)
+                .filter(|f| state.closed_ns == 0 && f.encryption != Encryption::Unknown)
             {
                 // Followed through its events; only the counters may have moved on.
-                merge(&mut self.flows.get_mut(&cookie).unwrap().kernel, &state);
+                merge(&mut followed.kernel, &state);
                 continue;
             }
             let at = self.boot + Duration::from_nanos(written);
