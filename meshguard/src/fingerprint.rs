@@ -63,7 +63,7 @@ pub enum PlaintextHint {
     /// An HTTP/1 request with its method and path. The path never carries its query string or
     /// fragment (they may hold tokens); `None` when the sample ends before the path does.
     HttpRequest {
-        method: String,
+        method: &'static str,
         path: Option<String>,
     },
     HttpResponse,
@@ -240,7 +240,7 @@ fn plaintext(sample: &[u8]) -> PlaintextHint {
     for method in HTTP_METHODS {
         if sample.starts_with(method.as_bytes()) && sample.get(method.len()) == Some(&b' ') {
             return PlaintextHint::HttpRequest {
-                method: method.to_string(),
+                method,
                 path: request_path(&sample[method.len() + 1..]),
             };
         }
@@ -454,14 +454,14 @@ pub(crate) mod tests {
             (
                 b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
                 PlaintextHint::HttpRequest {
-                    method: "GET".into(),
+                    method: "GET",
                     path: Some("/".into()),
                 },
             ),
             (
                 b"POST /api HTTP/1.1\r\n",
                 PlaintextHint::HttpRequest {
-                    method: "POST".into(),
+                    method: "POST",
                     path: Some("/api".into()),
                 },
             ),

@@ -9,7 +9,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use meshguard_ebpf::{flags, EventKind, FlowState, DIRECTION_EGRESS, DIRECTION_INGRESS, HEAD_LEN};
+use meshguard_ebpf::{
+    flags, EventKind, FlowState, COMM_LEN, DIRECTION_EGRESS, DIRECTION_INGRESS, HEAD_LEN,
+};
 use serde::Serialize;
 
 use crate::{
@@ -440,7 +442,7 @@ impl Flow {
             remote: Endpoint::new(ev.remote, remote),
             process: Process {
                 pid: (k.flags & flags::PROCESS != 0).then_some(k.pid),
-                comm: comm.map(str::to_string),
+                comm: comm.map(Comm::new),
                 uid: ev.uid,
             },
             encryption: self.encryption,
@@ -452,7 +454,7 @@ impl Flow {
                 .map(|hint| {
                     let (method, path) = match hint {
                         PlaintextHint::HttpRequest { method, path } => {
-                            (Some(method.clone()), path.clone())
+                            (Some(*method), path.clone())
                         }
                         _ => (None, None),
                     };
@@ -533,6 +535,52 @@ pub struct FlowRecord {
     pub netns_cookie: u64,
 }
 
+/// A process name as the kernel keeps it (`comm`, at most 15 bytes): kept inline, so that a
+/// record costs no allocation for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm {
+    bytes: [u8; COMM_LEN],
+    len: u8,
+}
+
+impl Comm {
+    pub fn new(name: &str) -> Self {
+        let mut bytes = [0; COMM_LEN];
+        // Whole characters only, so that `as_str` is always valid UTF-8.
+        let mut len = name.len().min(COMM_LEN);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self {
+            bytes,
+            len: len as u8,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("?")
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A flow's id: its socket cookie, shown as 16 hex digits. Kept as the number, so that a record
 /// costs no string for it until it is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -590,14 +638,14 @@ impl Endpoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct Process {
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     pub uid: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PlaintextRecord {
     pub protocol: &'static str,
-    pub method: Option<String>,
+    pub method: Option<&'static str>,
     /// An HTTP request's path, without query string or fragment.
     pub path: Option<String>,
 }
@@ -940,7 +988,7 @@ mod tests {
             &Policy::default(),
         );
         assert_eq!(record.encryption, Encryption::Plaintext);
-        assert_eq!(record.plaintext.unwrap().method.as_deref(), Some("POST"));
+        assert_eq!(record.plaintext.unwrap().method, Some("POST"));
         assert!(record.first_report);
     }
 
@@ -966,5 +1014,16 @@ mod tests {
         );
         assert!(record.evicted);
         assert_eq!(record.state, "closed");
+    }
+
+    #[test]
+    fn comm_keeps_whole_characters() {
+        assert_eq!(Comm::new("wrk:worker_0").to_string(), "wrk:worker_0");
+        // 18 bytes of two-byte characters: the first 8 fit in 16.
+        assert_eq!(Comm::new("ééééééééé").as_str(), "éééééééé");
+        assert_eq!(
+            serde_json::to_string(&Comm::new("curl")).unwrap(),
+            "\"curl\""
+        );
     }
 }
