@@ -303,18 +303,9 @@ impl Reconcile {
         let found = table.reconcile(entries, now);
         kernel.forget(&found.forget);
         self.deferred = found.deferred > 0;
-        let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
         let recovered = found.published.len();
-        for (flow, change) in found.published {
-            let record = flow.record(&options.node_name, change, &pods, policy);
-            if options.log_flows {
-                serde_json::to_writer(&mut *stdout, &record)?;
-                stdout.write_all(b"\n")?;
-            }
-            state.metrics.flows_recovered.inc();
-            state.publish(record);
-        }
-        stdout.flush()?;
+        publish(found.published, inventory, policy, options, state, stdout)?;
+        state.metrics.flows_recovered.inc_by(recovered as u64);
         if recovered > 0 {
             warn!(
                 recovered,
@@ -346,11 +337,8 @@ fn drain_events(
     stdout: &mut impl Write,
     losses: &mut Losses,
 ) -> anyhow::Result<()> {
-    let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
-    let mut any = false;
     let mut batch = Batch::default();
     while let Some(item) = ring.next() {
-        any = true;
         let event = match decode(&item) {
             Ok(event) => event,
             Err(e) => {
@@ -371,7 +359,24 @@ fn drain_events(
         };
         batch.add(flow, change);
     }
-    for (flow, change) in batch.flows {
+    publish(batch.flows, inventory, policy, options, state, stdout)
+}
+
+/// Judges each changed flow against the inventory of now and publishes its record: to the
+/// store, followers and metrics, and with `--log-flows` to stdout.
+fn publish(
+    flows: Vec<(Flow, Change)>,
+    inventory: &Shared,
+    policy: &Policy,
+    options: &Options,
+    state: &AgentState,
+    stdout: &mut impl Write,
+) -> anyhow::Result<()> {
+    if flows.is_empty() {
+        return Ok(());
+    }
+    let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
+    for (flow, change) in flows {
         let record = flow.record(&options.node_name, change, &pods, policy);
         if options.log_flows {
             serde_json::to_writer(&mut *stdout, &record)?;
@@ -379,9 +384,7 @@ fn drain_events(
         }
         state.publish(record);
     }
-    if any {
-        stdout.flush()?;
-    }
+    stdout.flush()?;
     Ok(())
 }
 
