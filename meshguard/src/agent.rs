@@ -178,18 +178,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     // Whatever the ring buffer held (events of flows seen while no agent ran), then the flow map
     // itself: flows whose events were lost, closed ones the kernel kept for us.
-    drain_events(
-        events.get_mut(),
-        &mut table,
-        &state,
-        &inventory,
-        &policy,
-        &options,
-        &mut stdout,
-        &mut losses,
-    )?;
     let mut reconcile = Reconcile::default();
     reconcile.run(
+        events.get_mut(),
         &mut kernel,
         &mut table,
         &state,
@@ -197,6 +188,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &policy,
         &options,
         &mut stdout,
+        &mut losses,
     )?;
 
     // The kernel wakes the agent only when a backlog builds up; otherwise it drains on this tick.
@@ -216,8 +208,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 ticks += 1;
                 losses.report(&kernel, table.stats(), metrics);
                 if reconcile.due(&losses) {
-                    drain_events(events.get_mut(), &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
-                    reconcile.run(&mut kernel, &mut table, &state, &inventory, &policy, &options, &mut stdout)?;
+                    reconcile.run(events.get_mut(), &mut kernel, &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
                 }
                 metrics.flows_tracked.set(table.stats().tracked as i64);
                 let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
@@ -283,8 +274,10 @@ impl Reconcile {
         clippy::too_many_arguments,
         reason = "the loop's state, borrowed for one pass"
     )]
+    /// Drains the ring buffer first: what it still holds must not be taken for lost.
     fn run(
         &mut self,
+        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
         kernel: &mut Kernel,
         table: &mut FlowTable,
         state: &AgentState,
@@ -292,7 +285,11 @@ impl Reconcile {
         policy: &Policy,
         options: &Options,
         stdout: &mut impl Write,
+        losses: &mut Losses,
     ) -> anyhow::Result<()> {
+        drain_events(
+            ring, table, state, inventory, policy, options, stdout, losses,
+        )?;
         self.ringbuf_full_seen = kernel
             .stats()
             .map(|s| s[Stat::RingbufFull as usize])
