@@ -2,6 +2,7 @@
 //! their mesh intent, and the node itself. One snapshot at a time, replaced whole when the
 //! source changes; trouble with the source never empties it.
 
+pub mod cgroups;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod pod;
@@ -13,6 +14,7 @@ use std::{
     sync::Arc,
 };
 
+pub use cgroups::{CgroupEntry, CgroupIndex, CgroupOwner, ContainerId};
 pub use pod::{MeshMode, PodError, PodInfo};
 use serde_json::Value;
 
