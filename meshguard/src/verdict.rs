@@ -211,7 +211,9 @@ fn name(id: Identity, addr: SocketAddr) -> String {
 }
 
 fn sidecar(id: Identity<'_>) -> Option<&PodInfo> {
-    id.pod().filter(|p| p.mesh == MeshMode::Sidecar)
+    // TODO(gateway): a gateway's proxy is its workload and has no capture; judged as a
+    // sidecar until the verdict rules tell the two apart.
+    id.pod().filter(|p| p.is_proxy_pod())
 }
 
 fn in_range(pod: &PodInfo, ip: IpAddr) -> bool {
@@ -460,6 +462,7 @@ mod tests {
             exclude_inbound_ports: BTreeSet::from([8081]),
             exclude_outbound_ranges: vec!["192.0.2.0/24".parse().unwrap()],
             probe_ports: BTreeSet::from([8081]),
+            ..PodInfo::default()
         }
     }
 

@@ -15,7 +15,7 @@ use kube::{
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::{namespace_proxy_uid, Inventory, PodInfo, Shared};
+use super::{namespace_proxy_uid, Inventory, ParsedPod, PodInfo, Shared};
 
 pub const SOURCE: &str = "kubernetes";
 
@@ -66,7 +66,10 @@ impl Store {
                 let parsed = PodInfo::parse(&v);
                 let target = self.relisting.as_mut().unwrap_or(&mut self.pods);
                 match parsed {
-                    Ok(pod) => {
+                    Ok(ParsedPod { pod, warnings }) => {
+                        for w in &warnings {
+                            warn!(warning = %w, "pod from the API server kept without the part that did not parse");
+                        }
                         target.insert(key, pod);
                     }
                     Err(e) => {
@@ -197,7 +200,8 @@ mod tests {
 
     #[test]
     fn a_real_injected_pod() {
-        let pod = PodInfo::parse(&fixture()).unwrap();
+        let ParsedPod { pod, warnings } = PodInfo::parse(&fixture()).unwrap();
+        assert_eq!(warnings, []);
         assert_eq!(pod.workload.name, "reviews-v1");
         assert_eq!(pod.mesh, super::super::MeshMode::Sidecar);
         assert_eq!(pod.probe_ports.iter().copied().collect::<Vec<_>>(), [15021]);

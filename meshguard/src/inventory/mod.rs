@@ -1,6 +1,6 @@
-//! Who is behind an address: the pods of this node (and any others the source lists) with
-//! their mesh intent, and the node itself. One snapshot at a time, replaced whole when the
-//! source changes; trouble with the source never empties it.
+//! Who is behind an address or a container: the pods of this node (and any others the source
+//! lists) with their mesh intent and containers, and the node itself. One snapshot at a time,
+//! replaced whole when the source changes; trouble with the source never empties it.
 
 pub mod cgroups;
 #[cfg(feature = "kubernetes")]
@@ -11,11 +11,12 @@ pub mod source;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    ops::Bound,
     sync::Arc,
 };
 
 pub use cgroups::{CgroupEntry, CgroupIndex, CgroupOwner, ContainerId};
-pub use pod::{MeshMode, PodError, PodInfo};
+pub use pod::{ContainerInfo, MeshMode, ParsedPod, PodError, PodInfo, PROXY_CONTAINERS};
 use serde_json::Value;
 
 /// What an address is, as far as the inventory knows.
@@ -41,6 +42,10 @@ pub struct Inventory {
     pods: Vec<PodInfo>,
     by_ip: HashMap<IpAddr, usize>,
     node_ips: HashSet<IpAddr>,
+    /// Container id to (pod, container) positions; `None` where two claim one id, which
+    /// then names neither.
+    by_container: BTreeMap<String, Option<(usize, usize)>>,
+    by_uid: BTreeMap<String, Option<usize>>,
     /// Where it came from (`file:PATH`, `kubernetes`, `none`).
     pub source: String,
     /// When this snapshot was made; `None` before the source delivered one.
@@ -86,10 +91,24 @@ impl Inventory {
                 by_ip.insert(*ip, i);
             }
         }
+        let mut by_container = BTreeMap::new();
+        let mut by_uid = BTreeMap::new();
+        for (i, pod) in pods.iter().enumerate() {
+            if !pod.uid.is_empty() {
+                insert_unique(&mut by_uid, pod.uid.clone(), i);
+            }
+            for (j, c) in pod.containers.iter().enumerate() {
+                if let Some(id) = &c.id {
+                    insert_unique(&mut by_container, id.to_string(), (i, j));
+                }
+            }
+        }
         Self {
             pods,
             by_ip,
             node_ips,
+            by_container,
+            by_uid,
             source: source.to_string(),
             loaded_at: Some(std::time::SystemTime::now()),
         }
@@ -127,6 +146,52 @@ impl Inventory {
         }
         Identity::Unknown
     }
+
+    /// The pod and container a runtime's container id names. Either side may be a short
+    /// form (a prefix) of the other, as some runtimes print ids; a short form that fits more
+    /// than one container names none.
+    pub fn container(&self, id: &ContainerId) -> Option<(&PodInfo, &ContainerInfo)> {
+        let id = id.as_str();
+        let at = match self.by_container.get(id) {
+            Some(at) => *at,
+            None => {
+                let longer = self
+                    .by_container
+                    .range::<str, _>((Bound::Excluded(id), Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(id));
+                // Ids are hex, so any byte offset is a boundary.
+                let shorter =
+                    (1..id.len()).filter_map(|n| self.by_container.get_key_value(&id[..n]));
+                let mut found = longer.chain(shorter).map(|(_, at)| *at);
+                match (found.next(), found.next()) {
+                    (Some(at), None) => at,
+                    _ => None,
+                }
+            }
+        }?;
+        let pod = &self.pods[at.0];
+        Some((pod, &pod.containers[at.1]))
+    }
+
+    /// The pod with this `metadata.uid` (as its cgroup is named).
+    pub fn pod_by_uid(&self, uid: &str) -> Option<&PodInfo> {
+        self.by_uid
+            .get(uid)
+            .copied()
+            .flatten()
+            .map(|i| &self.pods[i])
+    }
+}
+
+/// Inserts; a key already held for another value is held for none.
+fn insert_unique<K: Ord, V: PartialEq + Copy>(map: &mut BTreeMap<K, Option<V>>, key: K, value: V) {
+    map.entry(key)
+        .and_modify(|held| {
+            if *held != Some(value) {
+                *held = None;
+            }
+        })
+        .or_insert(Some(value));
 }
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
@@ -144,11 +209,13 @@ pub struct Parsed {
     /// Proxy uids of namespaces listed with the pods (OpenShift uid ranges).
     pub namespaces: BTreeMap<String, u32>,
     pub errors: Vec<PodError>,
+    /// What parsed pods had wrong that verdicts can do without.
+    pub warnings: Vec<PodError>,
 }
 
 /// Reads a `kubectl get pods -o json` document (a List or PodList, or one Pod; Namespace items
 /// may sit beside the pods). A document that is not JSON, or has no items, is an error; a
-/// malformed item is reported and skipped.
+/// malformed item is reported and skipped; a forgivable flaw in one is reported with it kept.
 pub fn parse_pods(text: &str) -> Result<Parsed, String> {
     let doc: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     let items: Vec<&Value> = match (&doc["kind"], &doc["items"]) {
@@ -167,7 +234,10 @@ pub fn parse_pods(text: &str) -> Result<Parsed, String> {
             continue;
         }
         match PodInfo::parse(item) {
-            Ok(pod) => parsed.pods.push(pod),
+            Ok(ParsedPod { pod, warnings }) => {
+                parsed.pods.push(pod);
+                parsed.warnings.extend(warnings);
+            }
             Err(mut e) => {
                 if e.object.ends_with("<no name>") {
                     e.object = format!("{} (item {i})", e.object);
@@ -184,6 +254,8 @@ pub type Shared = Arc<std::sync::RwLock<Arc<Inventory>>>;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use serde_json::json;
 
     use super::*;
@@ -221,6 +293,207 @@ mod tests {
             "host network is the node"
         );
         assert!(matches!(inv.lookup(ip("10.9.9.9")), Identity::Unknown));
+    }
+
+    fn with_containers(name: &str, uid: &str, containers: &[(&str, &str)]) -> Value {
+        let (spec, status): (Vec<Value>, Vec<Value>) = containers
+            .iter()
+            .map(|(name, id)| {
+                (
+                    json!({ "name": name }),
+                    json!({ "name": name, "containerID": format!("containerd://{id}") }),
+                )
+            })
+            .unzip();
+        json!({ "kind": "Pod", "metadata": { "name": name, "namespace": "n", "uid": uid },
+                "spec": { "containers": spec }, "status": { "containerStatuses": status } })
+    }
+
+    #[test]
+    fn containers_and_uids() {
+        let full = |prefix: &str| format!("{prefix:0<64}");
+        let (web, proxy, db, short) = (full("aa11"), full("aa22"), full("bb33"), "cc44dd55ee66");
+        let doc = json!({ "items": [
+            with_containers("web", "uid-web", &[("web", &web), ("istio-proxy", &proxy)]),
+            with_containers("db", "uid-db", &[("db", &db)]),
+            // A runtime that reported a short id.
+            with_containers("old", "", &[("old", short)]),
+            // Two pods claiming one id (a stale file): it names neither.
+            with_containers("twin-a", "uid-twin", &[("x", &full("ee"))]),
+            with_containers("twin-b", "uid-twin", &[("x", &full("ee"))]),
+        ]});
+        let parsed = parse_pods(&doc.to_string()).unwrap();
+        assert_eq!((parsed.errors.len(), parsed.warnings.len()), (0, 0));
+        let inv = Inventory::new("file:x", parsed.pods);
+        let id = |s: &str| ContainerId::from_hex(s).unwrap();
+        let found = |s: &str| {
+            inv.container(&id(s))
+                .map(|(p, c)| (p.name.as_str(), c.name.as_str(), c.proxy))
+        };
+        let cases = [
+            (web.as_str(), Some(("web", "web", false))),
+            (&proxy, Some(("web", "istio-proxy", true))),
+            (&proxy.to_uppercase(), Some(("web", "istio-proxy", true))),
+            (&db, Some(("db", "db", false))),
+            // Short forms either way, when they fit one container.
+            (&db[..12], Some(("db", "db", false))),
+            (&full(short), Some(("old", "old", false))),
+            (short, Some(("old", "old", false))),
+            ("aa1100000000", Some(("web", "web", false))),
+            ("aa0000000000", None),
+            ("000000000000", None),
+            (&full("ee"), None),
+            (&full("ff"), None),
+        ];
+        for (query, want) in cases {
+            assert_eq!(found(query), want, "{query}");
+        }
+        assert_eq!(
+            inv.pod_by_uid("uid-web").map(|p| p.name.as_str()),
+            Some("web")
+        );
+        assert!(inv.pod_by_uid("").is_none(), "no uid is no pod");
+        assert!(inv.pod_by_uid("uid-twin").is_none(), "ambiguous");
+        assert!(inv.pod_by_uid("uid-none").is_none());
+
+        // A short form that fits two containers names none.
+        let (a, b) = (full("abcdef0123451"), full("abcdef0123452"));
+        let doc = json!({ "items": [with_containers("p", "u", &[("a", &a), ("b", &b)])] });
+        let inv = Inventory::new("file:x", parse_pods(&doc.to_string()).unwrap().pods);
+        assert!(inv.container(&id("abcdef012345")).is_none());
+        assert_eq!(inv.container(&id("abcdef0123451")).unwrap().1.name, "a");
+    }
+
+    #[test]
+    fn warnings_name_the_pod_and_keep_it() {
+        let doc = json!({ "items": [with_containers("p", "u", &[("app", "not-hex")])] });
+        let parsed = parse_pods(&doc.to_string()).unwrap();
+        assert_eq!(parsed.pods.len(), 1);
+        assert_eq!(parsed.pods[0].containers[0].id, None);
+        let warnings: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            ["pod n/p: container app: containerID \"containerd://not-hex\": \"not-hex\" is not a container id (12 to 64 hex digits)"]
+        );
+    }
+
+    /// `kubectl get pod -o json` output: a classic sidecar, a native one (an init container),
+    /// an ingress gateway, and the agent's own pods on kind.
+    #[test]
+    fn real_pods_and_their_containers() {
+        let docs = [
+            include_str!("../../tests/fixtures/istio-pod.json"),
+            include_str!("../../tests/fixtures/istio-native-sidecar-pod.json"),
+            include_str!("../../tests/fixtures/istio-ingressgateway-pod.json"),
+            include_str!("../../tests/fixtures/cluster/pods.json"),
+        ];
+        let mut pods = Vec::new();
+        for doc in docs {
+            let parsed = parse_pods(doc).unwrap();
+            assert_eq!((parsed.errors, parsed.warnings), (vec![], vec![]));
+            pods.extend(parsed.pods);
+        }
+        let inv = Inventory::new("file:fixtures", pods);
+        let reviews = "reviews-v1-5c4d9f7b68-qk7zd";
+        let productpage = "productpage-v1-6d8c4f9b7d-8wqlj";
+        let gateway = "istio-ingressgateway-7f8c6d9b54-m4xqz";
+        let cases = [
+            (
+                "0a5f711ae6c938ab34a06c4532ef0f827134e40478f4e06ba86fb7dd8cd47fa0",
+                reviews,
+                "istio-proxy",
+                true,
+                MeshMode::Sidecar,
+            ),
+            (
+                "87cfef2c0842f3a693b457b27902551b7d9c86a83752e12456d69994d133b633",
+                reviews,
+                "reviews",
+                false,
+                MeshMode::Sidecar,
+            ),
+            (
+                "f566dfdc59c555f9541e0708455947e624cd5df5340655a39261ca6aff560da4",
+                reviews,
+                "istio-init",
+                false,
+                MeshMode::Sidecar,
+            ),
+            (
+                "5c60af44fe320d90a8a96653043ddf72e697be1fdc9f3cfac014b53c39bd7db2",
+                productpage,
+                "istio-proxy",
+                true,
+                MeshMode::Sidecar,
+            ),
+            (
+                "ce2c5d5bd333c423a51a53ddeb9f4419b29df133f5d80068ccf475e3ed0d8ec5",
+                productpage,
+                "istio-init",
+                false,
+                MeshMode::Sidecar,
+            ),
+            (
+                "1ff7c1d8d7cb07e4e07676b384cce8a356c2e11f9a0091488ed69ccd5a789bf8",
+                productpage,
+                "productpage",
+                false,
+                MeshMode::Sidecar,
+            ),
+            (
+                "8852da99232ef1306c5ee24513f3d6620f3e0a7df0a0d9974787a498ba035759",
+                gateway,
+                "istio-proxy",
+                true,
+                MeshMode::Gateway,
+            ),
+            (
+                "4f1c9a2e7b3d58e6a0c1f4d92b7e3a5c8d6f0b1e2a4c7d9f3b5e8a1c6d2f4b7e",
+                "meshguard-7xk2p",
+                "meshguard",
+                false,
+                MeshMode::None,
+            ),
+            (
+                "b8e2d6f0a4c9137e5b2d8f6a0c3e9b1d7f4a2c8e6b0d3f9a1c5e7b2d4f8a6c0e",
+                "meshguard-q9d4m",
+                "meshguard",
+                false,
+                MeshMode::None,
+            ),
+            (
+                "1d7a3f9c5e0b2d8a6f4c1e9b7d3a5f0c8e2b6d4a9f1c7e3b5d0a8f2c6e4b9d1a",
+                "meshguard-z5rtn",
+                "meshguard",
+                false,
+                MeshMode::None,
+            ),
+        ];
+        for (id, pod, container, proxy, mesh) in cases {
+            let (p, c) = inv.container(&ContainerId::from_hex(id).unwrap()).unwrap();
+            assert_eq!(
+                (p.name.as_str(), c.name.as_str(), c.proxy, p.mesh),
+                (pod, container, proxy, mesh),
+                "{id}"
+            );
+            assert_eq!(inv.pod_by_uid(&p.uid).map(|q| &q.name), Some(&p.name));
+        }
+        let native = inv
+            .pod_by_uid("d9df691e-7ace-456d-b918-cd8d03da0311")
+            .unwrap();
+        let gw = inv
+            .pod_by_uid("e6a3e36b-b934-412a-965f-b196d92c5b56")
+            .unwrap();
+        assert_eq!((native.proxy_uid, native.proxy_uid_explicit), (1337, true));
+        assert_eq!(native.probe_ports, BTreeSet::from([15021]));
+        assert!(gw.is_proxy_pod() && gw.meshed());
+        assert_eq!(
+            (gw.proxy_uid, gw.proxy_uid_explicit),
+            (1337, true),
+            "the pod's runAsUser"
+        );
+        assert_eq!(gw.label("istio"), Some("ingressgateway"));
+        assert_eq!(gw.workload.name, "istio-ingressgateway");
     }
 
     #[test]

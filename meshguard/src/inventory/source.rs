@@ -100,6 +100,7 @@ pub fn reload(path: &Path, shared: &Shared) {
         mut pods,
         namespaces,
         errors,
+        warnings,
     } = match parse_pods(&text) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -107,6 +108,9 @@ pub fn reload(path: &Path, shared: &Shared) {
             return;
         }
     };
+    for w in &warnings {
+        warn!(path = %path.display(), warning = %w, "pod in the inventory kept without the part that did not parse");
+    }
     let previous = current(shared);
     for e in &errors {
         let kept = previous
