@@ -380,17 +380,50 @@ fn teardown_leaves_nothing_behind_even_after_a_crash() {
             .filter(|p| ["web", "api"].contains(&p.name.as_str()))
             .collect()
     };
-    // A run that dies without tearing down: its namespaces, sidecars and rules stay behind.
-    std::mem::forget(Node::up("mgcrash", [245, 4], pods()).unwrap());
+    // Every container's cgroup, and the pod slices above them.
+    let cgroups = |node: &Node| -> Vec<std::path::PathBuf> {
+        node.pods
+            .iter()
+            .flat_map(|p| &p.containers)
+            .flat_map(|c| {
+                [
+                    c.cgroup.path.clone(),
+                    c.cgroup.path.parent().unwrap().into(),
+                ]
+            })
+            .collect()
+    };
+    // A run that dies without tearing down: its namespaces, sidecars and rules stay behind,
+    // its processes running in their nested container cgroups.
+    let crashed = Node::up("mgcrash", [245, 4], pods()).unwrap();
+    let crashed_cgroups = cgroups(&crashed);
+    let crashed_pids: Vec<i32> = crashed
+        .pods
+        .iter()
+        .flat_map(|p| &p.containers)
+        .flat_map(|c| c.cgroup.pids())
+        .collect();
+    assert!(!crashed_pids.is_empty());
+    std::mem::forget(crashed);
     assert!(!Node::leftovers("mgcrash").unwrap().is_empty());
     // The next run replaces them and works.
     let node = Node::up("mgcrash", [245, 4], pods()).unwrap();
+    for pid in crashed_pids {
+        // Killed: gone, or a zombie of this test process (the crashed run never reaps it).
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().unwrap_or("").chars().next();
+        assert!(
+            stat.is_empty() || state == Some('Z'),
+            "a process of the crashed run still runs: {stat}"
+        );
+    }
     let mtls = scenarios::all()
         .into_iter()
         .find(|s| s.name == "mesh-mtls")
         .unwrap();
     mtls.run(&node).unwrap();
-    let cgroups: Vec<_> = node.pods.iter().map(|p| p.cgroup.path.clone()).collect();
+    assert_eq!(cgroups(&node), crashed_cgroups);
+    let cgroups = cgroups(&node);
     drop(node);
     assert_eq!(Node::leftovers("mgcrash").unwrap(), Vec::<String>::new());
     for cgroup in cgroups {

@@ -1,8 +1,10 @@
 //! A node in a box: what meshguard sees of a Kubernetes node, built for real. A node network
 //! namespace holds a bridge (and stands for the host: kubelet probes come from it); each pod is a
-//! network namespace with a veth on the bridge, an address and a default route, and its own
-//! cgroup v2 directory in which every one of its processes runs. Meshed pods run the real Envoy
-//! as uid 1337 behind Istio-style capture rules, with certificates from a test CA.
+//! network namespace with a veth on the bridge, an address and a default route. Each of a pod's
+//! containers has its own cgroup v2 directory, laid out as the kubelet lays them out (systemd
+//! cgroup driver, containerd), in which every one of its processes runs. Meshed pods run the real
+//! Envoy as uid 1337 in their `istio-proxy` container behind Istio-style capture rules, with
+//! certificates from a test CA.
 //!
 //! Everything a node makes is named after it, so [`Node::down`] removes it all by name, also
 //! after a crash: the namespaces (and with them the links and iptables rules), the cgroups (and
@@ -21,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Context as _};
@@ -37,6 +39,9 @@ pub const APP_UID: u32 = 1000;
 pub const PYTHON: &str = "/usr/bin/python3";
 const STATE_ROOT: &str = "/run/meshguard-testbed";
 const CGROUP_DIR: &str = "meshguard-testbed";
+/// The sidecar's (and a gateway's) container, as Istio's injector names it.
+pub const PROXY_CONTAINER: &str = "istio-proxy";
+pub const PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.24.0";
 
 /// How a meshed pod's sidecar treats inbound plaintext.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,14 +114,49 @@ impl PodSpec {
     pub fn meshed(&self) -> bool {
         matches!(self.mesh, Mesh::Sidecar { .. })
     }
+
+    /// The pod's containers in `spec.containers` order: the application (named after its
+    /// deployment), then the sidecar the injector appends.
+    pub fn containers(&self) -> Vec<&str> {
+        match self.mesh {
+            Mesh::None => vec![&self.deployment],
+            Mesh::Sidecar { .. } => vec![&self.deployment, PROXY_CONTAINER],
+        }
+    }
+}
+
+/// A running container: its cgroup is where the kubelet would put it, so a socket's cgroup
+/// names the container that owns it.
+pub struct Container {
+    pub name: String,
+    /// containerd's id: 64 lowercase hex digits.
+    pub id: String,
+    pub image: String,
+    pub cgroup: Cgroup,
+    pub started: SystemTime,
+}
+
+/// The cgroup of a container of a BestEffort pod, relative to the kubelet's cgroup root, as the
+/// kubelet makes it with the systemd cgroup driver and containerd: a slice per QoS class, a slice
+/// per pod (its uid with `-` as `_`, systemd's escape), a scope per container.
+pub fn container_cgroup(pod_uid: &str, container_id: &str) -> PathBuf {
+    Path::new("kubepods.slice/kubepods-besteffort.slice")
+        .join(format!(
+            "kubepods-besteffort-pod{}.slice",
+            pod_uid.replace('-', "_")
+        ))
+        .join(format!("cri-containerd-{container_id}.scope"))
 }
 
 pub struct Pod {
     pub spec: PodSpec,
+    /// `metadata.uid`.
+    pub uid: String,
     pub ip: Ipv4Addr,
     pub netns: String,
     pub dir: PathBuf,
-    pub cgroup: Cgroup,
+    /// In [`PodSpec::containers`] order.
+    pub containers: Vec<Container>,
     /// The pod's long-running processes, reaped after teardown kills them.
     children: Vec<Child>,
 }
@@ -137,15 +177,40 @@ impl Pod {
         cmd
     }
 
-    /// Runs `cmd` (from [`Pod::command`]) to completion inside the pod's cgroup.
-    pub fn run(&self, cmd: &mut Command) -> anyhow::Result<Output> {
-        self.cgroup.run(cmd)
+    /// The container of this name.
+    pub fn container(&self, name: &str) -> &Container {
+        self.containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no container {name} in pod {}", self.spec.name))
     }
 
-    /// Starts a long-running process of the pod, its output in `<pod dir>/<name>.log`.
+    /// The container `kubectl exec` picks by default: the first one, the application's.
+    pub fn default_container(&self) -> &Container {
+        &self.containers[0]
+    }
+
+    /// Runs `cmd` (from [`Pod::command`]) to completion in the pod's application container.
+    pub fn run(&self, cmd: &mut Command) -> anyhow::Result<Output> {
+        self.default_container().cgroup.run(cmd)
+    }
+
+    /// Runs `cmd` to completion in the named container.
+    pub fn run_in(&self, container: &str, cmd: &mut Command) -> anyhow::Result<Output> {
+        self.container(container).cgroup.run(cmd)
+    }
+
+    /// Starts a long-running process in the pod's application container, its output in
+    /// `<pod dir>/<name>.log`.
     fn start(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
+        let container = self.default_container().name.clone();
+        self.start_in(&container, name, cmd)
+    }
+
+    /// Starts a long-running process in the named container.
+    fn start_in(&mut self, container: &str, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
         let log = self.dir.join(format!("{name}.log"));
-        let mut child = self.cgroup.spawn_logged(cmd, &log)?;
+        let mut child = self.container(container).cgroup.spawn_logged(cmd, &log)?;
         thread::sleep(Duration::from_millis(10));
         if let Some(status) = child.try_wait()? {
             bail!(
@@ -278,9 +343,27 @@ impl Node {
         let dir = self.dir.join(&spec.name);
         fs::create_dir_all(&dir)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+        let uid = podlist::pod_uid(&spec);
+        let mut containers = Vec::new();
+        for name in spec.containers() {
+            let id = podlist::container_id(&spec, name);
+            let cgroup = Cgroup::at(
+                &Path::new(CGROUP_DIR)
+                    .join(&self.name)
+                    .join(container_cgroup(&uid, &id)),
+            )?;
+            containers.push(Container {
+                name: name.to_string(),
+                image: podlist::image(&spec, name),
+                id,
+                cgroup,
+                started: SystemTime::now(),
+            });
+        }
         let mut pod = Pod {
             children: Vec::new(),
-            cgroup: Cgroup::at(&Path::new(CGROUP_DIR).join(&self.name).join(&spec.name))?,
+            uid,
+            containers,
             ip,
             netns: netns.clone(),
             dir,
@@ -385,7 +468,8 @@ impl Node {
             fs::write(&config_path, config)?;
             fs::write(pod.dir.join("access.log"), "")?;
             std::os::unix::fs::chown(pod.dir.join("access.log"), Some(PROXY_UID), Some(PROXY_UID))?;
-            pod.start(
+            pod.start_in(
+                PROXY_CONTAINER,
                 "envoy",
                 pod.command(PROXY_UID, &envoy::envoy_path())
                     .arg("-c")
@@ -472,16 +556,11 @@ impl Node {
     /// Removes everything a node of this name made: safe to call when none exists, and after
     /// a crash.
     pub fn down(name: &str) -> anyhow::Result<()> {
-        let cgroups = crate::cgroup2_root()?.join(CGROUP_DIR).join(name);
-        if cgroups.exists() {
-            for entry in fs::read_dir(&cgroups)? {
-                let path = entry?.path();
-                if path.is_dir() {
-                    drop(Cgroup::existing(path));
-                }
-            }
-            let _ = fs::remove_dir(&cgroups);
-        }
+        // The node's cgroup and every one below it (kubepods slices, container scopes, the
+        // node's own), deepest first, with their processes.
+        drop(Cgroup::existing(
+            crate::cgroup2_root()?.join(CGROUP_DIR).join(name),
+        ));
         for ns in Node::namespaces(name)? {
             sh(&["ip", "netns", "del", &ns])?;
         }
@@ -525,8 +604,8 @@ impl Drop for Node {
     fn drop(&mut self) {
         if self.keep {
             self.cgroup.keep();
-            for pod in &mut self.pods {
-                pod.cgroup.keep();
+            for container in self.pods.iter_mut().flat_map(|p| &mut p.containers) {
+                container.cgroup.keep();
             }
             return;
         }
@@ -545,13 +624,16 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new(args[0]).args(&args[1..])).map(drop)
 }
 
+/// Waits for Envoy's admin to say it is live, asking from the `istio-proxy` container as the
+/// proxy's uid, as Istio's pilot-agent does beside it.
 fn wait_envoy_ready(pod: &Pod) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     let url = format!("http://127.0.0.1:{}/ready", envoy::ADMIN_PORT);
+    let proxy = &pod.container(PROXY_CONTAINER).cgroup;
     while Instant::now() < deadline {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &pod.netns, "curl", "-s", "-m", "1", &url])
-            .output()?;
+        let out = proxy
+            .spawn(pod.command(PROXY_UID, "curl").args(["-s", "-m", "1", &url]))?
+            .wait_with_output()?;
         if out.stdout.starts_with(b"LIVE") {
             return Ok(());
         }

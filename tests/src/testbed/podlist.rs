@@ -3,19 +3,22 @@
 
 use serde_json::{json, Value};
 
-use super::{Mesh, Node, Pod};
+use super::{Mesh, Node, Pod, PodSpec, PROXY_CONTAINER, PROXY_IMAGE};
 
 /// What Istio's injector writes on a pod it injected.
 const SIDECAR_STATUS: &str = r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
 
-/// A stable, Kubernetes-looking hash from a name (pod-template-hash, name suffixes, uids).
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A stable, Kubernetes-looking hash from a name (pod-template-hash, name suffixes).
 fn hash(s: &str, len: usize) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = fnv1a(s.bytes());
     let mut out = String::new();
-    for b in s.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
     for _ in 0..len {
         out.push(ALPHABET[(h % ALPHABET.len() as u64) as usize] as char);
         h /= ALPHABET.len() as u64;
@@ -24,6 +27,54 @@ fn hash(s: &str, len: usize) -> String {
         }
     }
     out
+}
+
+/// `len` stable lowercase hex digits from a name: uids, container ids, image digests.
+fn hex_digest(s: &str, len: usize) -> String {
+    let mut out = String::new();
+    for round in 0u64.. {
+        if out.len() >= len {
+            break;
+        }
+        out += &format!("{:016x}", fnv1a(s.bytes().chain(round.to_le_bytes())));
+    }
+    out.truncate(len);
+    out
+}
+
+/// A stable UUID (version 4 form, as the API server makes uids) from a name.
+fn uuid(s: &str) -> String {
+    let h = hex_digest(s, 32);
+    let variant = ["8", "9", "a", "b"][usize::from(h.as_bytes()[16]) % 4];
+    format!(
+        "{}-{}-4{}-{variant}{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..]
+    )
+}
+
+/// The pod's `metadata.uid`.
+pub fn pod_uid(spec: &PodSpec) -> String {
+    uuid(&format!("pod/{}/{}", spec.namespace, spec.name))
+}
+
+/// containerd's id for a container of the pod: 64 hex digits.
+pub fn container_id(spec: &PodSpec, container: &str) -> String {
+    hex_digest(
+        &format!("container/{}/{}/{container}", spec.namespace, spec.name),
+        64,
+    )
+}
+
+pub fn image(spec: &PodSpec, container: &str) -> String {
+    if container == PROXY_CONTAINER {
+        PROXY_IMAGE.to_string()
+    } else {
+        format!("registry.example/{}:1.0", spec.deployment)
+    }
 }
 
 pub fn pod_list(node: &Node) -> Value {
@@ -53,7 +104,7 @@ fn pod(node: &Node, pod: &Pod) -> Value {
     let mut annotations = json!({});
     let mut containers = vec![json!({
         "name": s.deployment,
-        "image": format!("registry.example/{}:1.0", s.deployment),
+        "image": image(s, &s.deployment),
         "ports": s.apps.iter().map(|a| match a {
             super::App::Http(p) | super::App::Tls(p) => json!({ "containerPort": p, "protocol": "TCP" }),
         }).collect::<Vec<_>>(),
@@ -85,8 +136,8 @@ fn pod(node: &Node, pod: &Pod) -> Value {
                 json!(s.exclude.outbound_ip_ranges.join(","));
         }
         containers.push(json!({
-            "name": "istio-proxy",
-            "image": "docker.io/istio/proxyv2:1.24.0",
+            "name": PROXY_CONTAINER,
+            "image": PROXY_IMAGE,
             "ports": [{ "containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP" }],
             "securityContext": { "runAsUser": super::PROXY_UID, "runAsGroup": super::PROXY_UID },
         }));
@@ -98,14 +149,14 @@ fn pod(node: &Node, pod: &Pod) -> Value {
         "metadata": {
             "name": name,
             "namespace": s.namespace,
-            "uid": format!("{}-{}-4{}-8{}-{}", hash(&name, 8), hash(&s.namespace, 4), hash(&name, 3), hash(&s.name, 3), hash(&format!("{name}/"), 12)),
+            "uid": pod.uid,
             "labels": labels,
             "annotations": annotations,
             "ownerReferences": [{
                 "apiVersion": "apps/v1",
                 "kind": "ReplicaSet",
                 "name": format!("{}-{template_hash}", s.deployment),
-                "uid": hash(&format!("rs/{}", s.deployment), 12),
+                "uid": uuid(&format!("rs/{}/{}", s.namespace, s.deployment)),
                 "controller": true,
                 "blockOwnerDeletion": true,
             }],
