@@ -10,10 +10,10 @@ use std::{
 };
 
 use meshguard_tests::{
-    privileged, run,
+    cgroup2_root, privileged, run,
     testbed::{
         scenarios::{self, Party, Wire},
-        Node, PodSpec,
+        Node, PodSpec, PROXY_CONTAINER,
     },
     Agent, Cgroup, TempDir,
 };
@@ -350,7 +350,81 @@ fn the_pod_list_reads_like_kubectl_get_pods() {
             meta["annotations"]["sidecar.istio.io/status"].is_string(),
             meshed
         );
+        // Each container's status names the container whose cgroup holds its processes, at
+        // the path the kubelet gives it.
+        let pod_slice = cgroup2_root()
+            .unwrap()
+            .join("meshguard-testbed/mgpods/kubepods.slice/kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                meta["uid"].as_str().unwrap().replace('-', "_")
+            ));
+        let statuses = item["status"]["containerStatuses"].as_array().unwrap();
+        let names: Vec<&str> = statuses
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, pod.spec.containers(), "{}", pod.spec.name);
+        for status in statuses {
+            let id = status["containerID"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("containerd://")
+                .unwrap();
+            assert!(
+                id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id}"
+            );
+            let cgroup = pod_slice.join(format!("cri-containerd-{id}.scope"));
+            assert!(cgroup.is_dir(), "{} missing", cgroup.display());
+            let container = pod.container(status["name"].as_str().unwrap());
+            assert_eq!(container.cgroup.path, cgroup);
+            assert_eq!(
+                status["state"]["running"]["startedAt"]
+                    .as_str()
+                    .unwrap()
+                    .len(),
+                20
+            );
+            let comms: Vec<String> = container
+                .cgroup
+                .pids()
+                .iter()
+                .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap())
+                .collect();
+            if container.name == PROXY_CONTAINER {
+                assert_eq!(comms, ["envoy\n"], "{}", pod.spec.name);
+            } else {
+                assert_eq!(
+                    comms.len(),
+                    pod.spec.apps.len(),
+                    "{}: {comms:?}",
+                    pod.spec.name
+                );
+            }
+        }
+        // No other cgroup in the pod's slice: istio-init has exited, its cgroup gone.
+        let scopes = std::fs::read_dir(&pod_slice)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+            .count();
+        assert_eq!(scopes, statuses.len());
     }
+    // The API server's schema for Pod (Kubernetes 1.32), unknown fields refused.
+    let dir = TempDir::new("pods").unwrap();
+    let files: Vec<_> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let file = dir.path.join(format!("pod-{i}.json"));
+            std::fs::write(&file, item.to_string()).unwrap();
+            file
+        })
+        .collect();
+    run(Command::new("kubernetes-validate")
+        .args(["-k", "1.32.0", "--strict", "--quiet"])
+        .args(&files))
+    .unwrap();
     let web = items
         .iter()
         .find(|i| i["metadata"]["labels"]["app"] == "web")

@@ -1,10 +1,16 @@
 //! The pods a node runs, as `kubectl get pods -o json` prints them: what meshguard's inventory
-//! reads in place of the API server, here and in the demo.
+//! reads in place of the API server, here and in the demo. Each container's status carries the
+//! id of the container whose cgroup the testbed made, as the kubelet reports containerd's.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 use super::{Mesh, Node, Pod, PodSpec, PROXY_CONTAINER, PROXY_IMAGE};
 
+/// The init container Istio's injector adds to install the capture rules; it has exited (and
+/// its cgroup is gone) by the time the pod runs.
+const INIT_CONTAINER: &str = "istio-init";
 /// What Istio's injector writes on a pod it injected.
 const SIDECAR_STATUS: &str = r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
 
@@ -77,6 +83,75 @@ pub fn image(spec: &PodSpec, container: &str) -> String {
     }
 }
 
+/// `repo@sha256:<digest>` of an image, as the runtime reports the image it pulled.
+fn image_id(image: &str) -> String {
+    let repo = image.rsplit_once(':').map_or(image, |(repo, _tag)| repo);
+    format!(
+        "{repo}@sha256:{}",
+        hex_digest(&format!("image/{image}"), 64)
+    )
+}
+
+/// A time as the API server writes it (RFC 3339, UTC, whole seconds).
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, time) = ((secs / 86_400) as i64, secs % 86_400);
+    // The proleptic Gregorian date of a day count (Howard Hinnant's civil_from_days).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        time / 3600,
+        time / 60 % 60,
+        time % 60
+    )
+}
+
+fn container_statuses(pod: &Pod) -> Vec<Value> {
+    pod.containers
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "state": { "running": { "startedAt": rfc3339(c.started) } },
+                "lastState": {},
+                "ready": true,
+                "started": true,
+                "restartCount": 0,
+                "image": c.image,
+                "imageID": image_id(&c.image),
+                "containerID": format!("containerd://{}", c.id),
+            })
+        })
+        .collect()
+}
+
+/// istio-init, run to completion before the pod's containers started.
+fn init_container_status(pod: &Pod) -> Value {
+    let id = format!("containerd://{}", container_id(&pod.spec, INIT_CONTAINER));
+    let at = rfc3339(pod.containers[0].started);
+    json!({
+        "name": INIT_CONTAINER,
+        "state": { "terminated": {
+            "exitCode": 0, "reason": "Completed", "startedAt": at, "finishedAt": at, "containerID": id,
+        } },
+        "lastState": {},
+        "ready": true,
+        "started": false,
+        "restartCount": 0,
+        "image": PROXY_IMAGE,
+        "imageID": image_id(PROXY_IMAGE),
+        "containerID": id,
+    })
+}
+
 pub fn pod_list(node: &Node) -> Value {
     json!({
         "apiVersion": "v1",
@@ -102,6 +177,7 @@ fn pod(node: &Node, pod: &Pod) -> Value {
     let template_hash = hash(&s.deployment, 10);
     let mut labels = json!({ "app": s.deployment, "pod-template-hash": template_hash });
     let mut annotations = json!({});
+    let mut init_containers = Vec::new();
     let mut containers = vec![json!({
         "name": s.deployment,
         "image": image(s, &s.deployment),
@@ -141,8 +217,43 @@ fn pod(node: &Node, pod: &Pod) -> Value {
             "ports": [{ "containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP" }],
             "securityContext": { "runAsUser": super::PROXY_UID, "runAsGroup": super::PROXY_UID },
         }));
+        init_containers.push(json!({
+            "name": INIT_CONTAINER,
+            "image": PROXY_IMAGE,
+            "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT"],
+            "securityContext": { "capabilities": { "add": ["NET_ADMIN", "NET_RAW"] } },
+        }));
     }
     let name = pod_name(pod);
+    let created = rfc3339(pod.containers[0].started);
+    let conditions = [
+        "PodReadyToStartContainers",
+        "Initialized",
+        "Ready",
+        "ContainersReady",
+        "PodScheduled",
+    ]
+    .map(|kind| json!({ "type": kind, "status": "True", "lastTransitionTime": created }));
+    let mut spec = json!({
+        "nodeName": node.name,
+        "serviceAccountName": s.service_account,
+        "containers": containers,
+    });
+    let mut status = json!({
+        "phase": "Running",
+        "conditions": conditions,
+        "hostIP": node.ip.to_string(),
+        "hostIPs": [{ "ip": node.ip.to_string() }],
+        "podIP": pod.ip.to_string(),
+        "podIPs": [{ "ip": pod.ip.to_string() }],
+        "startTime": created,
+        "containerStatuses": container_statuses(pod),
+        "qosClass": "BestEffort",
+    });
+    if !init_containers.is_empty() {
+        spec["initContainers"] = json!(init_containers);
+        status["initContainerStatuses"] = json!([init_container_status(pod)]);
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -150,6 +261,7 @@ fn pod(node: &Node, pod: &Pod) -> Value {
             "name": name,
             "namespace": s.namespace,
             "uid": pod.uid,
+            "creationTimestamp": created,
             "labels": labels,
             "annotations": annotations,
             "ownerReferences": [{
@@ -161,17 +273,42 @@ fn pod(node: &Node, pod: &Pod) -> Value {
                 "blockOwnerDeletion": true,
             }],
         },
-        "spec": {
-            "nodeName": node.name,
-            "serviceAccountName": s.service_account,
-            "containers": containers,
-        },
-        "status": {
-            "phase": "Running",
-            "hostIP": node.ip.to_string(),
-            "hostIPs": [{ "ip": node.ip.to_string() }],
-            "podIP": pod.ip.to_string(),
-            "podIPs": [{ "ip": pod.ip.to_string() }],
-        },
+        "spec": spec,
+        "status": status,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn times_read_as_the_api_server_writes_them() {
+        let at = |secs| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_825_600), "2000-02-29T12:00:00Z");
+        assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn ids_have_the_runtime_s_shapes() {
+        let spec = PodSpec::new("shop", "web");
+        let id = container_id(&spec, "istio-proxy");
+        assert_eq!(id.len(), 64);
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_ne!(id, container_id(&spec, "web"));
+        let uid = pod_uid(&spec);
+        let groups: Vec<usize> = uid.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{uid}");
+        assert_eq!(&uid[14..15], "4", "{uid}");
+        assert!("89ab".contains(&uid[19..20]), "{uid}");
+        assert_eq!(
+            image_id("docker.io/istio/proxyv2:1.24.0")[..31],
+            *"docker.io/istio/proxyv2@sha256:"
+        );
+    }
 }
