@@ -18,7 +18,7 @@ pub mod scenarios;
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -62,6 +62,46 @@ pub enum Mesh {
     },
 }
 
+/// Where sidecars differ between meshes, versions and installations; the default is Istio's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SidecarConfig {
+    pub tls: TlsProfile,
+    pub curves: Curves,
+    pub inbound: InboundForward,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsProfile {
+    /// Istio's `tls_params`: TLS 1.2 to 1.3, said explicitly.
+    #[default]
+    Istio,
+    /// No `tls_params`: Envoy's own defaults, under which a client speaks at most TLS 1.2 and
+    /// resumes with session tickets, so a resumed ClientHello carries the ticket (before ALPN).
+    EnvoyDefaults,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Curves {
+    /// BoringSSL's default groups: X25519MLKEM768 (post-quantum) first, whose key share takes
+    /// a TLS 1.3 ClientHello past 1024 bytes.
+    #[default]
+    EnvoyDefault,
+    /// `ecdh_curves: [X25519]`.
+    X25519Only,
+}
+
+/// How the sidecar hands inbound connections to the application.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InboundForward {
+    /// Istio since 1.10: to the original destination (the pod's IP), from 127.0.0.6 (`::6`).
+    #[default]
+    Passthrough,
+    /// To the pod's IP from the pod's IP (no bind); the capture exempts these connections.
+    PodIp,
+    /// Istio before 1.10: a cluster per application port, to 127.0.0.1.
+    Localhost,
+}
+
 /// A service the sidecar originates mTLS to, on one port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshPeer {
@@ -80,6 +120,14 @@ pub enum App {
     Tls(u16),
 }
 
+impl App {
+    pub fn port(self) -> u16 {
+        match self {
+            App::Http(port) | App::Tls(port) => port,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PodSpec {
     pub name: String,
@@ -88,6 +136,9 @@ pub struct PodSpec {
     /// The Deployment the pod belongs to.
     pub deployment: String,
     pub mesh: Mesh,
+    pub sidecar: SidecarConfig,
+    /// Dual-stack: an IPv6 address beside the IPv4 one, captured and proxied alike.
+    pub ipv6: bool,
     pub apps: Vec<App>,
     /// A readiness probe (HTTP GET `/healthz`) on this port.
     pub probe_port: Option<u16>,
@@ -104,6 +155,8 @@ impl PodSpec {
             service_account: name.to_string(),
             deployment: name.to_string(),
             mesh: Mesh::None,
+            sidecar: SidecarConfig::default(),
+            ipv6: false,
             apps: Vec::new(),
             probe_port: None,
             exclude: Exclusions::default(),
@@ -153,6 +206,8 @@ pub struct Pod {
     /// `metadata.uid`.
     pub uid: String,
     pub ip: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
     pub netns: String,
     pub dir: PathBuf,
     /// In [`PodSpec::containers`] order.
@@ -266,6 +321,8 @@ pub struct Node {
     /// The node's own network namespace (the host side of the bridge).
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The node's IPv6 address on the bridge, when a pod is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     pub pods: Vec<Pod>,
     pub dir: PathBuf,
     /// Processes of the node itself (probes, captures).
@@ -273,9 +330,18 @@ pub struct Node {
     keep: bool,
 }
 
+/// A pod's (or with `host` 1, the node's) IPv6 address on `fd00:<a>:<b>::/64`, its last group
+/// written with the IPv4 address's last digits: `10.246.1.12` goes with `fd00:246:1::12`.
+fn ipv6_address(subnet: [u8; 2], host: u8) -> Ipv6Addr {
+    format!("fd00:{}:{}::{host}", subnet[0], subnet[1])
+        .parse()
+        .expect("a valid IPv6 address")
+}
+
 impl Node {
-    /// Brings a node up with these pods on `10.<a>.<b>.0/24` (`subnet` = `[a, b]`), replacing
-    /// whatever an earlier run of the same name left.
+    /// Brings a node up with these pods on `10.<a>.<b>.0/24` (`subnet` = `[a, b]`), and
+    /// dual-stack ones also on `fd00:<a>:<b>::/64`, replacing whatever an earlier run of the
+    /// same name left.
     pub fn up(name: &str, subnet: [u8; 2], specs: Vec<PodSpec>) -> anyhow::Result<Node> {
         Node::down(name)?;
         let dir = Path::new(STATE_ROOT).join(name);
@@ -289,6 +355,10 @@ impl Node {
             name: name.to_string(),
             netns: netns.clone(),
             ip,
+            ip6: specs
+                .iter()
+                .any(|s| s.ipv6)
+                .then(|| ipv6_address(subnet, 1)),
             pods: Vec::new(),
             cgroup: Cgroup::at(&Path::new(CGROUP_DIR).join(name).join("node"))?,
             dir,
@@ -307,6 +377,12 @@ impl Node {
             "dev",
             "br0",
         ])?;
+        if let Some(ip6) = node.ip6 {
+            let ip6 = format!("{ip6}/64");
+            sh(&[
+                "ip", "-n", &netns, "addr", "add", &ip6, "dev", "br0", "nodad",
+            ])?;
+        }
         sh(&["ip", "-n", &netns, "link", "set", "br0", "up"])?;
 
         let ca = ca::Ca::new(&node.dir.join("ca"))?;
@@ -319,9 +395,7 @@ impl Node {
                 wait_envoy_ready(pod)?;
             }
             for app in &pod.spec.apps {
-                pod.wait_listening(match app {
-                    App::Http(p) | App::Tls(p) => *p,
-                })?;
+                pod.wait_listening(app.port())?;
             }
         }
         fs::write(
@@ -338,7 +412,8 @@ impl Node {
         ca: &ca::Ca,
         subnet: [u8; 2],
     ) -> anyhow::Result<Pod> {
-        let ip = Ipv4Addr::new(10, subnet[0], subnet[1], 10 + i as u8);
+        let host = 10 + i as u8;
+        let ip = Ipv4Addr::new(10, subnet[0], subnet[1], host);
         let netns = format!("{}-{}", self.name, spec.name);
         let dir = self.dir.join(&spec.name);
         fs::create_dir_all(&dir)?;
@@ -365,27 +440,43 @@ impl Node {
             uid,
             containers,
             ip,
+            ip6: spec.ipv6.then(|| ipv6_address(subnet, host)),
             netns: netns.clone(),
             dir,
             spec,
         };
-        let veth = format!("v{i}");
-        sh(&["ip", "netns", "add", &netns])?;
-        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+        self.plug(&pod, &format!("v{i}"))?;
+        if let Mesh::Sidecar { capture: true, .. } = pod.spec.mesh {
+            install_capture(&pod)?;
+        }
+        if pod.spec.meshed() {
+            self.start_sidecar(&mut pod, ca)?;
+        }
+        for app in pod.spec.apps.clone() {
+            start_app(&mut pod, app, ca)?;
+        }
+        Ok(pod)
+    }
+
+    /// The pod's network namespace, its veth on the bridge, its addresses and default routes.
+    fn plug(&self, pod: &Pod, veth: &str) -> anyhow::Result<()> {
+        let netns = pod.netns.as_str();
+        sh(&["ip", "netns", "add", netns])?;
+        sh(&["ip", "-n", netns, "link", "set", "lo", "up"])?;
         sh(&[
             "ip",
             "-n",
             &self.netns,
             "link",
             "add",
-            &veth,
+            veth,
             "type",
             "veth",
             "peer",
             "name",
             "eth0",
             "netns",
-            &netns,
+            netns,
         ])?;
         sh(&[
             "ip",
@@ -393,147 +484,86 @@ impl Node {
             &self.netns,
             "link",
             "set",
-            &veth,
+            veth,
             "master",
             "br0",
             "up",
         ])?;
+        let addr = |addr: &str, flags: &[&str]| {
+            sh(&[
+                &["ip", "-n", netns, "addr", "add", addr, "dev", "eth0"],
+                flags,
+            ]
+            .concat())
+        };
+        addr(&format!("{}/24", pod.ip), &[])?;
+        if let Some(ip6) = pod.ip6 {
+            // No duplicate address detection: the address is usable at once.
+            addr(&format!("{ip6}/64"), &["nodad"])?;
+        }
+        sh(&["ip", "-n", netns, "link", "set", "eth0", "up"])?;
         sh(&[
             "ip",
             "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &netns,
+            netns,
             "route",
             "add",
             "default",
             "via",
             &self.ip.to_string(),
         ])?;
-
-        if let Mesh::Sidecar { inbound, capture } = pod.spec.mesh {
-            if capture {
-                let rules = capture::rules(&pod.spec.exclude);
-                let mut restore = Command::new("ip")
-                    .args(["netns", "exec", &netns, "iptables-restore", "--noflush"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()?;
-                use std::io::Write as _;
-                restore
-                    .stdin
-                    .take()
-                    .context("stdin")?
-                    .write_all(rules.as_bytes())?;
-                let out = restore.wait_with_output()?;
-                if !out.status.success() {
-                    bail!(
-                        "iptables-restore in {netns}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            }
-            let certs = pod.dir.join("certs");
-            let pod_ip = pod.ip;
-            ca.issue(
-                &certs,
-                &format!(
-                    "URI:{}",
-                    ca::spiffe_id(&pod.spec.namespace, &pod.spec.service_account)
-                ),
-                PROXY_UID,
-            )?;
-            let node_id = format!(
-                "sidecar~{pod_ip}~{}.{}~{}.svc.cluster.local",
-                pod.spec.name, pod.spec.namespace, pod.spec.namespace
-            );
-            let config = envoy::config(
-                &node_id,
-                &certs,
-                &pod.dir.join("access.log"),
-                inbound,
-                &pod.spec.mesh_peers,
-            );
-            let config_path = pod.dir.join("envoy.yaml");
-            fs::write(&config_path, config)?;
-            fs::write(pod.dir.join("access.log"), "")?;
-            std::os::unix::fs::chown(pod.dir.join("access.log"), Some(PROXY_UID), Some(PROXY_UID))?;
-            pod.start_in(
-                PROXY_CONTAINER,
-                "envoy",
-                pod.command(PROXY_UID, &envoy::envoy_path())
-                    .arg("-c")
-                    .arg(&config_path)
-                    .args([
-                        "--concurrency",
-                        "1",
-                        "--disable-hot-restart",
-                        "--log-level",
-                        "warn",
-                    ])
-                    .args(["--file-flush-interval-msec", "200"]),
-            )?;
+        if let (Some(_), Some(gateway)) = (pod.ip6, self.ip6) {
+            sh(&[
+                "ip",
+                "-n",
+                netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
         }
-        for app in pod.spec.apps.clone() {
-            match app {
-                App::Http(port) => {
-                    let www = pod.dir.join("www");
-                    fs::create_dir_all(&www)?;
-                    fs::write(
-                        www.join("index.html"),
-                        format!("hello from {}\n", pod.spec.name),
-                    )?;
-                    fs::write(www.join("healthz"), "ok\n")?;
-                    pod.start(
-                        &format!("http-{port}"),
-                        pod.command(APP_UID, PYTHON)
-                            .args([
-                                "-m",
-                                "http.server",
-                                &port.to_string(),
-                                "--bind",
-                                "0.0.0.0",
-                                "--directory",
-                            ])
-                            .arg(&www),
-                    )?;
-                }
-                App::Tls(port) => {
-                    let tls = pod.dir.join("app-tls");
-                    let host =
-                        format!("{}.{}.svc.cluster.local", pod.spec.name, pod.spec.namespace);
-                    ca.issue(&tls, &format!("DNS:{host}"), APP_UID)?;
-                    pod.start(
-                        &format!("tls-{port}"),
-                        pod.command(APP_UID, "openssl")
-                            .args([
-                                "s_server",
-                                "-quiet",
-                                "-www",
-                                "-accept",
-                                &port.to_string(),
-                                "-cert",
-                            ])
-                            .arg(tls.join("cert-chain.pem"))
-                            .arg("-key")
-                            .arg(tls.join("key.pem")),
-                    )?;
-                }
-            }
-        }
-        Ok(pod)
+        Ok(())
     }
 
+    fn start_sidecar(&self, pod: &mut Pod, ca: &ca::Ca) -> anyhow::Result<()> {
+        let certs = pod.dir.join("certs");
+        ca.issue(
+            &certs,
+            &format!(
+                "URI:{}",
+                ca::spiffe_id(&pod.spec.namespace, &pod.spec.service_account)
+            ),
+            PROXY_UID,
+        )?;
+        let node_id = format!(
+            "sidecar~{}~{}.{}~{}.svc.cluster.local",
+            pod.ip, pod.spec.name, pod.spec.namespace, pod.spec.namespace
+        );
+        let access_log = pod.dir.join("access.log");
+        let config = envoy::sidecar(&pod.spec, &node_id, &certs, &access_log);
+        let config_path = pod.dir.join("envoy.yaml");
+        fs::write(&config_path, config)?;
+        fs::write(&access_log, "")?;
+        std::os::unix::fs::chown(&access_log, Some(PROXY_UID), Some(PROXY_UID))?;
+        pod.start_in(
+            PROXY_CONTAINER,
+            "envoy",
+            pod.command(PROXY_UID, &envoy::envoy_path())
+                .arg("-c")
+                .arg(&config_path)
+                .args([
+                    "--concurrency",
+                    "1",
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                ])
+                .args(["--file-flush-interval-msec", "200"]),
+        )
+    }
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
@@ -616,6 +646,102 @@ impl Drop for Node {
             for child in &mut pod.children {
                 let _ = child.wait();
             }
+        }
+    }
+}
+
+/// What istio-init installs: the nat rules for each of the pod's families, and for IPv6 the
+/// `::6` address the sidecar hands inbound connections from.
+fn install_capture(pod: &Pod) -> anyhow::Result<()> {
+    let spec = &pod.spec;
+    let app_ports = || spec.apps.iter().map(|a| a.port()).collect();
+    let direct = |ip: IpAddr| {
+        (spec.sidecar.inbound == InboundForward::PodIp).then(|| capture::DirectInbound {
+            pod_ip: ip,
+            ports: app_ports(),
+        })
+    };
+    let mut families = vec![(capture::Family::Ipv4, direct(pod.ip.into()))];
+    if let Some(ip6) = pod.ip6 {
+        sh(&[
+            "ip",
+            "-n",
+            &pod.netns,
+            "addr",
+            "add",
+            &format!("{}/128", capture::INBOUND_PASSTHROUGH_SOURCE_V6),
+            "dev",
+            "lo",
+        ])?;
+        families.push((capture::Family::Ipv6, direct(ip6.into())));
+    }
+    for (family, direct) in families {
+        let rules = capture::rules(&spec.exclude, family, direct.as_ref());
+        let mut restore = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, family.restore(), "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        use std::io::Write as _;
+        restore
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(rules.as_bytes())?;
+        let out = restore.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{} in {}: {}",
+                family.restore(),
+                pod.netns,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts one of the pod's servers in its application container, as the application's uid.
+fn start_app(pod: &mut Pod, app: App, ca: &ca::Ca) -> anyhow::Result<()> {
+    // A dual-stack server: Python's http.server takes both families on `::`.
+    let any = if pod.ip6.is_some() { "::" } else { "0.0.0.0" };
+    match app {
+        App::Http(port) => {
+            let www = pod.dir.join("www");
+            fs::create_dir_all(&www)?;
+            fs::write(
+                www.join("index.html"),
+                format!("hello from {}\n", pod.spec.name),
+            )?;
+            fs::write(www.join("healthz"), "ok\n")?;
+            pod.start(
+                &format!("http-{port}"),
+                pod.command(APP_UID, PYTHON)
+                    .args(["-m", "http.server", &port.to_string(), "--bind", any])
+                    .arg("--directory")
+                    .arg(&www),
+            )
+        }
+        App::Tls(port) => {
+            let tls = pod.dir.join("app-tls");
+            let host = format!("{}.{}.svc.cluster.local", pod.spec.name, pod.spec.namespace);
+            ca.issue(&tls, &format!("DNS:{host}"), APP_UID)?;
+            pod.start(
+                &format!("tls-{port}"),
+                pod.command(APP_UID, "openssl")
+                    .args([
+                        "s_server",
+                        "-quiet",
+                        "-www",
+                        "-accept",
+                        &port.to_string(),
+                        "-cert",
+                    ])
+                    .arg(tls.join("cert-chain.pem"))
+                    .arg("-key")
+                    .arg(tls.join("key.pem")),
+            )
         }
     }
 }

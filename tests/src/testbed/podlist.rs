@@ -2,7 +2,10 @@
 //! reads in place of the API server, here and in the demo. Each container's status carries the
 //! id of the container whose cgroup the testbed made, as the kubelet reports containerd's.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use serde_json::{json, Value};
 
@@ -112,6 +115,14 @@ fn rfc3339(t: SystemTime) -> String {
         time / 60 % 60,
         time % 60
     )
+}
+
+/// `podIPs`/`hostIPs`: IPv4 first, then a dual-stack pod's IPv6, as the kubelet lists them.
+fn ips(ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Vec<Value> {
+    std::iter::once(ip.to_string())
+        .chain(ip6.map(|ip6| ip6.to_string()))
+        .map(|ip| json!({ "ip": ip }))
+        .collect()
 }
 
 fn container_statuses(pod: &Pod) -> Vec<Value> {
@@ -243,9 +254,9 @@ fn pod(node: &Node, pod: &Pod) -> Value {
         "phase": "Running",
         "conditions": conditions,
         "hostIP": node.ip.to_string(),
-        "hostIPs": [{ "ip": node.ip.to_string() }],
+        "hostIPs": ips(node.ip, node.ip6),
         "podIP": pod.ip.to_string(),
-        "podIPs": [{ "ip": pod.ip.to_string() }],
+        "podIPs": ips(pod.ip, pod.ip6),
         "startTime": created,
         "containerStatuses": container_statuses(pod),
         "qosClass": "BestEffort",
