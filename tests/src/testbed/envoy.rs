@@ -3,7 +3,8 @@
 //! form, anything else passes through as it came. Inbound (15006): mTLS terminated (and, in
 //! PERMISSIVE mode, plaintext accepted too) and handed to the application the way the pod's
 //! [`InboundForward`] says (by default from 127.0.0.6, as Istio does). A dual-stack pod's
-//! listeners take IPv6 too, as Istio's do: a second address on each.
+//! listeners take IPv6 too, as Istio's do: a second address on each. A gateway is the same
+//! Envoy alone in its pod: plaintext in, mTLS out to one mesh service.
 
 use std::path::Path;
 
@@ -354,6 +355,40 @@ filter_chains:
     bootstrap(node_id, &[outbound, inbound_listener], &clusters)
 }
 
+/// The whole bootstrap for an ingress gateway: plaintext taken on its port and carried to
+/// its upstream service's endpoint with mTLS, Istio's SNI and ALPN, as a sidecar would.
+pub fn gateway(
+    spec: &PodSpec,
+    node_id: &str,
+    certs: &Path,
+    log: &Path,
+    upstream_ip: &str,
+) -> String {
+    let Mesh::Gateway { port, upstream } = &spec.mesh else {
+        panic!("pod {} is not a gateway", spec.name)
+    };
+    let proxy = Proxy {
+        certs,
+        log,
+        config: spec.sidecar,
+        dual_stack: false,
+    };
+    let cluster = mesh_cluster_name(upstream);
+    let listener = proxy.listener(
+        &format!("0.0.0.0_{port}"),
+        *port,
+        &format!(
+            "filter_chains:\n- filters:\n  {}",
+            indent(&proxy.tcp_proxy(&cluster, &cluster, "gateway"), 2)
+        ),
+    );
+    bootstrap(
+        node_id,
+        &[listener],
+        &[proxy.mesh_cluster(upstream, Some(upstream_ip))],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -448,5 +483,34 @@ mod tests {
             2
         );
         assert!(dual.contains("- address: { address: \"::6\", port_value: 0 }"));
+    }
+
+    #[test]
+    fn a_gateway_originates_mtls_to_its_upstream_s_endpoint() {
+        let api = MeshPeer {
+            port: 8080,
+            service: "api".into(),
+            namespace: "shop".into(),
+            service_account: "api".into(),
+        };
+        let spec = PodSpec::ingress_gateway(8080, api);
+        let y = gateway(
+            &spec,
+            "router~10.0.0.2~gw",
+            Path::new("/c"),
+            Path::new("/l"),
+            "10.0.0.9",
+        );
+        for needle in [
+            "name: 0.0.0.0_8080",
+            "type: STATIC",
+            "socket_address: { address: \"10.0.0.9\", port_value: 8080 }",
+            "sni: \"outbound_.8080_._.api.shop.svc.cluster.local\"",
+            "alpn_protocols: [\"istio-peer-exchange\", \"istio\"]",
+            "matcher: { exact: \"spiffe://cluster.local/ns/shop/sa/api\" }",
+        ] {
+            assert!(y.contains(needle), "{needle}: {y}");
+        }
+        assert!(!y.contains("DownstreamTlsContext") && !y.contains("original_dst"));
     }
 }

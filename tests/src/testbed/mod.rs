@@ -60,6 +60,12 @@ pub enum Mesh {
         /// Whether the capture rules were installed: a sidecar without them is the CNI race.
         capture: bool,
     },
+    /// An ingress gateway: Envoy is the pod's only container, not injected and not captured;
+    /// it takes plaintext on `port` and carries it with mTLS to `upstream`, as sidecars do.
+    Gateway {
+        port: u16,
+        upstream: MeshPeer,
+    },
 }
 
 /// Where sidecars differ between meshes, versions and installations; the default is Istio's.
@@ -164,16 +170,33 @@ impl PodSpec {
         }
     }
 
+    /// Whether the pod has an injected sidecar (a gateway has none: it is the proxy).
     pub fn meshed(&self) -> bool {
         matches!(self.mesh, Mesh::Sidecar { .. })
     }
 
+    /// Whether Envoy runs in the pod: a sidecar or a gateway.
+    pub fn runs_proxy(&self) -> bool {
+        !matches!(self.mesh, Mesh::None)
+    }
+
     /// The pod's containers in `spec.containers` order: the application (named after its
-    /// deployment), then the sidecar the injector appends.
+    /// deployment), then the sidecar the injector appends; a gateway's proxy alone.
     pub fn containers(&self) -> Vec<&str> {
         match self.mesh {
             Mesh::None => vec![&self.deployment],
             Mesh::Sidecar { .. } => vec![&self.deployment, PROXY_CONTAINER],
+            Mesh::Gateway { .. } => vec![PROXY_CONTAINER],
+        }
+    }
+
+    /// An Istio ingress gateway in `istio-system`, as its chart names it, carrying plaintext
+    /// from `port` to `upstream`.
+    pub fn ingress_gateway(port: u16, upstream: MeshPeer) -> Self {
+        Self {
+            mesh: Mesh::Gateway { port, upstream },
+            service_account: "istio-ingressgateway-service-account".into(),
+            ..PodSpec::new("istio-system", "istio-ingressgateway")
         }
     }
 }
@@ -330,6 +353,11 @@ pub struct Node {
     keep: bool,
 }
 
+/// The `i`th pod's IPv4 address on `10.<a>.<b>.0/24`.
+fn pod_ipv4(subnet: [u8; 2], i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, subnet[0], subnet[1], 10 + i as u8)
+}
+
 /// A pod's (or with `host` 1, the node's) IPv6 address on `fd00:<a>:<b>::/64`, its last group
 /// written with the IPv4 address's last digits: `10.246.1.12` goes with `fd00:246:1::12`.
 fn ipv6_address(subnet: [u8; 2], host: u8) -> Ipv6Addr {
@@ -386,12 +414,25 @@ impl Node {
         sh(&["ip", "-n", &netns, "link", "set", "br0", "up"])?;
 
         let ca = ca::Ca::new(&node.dir.join("ca"))?;
+        // Addresses are known before any pod starts: a gateway is configured with its
+        // upstream's, as Istio's control plane would send it the endpoints.
+        let endpoints: Vec<(String, String, Ipv4Addr)> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    s.namespace.clone(),
+                    s.deployment.clone(),
+                    pod_ipv4(subnet, i),
+                )
+            })
+            .collect();
         for (i, spec) in specs.into_iter().enumerate() {
-            let pod = node.add_pod(i, spec, &ca, subnet)?;
+            let pod = node.add_pod(i, spec, &ca, subnet, &endpoints)?;
             node.pods.push(pod);
         }
         for pod in &node.pods {
-            if pod.spec.meshed() {
+            if pod.spec.runs_proxy() {
                 wait_envoy_ready(pod)?;
             }
             for app in &pod.spec.apps {
@@ -411,9 +452,9 @@ impl Node {
         spec: PodSpec,
         ca: &ca::Ca,
         subnet: [u8; 2],
+        endpoints: &[(String, String, Ipv4Addr)],
     ) -> anyhow::Result<Pod> {
-        let host = 10 + i as u8;
-        let ip = Ipv4Addr::new(10, subnet[0], subnet[1], host);
+        let ip = pod_ipv4(subnet, i);
         let netns = format!("{}-{}", self.name, spec.name);
         let dir = self.dir.join(&spec.name);
         fs::create_dir_all(&dir)?;
@@ -440,7 +481,7 @@ impl Node {
             uid,
             containers,
             ip,
-            ip6: spec.ipv6.then(|| ipv6_address(subnet, host)),
+            ip6: spec.ipv6.then(|| ipv6_address(subnet, ip.octets()[3])),
             netns: netns.clone(),
             dir,
             spec,
@@ -449,8 +490,23 @@ impl Node {
         if let Mesh::Sidecar { capture: true, .. } = pod.spec.mesh {
             install_capture(&pod)?;
         }
-        if pod.spec.meshed() {
-            self.start_sidecar(&mut pod, ca)?;
+        match &pod.spec.mesh {
+            Mesh::None => {}
+            Mesh::Sidecar { .. } => start_proxy(&mut pod, ca, "sidecar", envoy::sidecar)?,
+            Mesh::Gateway { upstream, .. } => {
+                let (.., address) = endpoints
+                    .iter()
+                    .find(|(ns, deployment, _)| {
+                        *ns == upstream.namespace && *deployment == upstream.service
+                    })
+                    .with_context(|| {
+                        format!("gateway upstream {} not on the node", upstream.service)
+                    })?;
+                let address = address.to_string();
+                start_proxy(&mut pod, ca, "router", |spec, id, certs, log| {
+                    envoy::gateway(spec, id, certs, log, &address)
+                })?;
+            }
         }
         for app in pod.spec.apps.clone() {
             start_app(&mut pod, app, ca)?;
@@ -528,42 +584,6 @@ impl Node {
         Ok(())
     }
 
-    fn start_sidecar(&self, pod: &mut Pod, ca: &ca::Ca) -> anyhow::Result<()> {
-        let certs = pod.dir.join("certs");
-        ca.issue(
-            &certs,
-            &format!(
-                "URI:{}",
-                ca::spiffe_id(&pod.spec.namespace, &pod.spec.service_account)
-            ),
-            PROXY_UID,
-        )?;
-        let node_id = format!(
-            "sidecar~{}~{}.{}~{}.svc.cluster.local",
-            pod.ip, pod.spec.name, pod.spec.namespace, pod.spec.namespace
-        );
-        let access_log = pod.dir.join("access.log");
-        let config = envoy::sidecar(&pod.spec, &node_id, &certs, &access_log);
-        let config_path = pod.dir.join("envoy.yaml");
-        fs::write(&config_path, config)?;
-        fs::write(&access_log, "")?;
-        std::os::unix::fs::chown(&access_log, Some(PROXY_UID), Some(PROXY_UID))?;
-        pod.start_in(
-            PROXY_CONTAINER,
-            "envoy",
-            pod.command(PROXY_UID, &envoy::envoy_path())
-                .arg("-c")
-                .arg(&config_path)
-                .args([
-                    "--concurrency",
-                    "1",
-                    "--disable-hot-restart",
-                    "--log-level",
-                    "warn",
-                ])
-                .args(["--file-flush-interval-msec", "200"]),
-        )
-    }
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()
@@ -648,6 +668,53 @@ impl Drop for Node {
             }
         }
     }
+}
+
+/// Issues the pod's workload certificate and starts Envoy with the bootstrap `config` makes,
+/// in the `istio-proxy` container as the proxy's uid. `proxy_type` is Istio's node type
+/// (`sidecar`, or `router` for a gateway).
+fn start_proxy(
+    pod: &mut Pod,
+    ca: &ca::Ca,
+    proxy_type: &str,
+    config: impl FnOnce(&PodSpec, &str, &Path, &Path) -> String,
+) -> anyhow::Result<()> {
+    let certs = pod.dir.join("certs");
+    ca.issue(
+        &certs,
+        &format!(
+            "URI:{}",
+            ca::spiffe_id(&pod.spec.namespace, &pod.spec.service_account)
+        ),
+        PROXY_UID,
+    )?;
+    let node_id = format!(
+        "{proxy_type}~{}~{}.{}~{}.svc.cluster.local",
+        pod.ip, pod.spec.name, pod.spec.namespace, pod.spec.namespace
+    );
+    let access_log = pod.dir.join("access.log");
+    let config_path = pod.dir.join("envoy.yaml");
+    fs::write(
+        &config_path,
+        config(&pod.spec, &node_id, &certs, &access_log),
+    )?;
+    fs::write(&access_log, "")?;
+    std::os::unix::fs::chown(&access_log, Some(PROXY_UID), Some(PROXY_UID))?;
+    pod.start_in(
+        PROXY_CONTAINER,
+        "envoy",
+        pod.command(PROXY_UID, &envoy::envoy_path())
+            .arg("-c")
+            .arg(&config_path)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ])
+            .args(["--file-flush-interval-msec", "200"]),
+    )
 }
 
 /// What istio-init installs: the nat rules for each of the pod's families, and for IPv6 the

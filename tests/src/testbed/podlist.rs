@@ -183,26 +183,56 @@ pub fn pod_name(pod: &Pod) -> String {
     )
 }
 
+/// A container's spec: the application's ports and probe, or the proxy's ports and uid.
+fn container(s: &PodSpec, name: &str) -> Value {
+    let tcp = |port: u16| json!({ "containerPort": port, "protocol": "TCP" });
+    if name != PROXY_CONTAINER {
+        let mut app = json!({
+            "name": name,
+            "image": image(s, name),
+            "ports": s.apps.iter().map(|a| tcp(a.port())).collect::<Vec<_>>(),
+        });
+        if let Some(port) = s.probe_port {
+            app["readinessProbe"] = json!({ "httpGet": { "path": "/healthz", "port": port, "scheme": "HTTP" }, "periodSeconds": 10 });
+        }
+        return app;
+    }
+    let mut ports =
+        vec![json!({ "containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP" })];
+    if let Mesh::Gateway { port, .. } = s.mesh {
+        ports.push(tcp(port));
+    }
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": PROXY_IMAGE,
+        "ports": ports,
+        "securityContext": { "runAsUser": super::PROXY_UID, "runAsGroup": super::PROXY_UID },
+    })
+}
+
 fn pod(node: &Node, pod: &Pod) -> Value {
     let s = &pod.spec;
     let template_hash = hash(&s.deployment, 10);
     let mut labels = json!({ "app": s.deployment, "pod-template-hash": template_hash });
     let mut annotations = json!({});
     let mut init_containers = Vec::new();
-    let mut containers = vec![json!({
-        "name": s.deployment,
-        "image": image(s, &s.deployment),
-        "ports": s.apps.iter().map(|a| match a {
-            super::App::Http(p) | super::App::Tls(p) => json!({ "containerPort": p, "protocol": "TCP" }),
-        }).collect::<Vec<_>>(),
-    })];
-    if let Some(port) = s.probe_port {
-        containers[0]["readinessProbe"] = json!({ "httpGet": { "path": "/healthz", "port": port, "scheme": "HTTP" }, "periodSeconds": 10 });
+    let containers: Vec<Value> = s
+        .containers()
+        .into_iter()
+        .map(|name| container(s, name))
+        .collect();
+    if let Mesh::Gateway { .. } = s.mesh {
+        // The gateway chart's labels; it is not injected, so no sidecar status.
+        labels["istio"] = json!("ingressgateway");
+        labels["service.istio.io/canonical-name"] = json!(s.deployment);
+        labels["sidecar.istio.io/inject"] = json!("false");
     }
     if let Mesh::Sidecar { .. } = s.mesh {
         labels["security.istio.io/tlsMode"] = json!("istio");
         labels["service.istio.io/canonical-name"] = json!(s.deployment);
         annotations["sidecar.istio.io/status"] = json!(SIDECAR_STATUS);
+        annotations["kubectl.kubernetes.io/default-container"] = json!(s.deployment);
+        annotations["kubectl.kubernetes.io/default-logs-container"] = json!(s.deployment);
         let list = |ports: &[u16]| {
             ports
                 .iter()
@@ -222,12 +252,6 @@ fn pod(node: &Node, pod: &Pod) -> Value {
             annotations["traffic.sidecar.istio.io/excludeOutboundIPRanges"] =
                 json!(s.exclude.outbound_ip_ranges.join(","));
         }
-        containers.push(json!({
-            "name": PROXY_CONTAINER,
-            "image": PROXY_IMAGE,
-            "ports": [{ "containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP" }],
-            "securityContext": { "runAsUser": super::PROXY_UID, "runAsGroup": super::PROXY_UID },
-        }));
         init_containers.push(json!({
             "name": INIT_CONTAINER,
             "image": PROXY_IMAGE,
