@@ -4,6 +4,7 @@
 //! the agent, and teardown leaves nothing behind, also after a crash.
 
 use std::{
+    net::IpAddr,
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -12,15 +13,17 @@ use std::{
 use meshguard_tests::{
     cgroup2_root, privileged, run,
     testbed::{
+        envoy::ISTIO_ALPN,
         scenarios::{self, Party, Wire},
-        Node, PodSpec, PROXY_CONTAINER,
+        wire::{self, ClientHello},
+        Curves, Node, PodSpec, TlsProfile, PROXY_CONTAINER,
     },
     Agent, Cgroup, TempDir,
 };
 use serde_json::Value;
 
-/// Packets captured on the node's bridge while `work` runs, read back by tshark.
-fn capture(node: &Node, dir: &TempDir, work: impl FnOnce()) -> std::path::PathBuf {
+/// Packets captured on the node's bridge (those `filter` takes) while `work` runs.
+fn capture(node: &Node, dir: &TempDir, filter: &str, work: impl FnOnce()) -> std::path::PathBuf {
     let pcap = dir.path.join("bridge.pcap");
     let mut tcpdump = node
         .cgroup
@@ -28,7 +31,7 @@ fn capture(node: &Node, dir: &TempDir, work: impl FnOnce()) -> std::path::PathBu
             node.command("tcpdump")
                 .args(["-i", "br0", "-U", "-n", "--immediate-mode", "-w"])
                 .arg(&pcap)
-                .arg("tcp"),
+                .arg(filter),
         )
         .unwrap();
     // tcpdump says "listening on" once it captures.
@@ -55,7 +58,7 @@ fn capture_scenarios(
     dir: &TempDir,
     all: &[scenarios::Scenario],
 ) -> std::path::PathBuf {
-    capture(node, dir, || {
+    capture(node, dir, "tcp", || {
         for scenario in all {
             scenario.run(node).unwrap();
         }
@@ -551,4 +554,177 @@ fn write_fuzz_seeds() {
     let pods = corpus.join("pod_list");
     std::fs::create_dir_all(&pods).unwrap();
     std::fs::copy(node.dir.join("pods.json"), pods.join("testbed-pods.json")).unwrap();
+}
+
+/// Where a variant's pod is reached: its IPv6 address for the IPv6 variant.
+fn address(node: &Node, pod: &str, ipv6: bool) -> IpAddr {
+    let pod = node.pod(pod);
+    match pod.ip6 {
+        Some(ip6) if ipv6 => ip6.into(),
+        _ => pod.ip.into(),
+    }
+}
+
+/// The size range of some ClientHellos, or of their ALPN offsets, for the report.
+fn range(values: impl Iterator<Item = usize>) -> String {
+    let values: Vec<usize> = values.collect();
+    match (values.iter().min(), values.iter().max()) {
+        (Some(min), Some(max)) if min == max => format!("{min}"),
+        (Some(min), Some(max)) => format!("{min}-{max}"),
+        _ => "-".into(),
+    }
+}
+
+/// The mesh as the real world varies it (TLS profiles, curves, inbound forwarding, IPv6, a
+/// gateway) really carries every request across the bridge as mTLS with Istio's ALPN, and its
+/// ClientHellos have the sizes and layouts meshguard must handle: larger than 1024 bytes with
+/// the default (post-quantum) curves, the ALPN past byte 1024 of a resumed TLS 1.2 ClientHello
+/// under Envoy's defaults. Prints what it measured (`--nocapture`).
+#[test]
+fn realism_variants_carry_every_request_as_mtls_with_istio_s_alpn() {
+    if !privileged() {
+        return;
+    }
+    const REQUESTS: usize = 200;
+    let dir = TempDir::new("realism").unwrap();
+    let node = Node::up("mgreal", [246, 1], scenarios::realism_pods()).unwrap();
+    let variants = scenarios::realism_variants();
+    let pcap = capture(&node, &dir, "tcp", || {
+        for v in &variants {
+            scenarios::mesh_requests(&node, v, REQUESTS).unwrap();
+        }
+    });
+    let streams = wire::tcp_streams(&pcap).unwrap();
+    for v in &variants {
+        let (from, to, port) = v.mesh_hop;
+        let (src, dst) = (address(&node, from, v.ipv6), address(&node, to, v.ipv6));
+        let hop: Vec<&wire::TcpStream> = streams
+            .iter()
+            .filter(|s| s.between(src, dst, port))
+            .collect();
+        assert_eq!(
+            hop.len(),
+            REQUESTS,
+            "{}: connections {from} -> {to}:{port}",
+            v.name
+        );
+        let hellos: Vec<ClientHello> = hop
+            .iter()
+            .map(|s| {
+                s.client_hello().unwrap_or_else(|| {
+                    panic!(
+                        "{}: a connection {from} -> {to} that did not open with a ClientHello: {:?}",
+                        v.name,
+                        String::from_utf8_lossy(&s.to_server[..s.to_server.len().min(64)])
+                    )
+                })
+            })
+            .collect();
+        for h in &hellos {
+            assert_eq!(h.alpn(), ISTIO_ALPN, "{}", v.name);
+        }
+        // Nothing in plaintext between the two pods, whatever the port or family.
+        let pod_ips = |pod: &str| {
+            let pod = node.pod(pod);
+            std::iter::once(IpAddr::from(pod.ip))
+                .chain(pod.ip6.map(IpAddr::from))
+                .collect::<Vec<_>>()
+        };
+        let (from_ips, to_ips) = (pod_ips(from), pod_ips(to));
+        for s in &streams {
+            let (Some((c, _)), Some((d, _))) = (s.client, s.server) else {
+                continue;
+            };
+            if from_ips.contains(&c) && to_ips.contains(&d) {
+                assert!(
+                    !s.to_server.windows(5).any(|w| w == b"GET /"),
+                    "{}: plaintext HTTP from {from} to {to}",
+                    v.name
+                );
+            }
+        }
+        if v.ipv6 {
+            let v4 = |pod: &str| IpAddr::from(node.pod(pod).ip);
+            assert!(
+                !streams.iter().any(|s| s.between(v4(from), v4(to), port)),
+                "{}: the mesh hop went over IPv4 too",
+                v.name
+            );
+        }
+
+        let (resumed, full): (Vec<&ClientHello>, Vec<&ClientHello>) =
+            hellos.iter().partition(|h| h.resumes());
+        eprintln!(
+            "{}: {} ClientHellos over {}: {} full, {} bytes, ALPN at byte {}; {} resuming, {} \
+             bytes, ALPN at byte {}, session ticket {} bytes; groups {:04x?}",
+            v.name,
+            hellos.len(),
+            if src.is_ipv6() { "IPv6" } else { "IPv4" },
+            full.len(),
+            range(full.iter().map(|h| h.len)),
+            range(full.iter().filter_map(|h| h.alpn_offset())),
+            resumed.len(),
+            range(resumed.iter().map(|h| h.len)),
+            range(resumed.iter().filter_map(|h| h.alpn_offset())),
+            range(resumed.iter().map(|h| h.session_ticket().len())),
+            hellos[0].groups(),
+        );
+        let post_quantum = |h: &ClientHello| {
+            h.groups()
+                .iter()
+                .any(|g| wire::POST_QUANTUM_GROUPS.contains(g))
+        };
+        if v.sidecar.tls == TlsProfile::Istio && v.sidecar.curves == Curves::EnvoyDefault {
+            for h in &hellos {
+                assert!(h.len > 1024 && post_quantum(h), "{}: {h:?}", v.name);
+            }
+        }
+        if v.sidecar.tls == TlsProfile::EnvoyDefaults {
+            let with_ticket: Vec<&ClientHello> = hellos
+                .iter()
+                .filter(|h| !h.session_ticket().is_empty())
+                .collect();
+            assert!(
+                with_ticket.len() >= REQUESTS / 2,
+                "{}: {} with a ticket",
+                v.name,
+                with_ticket.len()
+            );
+            for h in with_ticket {
+                let ticket = h.extension(wire::EXT_SESSION_TICKET).unwrap().0;
+                let alpn = h.alpn_offset().unwrap();
+                assert!(
+                    h.len > 1024 && alpn > 1024 && ticket < alpn,
+                    "{}: {h:?}",
+                    v.name
+                );
+            }
+        }
+        if v.sidecar.curves == Curves::X25519Only {
+            for h in &hellos {
+                assert!(
+                    !h.groups().is_empty() && h.groups().iter().all(|g| *g == wire::X25519),
+                    "{}: groups {:04x?}",
+                    v.name,
+                    h.groups()
+                );
+            }
+        }
+        if v.client != from {
+            // The gateway: its client's requests reach it in plaintext.
+            let gateway = address(&node, v.server, false);
+            let client = address(&node, v.client, false);
+            let requests = streams
+                .iter()
+                .filter(|s| {
+                    s.between(client, gateway, v.port) && s.to_server.starts_with(b"GET /?n=")
+                })
+                .count();
+            assert_eq!(
+                requests, REQUESTS,
+                "{}: plaintext requests to the gateway",
+                v.name
+            );
+        }
+    }
 }

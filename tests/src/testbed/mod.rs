@@ -15,6 +15,7 @@ pub mod capture;
 pub mod envoy;
 pub mod podlist;
 pub mod scenarios;
+pub mod wire;
 
 use std::{
     fs,

@@ -2,6 +2,8 @@
 //! Each scenario says what it does, what must be seen on the wire (the ground truth, checked
 //! without meshguard), and the verdict and reason each resulting flow must get, at both ends.
 
+mod realism;
+
 use std::net::Ipv4Addr;
 
 use anyhow::bail;
@@ -12,6 +14,7 @@ use super::{
     envoy::{istio_sni, ISTIO_ALPN},
     App, Exclusions, InboundMode, Mesh, MeshPeer, Node, PodSpec, APP_UID, PROXY_UID,
 };
+pub use realism::{mesh_requests, realism_pods, realism_variants, RealismVariant};
 
 /// The pods every scenario runs on: a meshed shop and an unmeshed legacy namespace.
 pub fn pods() -> Vec<PodSpec> {
