@@ -10,6 +10,7 @@
 //! after a crash: the namespaces (and with them the links and iptables rules), the cgroups (and
 //! with them every process), the state directory.
 
+mod apps;
 mod ca;
 pub mod capture;
 pub mod envoy;
@@ -118,19 +119,34 @@ pub struct MeshPeer {
     pub service_account: String,
 }
 
-/// A server the pod's application runs.
+/// A server the pod's application runs (see `apps.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum App {
     /// Plain HTTP (also serves `/healthz`).
     Http(u16),
     /// HTTPS with a certificate of its own (not the mesh's).
     Tls(u16),
+    /// UDP datagrams read and dropped.
+    UdpSink(u16),
+    /// DNS over UDP, answering A queries for the node's services.
+    Dns(u16),
+    /// OpenSSH's sshd.
+    Ssh(u16),
 }
 
 impl App {
     pub fn port(self) -> u16 {
         match self {
-            App::Http(port) | App::Tls(port) => port,
+            App::Http(port) | App::Tls(port) | App::UdpSink(port) | App::Dns(port) => port,
+            App::Ssh(port) => port,
+        }
+    }
+
+    /// `TCP` or `UDP`, as a container port says it.
+    pub fn protocol(self) -> &'static str {
+        match self {
+            App::UdpSink(_) | App::Dns(_) => "UDP",
+            App::Http(_) | App::Tls(_) | App::Ssh(_) => "TCP",
         }
     }
 }
@@ -142,6 +158,8 @@ pub struct PodSpec {
     pub service_account: String,
     /// The Deployment the pod belongs to.
     pub deployment: String,
+    /// Labels beside `app: <deployment>` (and the mesh's own).
+    pub labels: Vec<(String, String)>,
     pub mesh: Mesh,
     pub sidecar: SidecarConfig,
     /// Dual-stack: an IPv6 address beside the IPv4 one, captured and proxied alike.
@@ -161,6 +179,7 @@ impl PodSpec {
             namespace: namespace.to_string(),
             service_account: name.to_string(),
             deployment: name.to_string(),
+            labels: Vec::new(),
             mesh: Mesh::None,
             sidecar: SidecarConfig::default(),
             ipv6: false,
@@ -302,18 +321,18 @@ impl Pod {
         Ok(())
     }
 
-    fn wait_listening(&self, port: u16) -> anyhow::Result<()> {
+    fn wait_listening(&self, app: App) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let port = app.port();
+        let sockets = if app.protocol() == "UDP" {
+            "-Hlun"
+        } else {
+            "-Hltn"
+        };
         while Instant::now() < deadline {
             let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.netns,
-                    "ss",
-                    "-Hltn",
-                    &format!("sport = :{port}"),
-                ])
+                .args(["netns", "exec", &self.netns, "ss", sockets])
+                .arg(format!("sport = :{port}"))
                 .output()?;
             if !out.stdout.is_empty() {
                 return Ok(());
@@ -352,6 +371,25 @@ pub struct Node {
     /// Processes of the node itself (probes, captures).
     pub cgroup: Cgroup,
     keep: bool,
+}
+
+/// Every pod of the node by service (its namespace and deployment) and IPv4 address.
+struct Endpoints(Vec<(String, String, Ipv4Addr)>);
+
+impl Endpoints {
+    fn of(&self, namespace: &str, service: &str) -> Option<Ipv4Addr> {
+        self.0
+            .iter()
+            .find(|(ns, name, _)| ns == namespace && name == service)
+            .map(|(.., ip)| *ip)
+    }
+
+    /// `<service>.<namespace>.svc.cluster.local` and its address, for each.
+    fn names(&self) -> impl Iterator<Item = (String, Ipv4Addr)> + '_ {
+        self.0
+            .iter()
+            .map(|(ns, name, ip)| (format!("{name}.{ns}.svc.{}", ca::TRUST_DOMAIN), *ip))
+    }
 }
 
 /// The `i`th pod's IPv4 address on `10.<a>.<b>.0/24`.
@@ -416,18 +454,20 @@ impl Node {
 
         let ca = ca::Ca::new(&node.dir.join("ca"))?;
         // Addresses are known before any pod starts: a gateway is configured with its
-        // upstream's, as Istio's control plane would send it the endpoints.
-        let endpoints: Vec<(String, String, Ipv4Addr)> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                (
-                    s.namespace.clone(),
-                    s.deployment.clone(),
-                    pod_ipv4(subnet, i),
-                )
-            })
-            .collect();
+        // upstream's, as Istio's control plane would send it the endpoints, and DNS answers.
+        let endpoints = Endpoints(
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        s.namespace.clone(),
+                        s.deployment.clone(),
+                        pod_ipv4(subnet, i),
+                    )
+                })
+                .collect(),
+        );
         for (i, spec) in specs.into_iter().enumerate() {
             let pod = node.add_pod(i, spec, &ca, subnet, &endpoints)?;
             node.pods.push(pod);
@@ -437,7 +477,7 @@ impl Node {
                 wait_envoy_ready(pod)?;
             }
             for app in &pod.spec.apps {
-                pod.wait_listening(app.port())?;
+                pod.wait_listening(*app)?;
             }
         }
         fs::write(
@@ -453,7 +493,7 @@ impl Node {
         spec: PodSpec,
         ca: &ca::Ca,
         subnet: [u8; 2],
-        endpoints: &[(String, String, Ipv4Addr)],
+        endpoints: &Endpoints,
     ) -> anyhow::Result<Pod> {
         let ip = pod_ipv4(subnet, i);
         let netns = format!("{}-{}", self.name, spec.name);
@@ -495,22 +535,19 @@ impl Node {
             Mesh::None => {}
             Mesh::Sidecar { .. } => start_proxy(&mut pod, ca, "sidecar", envoy::sidecar)?,
             Mesh::Gateway { upstream, .. } => {
-                let (.., address) = endpoints
-                    .iter()
-                    .find(|(ns, deployment, _)| {
-                        *ns == upstream.namespace && *deployment == upstream.service
-                    })
+                let address = endpoints
+                    .of(&upstream.namespace, &upstream.service)
                     .with_context(|| {
                         format!("gateway upstream {} not on the node", upstream.service)
-                    })?;
-                let address = address.to_string();
+                    })?
+                    .to_string();
                 start_proxy(&mut pod, ca, "router", |spec, id, certs, log| {
                     envoy::gateway(spec, id, certs, log, &address)
                 })?;
             }
         }
         for app in pod.spec.apps.clone() {
-            start_app(&mut pod, app, ca)?;
+            apps::start(&mut pod, app, ca, endpoints)?;
         }
         Ok(pod)
     }
@@ -520,6 +557,16 @@ impl Node {
         let netns = pod.netns.as_str();
         sh(&["ip", "netns", "add", netns])?;
         sh(&["ip", "-n", netns, "link", "set", "lo", "up"])?;
+        // As containerd sets up a pod's network namespace: applications may bind any port.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_unprivileged_port_start=0",
+        ])?;
         sh(&[
             "ip",
             "-n",
@@ -768,50 +815,6 @@ fn install_capture(pod: &Pod) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Starts one of the pod's servers in its application container, as the application's uid.
-fn start_app(pod: &mut Pod, app: App, ca: &ca::Ca) -> anyhow::Result<()> {
-    // A dual-stack server: Python's http.server takes both families on `::`.
-    let any = if pod.ip6.is_some() { "::" } else { "0.0.0.0" };
-    match app {
-        App::Http(port) => {
-            let www = pod.dir.join("www");
-            fs::create_dir_all(&www)?;
-            fs::write(
-                www.join("index.html"),
-                format!("hello from {}\n", pod.spec.name),
-            )?;
-            fs::write(www.join("healthz"), "ok\n")?;
-            pod.start(
-                &format!("http-{port}"),
-                pod.command(APP_UID, PYTHON)
-                    .args(["-m", "http.server", &port.to_string(), "--bind", any])
-                    .arg("--directory")
-                    .arg(&www),
-            )
-        }
-        App::Tls(port) => {
-            let tls = pod.dir.join("app-tls");
-            let host = format!("{}.{}.svc.cluster.local", pod.spec.name, pod.spec.namespace);
-            ca.issue(&tls, &format!("DNS:{host}"), APP_UID)?;
-            pod.start(
-                &format!("tls-{port}"),
-                pod.command(APP_UID, "openssl")
-                    .args([
-                        "s_server",
-                        "-quiet",
-                        "-www",
-                        "-accept",
-                        &port.to_string(),
-                        "-cert",
-                    ])
-                    .arg(tls.join("cert-chain.pem"))
-                    .arg("-key")
-                    .arg(tls.join("key.pem")),
-            )
-        }
-    }
 }
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {

@@ -185,12 +185,12 @@ pub fn pod_name(pod: &Pod) -> String {
 
 /// A container's spec: the application's ports and probe, or the proxy's ports and uid.
 fn container(s: &PodSpec, name: &str) -> Value {
-    let tcp = |port: u16| json!({ "containerPort": port, "protocol": "TCP" });
+    let port = |port: u16, protocol: &str| json!({ "containerPort": port, "protocol": protocol });
     if name != PROXY_CONTAINER {
         let mut app = json!({
             "name": name,
             "image": image(s, name),
-            "ports": s.apps.iter().map(|a| tcp(a.port())).collect::<Vec<_>>(),
+            "ports": s.apps.iter().map(|a| port(a.port(), a.protocol())).collect::<Vec<_>>(),
         });
         if let Some(port) = s.probe_port {
             app["readinessProbe"] = json!({ "httpGet": { "path": "/healthz", "port": port, "scheme": "HTTP" }, "periodSeconds": 10 });
@@ -199,8 +199,8 @@ fn container(s: &PodSpec, name: &str) -> Value {
     }
     let mut ports =
         vec![json!({ "containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP" })];
-    if let Mesh::Gateway { port, .. } = s.mesh {
-        ports.push(tcp(port));
+    if let Mesh::Gateway { port: gateway, .. } = s.mesh {
+        ports.push(port(gateway, "TCP"));
     }
     json!({
         "name": PROXY_CONTAINER,
@@ -214,6 +214,9 @@ fn pod(node: &Node, pod: &Pod) -> Value {
     let s = &pod.spec;
     let template_hash = hash(&s.deployment, 10);
     let mut labels = json!({ "app": s.deployment, "pod-template-hash": template_hash });
+    for (key, value) in &s.labels {
+        labels[key] = json!(value);
+    }
     let mut annotations = json!({});
     let mut init_containers = Vec::new();
     let containers: Vec<Value> = s
