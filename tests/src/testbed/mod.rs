@@ -41,6 +41,8 @@ pub const APP_UID: u32 = 1000;
 pub const PYTHON: &str = "/usr/bin/python3";
 const STATE_ROOT: &str = "/run/meshguard-testbed";
 const CGROUP_DIR: &str = "meshguard-testbed";
+/// The cluster's DNS domain: services are `<name>.<namespace>.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The sidecar's (and a gateway's) container, as Istio's injector names it.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
 pub const PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.24.0";
@@ -388,7 +390,7 @@ impl Endpoints {
     fn names(&self) -> impl Iterator<Item = (String, Ipv4Addr)> + '_ {
         self.0
             .iter()
-            .map(|(ns, name, ip)| (format!("{name}.{ns}.svc.{}", ca::TRUST_DOMAIN), *ip))
+            .map(|(ns, name, ip)| (format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"), *ip))
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::bail;
 use super::CURL;
 use crate::testbed::{
     App, Curves, InboundForward, InboundMode, Mesh, MeshPeer, Node, PodSpec, SidecarConfig,
-    TlsProfile, APP_UID,
+    TlsProfile, APP_UID, CLUSTER_DOMAIN,
 };
 
 const NAMESPACE: &str = "realism";
@@ -151,7 +151,7 @@ pub fn mesh_requests(node: &Node, variant: &RealismVariant, n: usize) -> anyhow:
         (false, _) => server.ip.to_string(),
     };
     let host = format!(
-        "{}.{}.svc.cluster.local",
+        "{}.{}.svc.{CLUSTER_DOMAIN}",
         server.spec.deployment, server.spec.namespace
     );
     let port = variant.port;
