@@ -22,7 +22,15 @@ pub fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if root {
-        for tool in ["ip", "curl", "openssl", "socat", "python3"] {
+        for tool in [
+            "ip",
+            "curl",
+            "openssl",
+            "socat",
+            "python3",
+            "ssh-keyscan",
+            "/usr/sbin/sshd",
+        ] {
             let found = Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
                 .stdout(Stdio::null())

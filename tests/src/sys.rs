@@ -91,7 +91,7 @@ impl Drop for TempDir {
 }
 
 /// A cgroup v2 directory for one test; every process started through it runs inside, and all
-/// of them are killed and the directory removed on drop.
+/// of them (with those of any cgroup nested below) are killed and the directories removed on drop.
 pub struct Cgroup {
     pub path: PathBuf,
     /// Left in place (with its processes) on drop.
@@ -113,9 +113,18 @@ impl Cgroup {
         Ok(Self { path, keep: false })
     }
 
-    /// An existing cgroup, to be emptied and removed on drop.
+    /// An existing cgroup, to be emptied and removed (with every cgroup below it) on drop.
     pub fn existing(path: PathBuf) -> Self {
         Self { path, keep: false }
+    }
+
+    /// The processes in this cgroup (not those of cgroups below it).
+    pub fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
     }
 
     /// Leaves this cgroup and its processes running after drop.
@@ -219,13 +228,24 @@ impl Drop for Cgroup {
     }
 }
 
+/// Kills every process in the cgroup at `path` and its descendants (`cgroup.kill` takes the
+/// whole subtree), then removes the directories deepest first: a cgroup with children cannot go.
 fn kill_and_remove(path: &Path) {
     if !path.exists() {
         return;
     }
     let _ = fs::write(path.join("cgroup.kill"), "1");
+    remove_tree(path);
+}
+
+fn remove_tree(path: &Path) {
+    for child in fs::read_dir(path).into_iter().flatten().flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&child.path());
+        }
+    }
     for _ in 0..100 {
-        if fs::remove_dir(path).is_ok() {
+        if fs::remove_dir(path).is_ok() || !path.exists() {
             return;
         }
         thread::sleep(Duration::from_millis(20));

@@ -52,9 +52,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     let bin = workspace_root().join("target/release/meshguard");
 
-    println!("==> bringing up node {NODE}: 7 pods, 4 Envoy sidecars, Istio-style capture");
+    let pods = scenarios::pods();
+    println!(
+        "==> bringing up node {NODE}: {} pods, {} Envoy sidecars, Istio-style capture",
+        pods.len(),
+        pods.iter().filter(|p| p.meshed()).count()
+    );
     let started = Instant::now();
-    let node = Node::up(NODE, SUBNET, scenarios::pods())?;
+    let node = Node::up(NODE, SUBNET, pods)?;
     println!(
         "    up in {:.1}s; pods as `kubectl get pods -o json`: {}",
         started.elapsed().as_secs_f32(),

@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "procps",
     "libcap2-bin",
+    "openssh-server",
+    "openssh-client",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,6 +1,7 @@
 //! A test certificate authority, made when the node comes up, issuing Istio-style workload
 //! certificates: a SPIFFE URI SAN (`spiffe://cluster.local/ns/<ns>/sa/<sa>`), usable for both
-//! ends of mTLS.
+//! ends of mTLS. Keys are RSA 2048, as Istio's default CA issues them (root and workloads): the
+//! certificates' size is what sizes TLS session tickets, and so the ClientHellos that carry them.
 
 use std::{
     fs,
@@ -22,13 +23,13 @@ fn openssl(args: &[&str], dir: &Path) -> anyhow::Result<()> {
     run(Command::new("openssl").args(args).current_dir(dir)).map(drop)
 }
 
-const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+const RSA_KEY: [&str; 2] = ["-newkey", "rsa:2048"];
 
 impl Ca {
     pub fn new(dir: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut args = vec!["req", "-x509", "-nodes", "-days", "30"];
-        args.extend(EC_KEY);
+        args.extend(RSA_KEY);
         args.extend([
             "-subj",
             "/O=meshguard testbed/CN=meshguard testbed root CA",
@@ -53,7 +54,7 @@ impl Ca {
     pub fn issue(&self, dir: &Path, subject_alt_name: &str, owner: u32) -> anyhow::Result<()> {
         fs::create_dir_all(dir)?;
         let mut args = vec!["req", "-new", "-nodes"];
-        args.extend(EC_KEY);
+        args.extend(RSA_KEY);
         args.extend([
             "-subj",
             "/O=cluster.local",

@@ -2,6 +2,9 @@
 //! Each scenario says what it does, what must be seen on the wire (the ground truth, checked
 //! without meshguard), and the verdict and reason each resulting flow must get, at both ends.
 
+mod adversarial;
+mod realism;
+
 use std::net::Ipv4Addr;
 
 use anyhow::bail;
@@ -12,8 +15,11 @@ use super::{
     envoy::{istio_sni, ISTIO_ALPN},
     App, Exclusions, InboundMode, Mesh, MeshPeer, Node, PodSpec, APP_UID, PROXY_UID,
 };
+pub use adversarial::adversarial;
+pub use realism::{mesh_requests, realism_pods, realism_variants, RealismVariant};
 
-/// The pods every scenario runs on: a meshed shop and an unmeshed legacy namespace.
+/// The pods every scenario runs on: a meshed shop and an unmeshed legacy namespace, and the
+/// cluster's DNS.
 pub fn pods() -> Vec<PodSpec> {
     let sidecar = |inbound, capture| Mesh::Sidecar { inbound, capture };
     let api = MeshPeer {
@@ -26,7 +32,7 @@ pub fn pods() -> Vec<PodSpec> {
         PodSpec {
             mesh: sidecar(InboundMode::Strict, true),
             exclude: Exclusions {
-                outbound_ports: vec![5000, 8443],
+                outbound_ports: vec![5000, 8443, 2222],
                 ..Exclusions::default()
             },
             mesh_peers: vec![api],
@@ -52,8 +58,16 @@ pub fn pods() -> Vec<PodSpec> {
             mesh: sidecar(InboundMode::Strict, false),
             ..PodSpec::new("shop", "batch")
         },
+        // Beside its HTTP service, listeners for the adversarial workloads: ports a policy
+        // might take for DNS or Istio's agent, a UDP sink, sshd.
         PodSpec {
-            apps: vec![App::Http(5000)],
+            apps: vec![
+                App::Http(5000),
+                App::Http(53),
+                App::Http(15020),
+                App::UdpSink(9999),
+                App::Ssh(2222),
+            ],
             ..PodSpec::new("legacy", "catalog")
         },
         PodSpec {
@@ -61,6 +75,12 @@ pub fn pods() -> Vec<PodSpec> {
             ..PodSpec::new("legacy", "vault")
         },
         PodSpec::new("legacy", "client"),
+        // Last, so that adding it moved no other pod's address.
+        PodSpec {
+            apps: vec![App::Dns(53)],
+            labels: vec![("k8s-app".into(), "kube-dns".into())],
+            ..PodSpec::new("kube-system", "coredns")
+        },
     ]
 }
 
@@ -115,6 +135,35 @@ pub enum Wire {
     Tls { sni: String, alpn: Vec<String> },
     /// A plaintext HTTP request.
     PlaintextHttp,
+    /// A genuine ClientHello offering this ALPN list, then plaintext HTTP on the same
+    /// connection.
+    TlsThenPlaintextHttp { alpn: Vec<String> },
+    /// A DNS query over UDP for `name`, answered with pod `answer`'s address.
+    Dns { name: String, answer: &'static str },
+    /// Plaintext UDP datagrams.
+    PlaintextUdp,
+    /// An SSH key exchange: both versions, then the client's key share and the server's reply.
+    Ssh,
+}
+
+/// One client-to-server exchange crossing the bridge, and what it must look like there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    pub client: Party,
+    /// The client's source port, where the scenario fixes it.
+    pub client_port: Option<u16>,
+    pub server: &'static str,
+    pub port: u16,
+    pub wire: Wire,
+}
+
+impl Crossing {
+    pub fn client_ip(&self, node: &Node) -> Ipv4Addr {
+        match self.client {
+            Party::Pod(name) => node.pod(name).ip,
+            _ => node.ip,
+        }
+    }
 }
 
 pub struct Scenario {
@@ -125,6 +174,10 @@ pub struct Scenario {
     pub server: &'static str,
     pub port: u16,
     pub wire: Wire,
+    /// The client's source port, where the scenario fixes it (to tell its flows apart).
+    pub client_port: Option<u16>,
+    /// Further exchanges, to other servers, of the same client.
+    pub also: Vec<Crossing>,
     pub expect: Vec<Expected>,
     drive: fn(&Node) -> anyhow::Result<()>,
 }
@@ -136,10 +189,19 @@ impl Scenario {
     }
 
     pub fn client_ip(&self, node: &Node) -> Ipv4Addr {
-        match self.client {
-            Party::Pod(name) => node.pod(name).ip,
-            _ => node.ip,
-        }
+        self.crossings()[0].client_ip(node)
+    }
+
+    /// Every exchange of the scenario that crosses the bridge, the main one first.
+    pub fn crossings(&self) -> Vec<Crossing> {
+        let main = Crossing {
+            client: self.client,
+            client_port: self.client_port,
+            server: self.server,
+            port: self.port,
+            wire: self.wire.clone(),
+        };
+        std::iter::once(main).chain(self.also.clone()).collect()
     }
 }
 
@@ -299,6 +361,8 @@ pub fn all() -> Vec<Scenario> {
                     "sidecar-to-app",
                 ),
             ],
+            client_port: None,
+            also: Vec::new(),
             drive: |node| curl(node, "web", APP_UID, &[], &url(node, "api", 8080, "/")),
         },
         Scenario {
@@ -316,6 +380,8 @@ pub fn all() -> Vec<Scenario> {
                 ("bypass-plaintext", "excluded-port"),
                 ("bypass-plaintext", "excluded-port"),
             ),
+            client_port: None,
+            also: Vec::new(),
             drive: |node| curl(node, "web", APP_UID, &[], &url(node, "catalog", 5000, "/")),
         },
         Scenario {
@@ -348,6 +414,8 @@ pub fn all() -> Vec<Scenario> {
                     "peer-bypass",
                 ),
             ],
+            client_port: None,
+            also: Vec::new(),
             drive: |node| {
                 curl(
                     node,
@@ -373,6 +441,8 @@ pub fn all() -> Vec<Scenario> {
                 ("plaintext", "unmeshed-client"),
                 ("plaintext", "permissive-inbound"),
             ),
+            client_port: None,
+            also: Vec::new(),
             drive: |node| {
                 curl(
                     node,
@@ -401,6 +471,8 @@ pub fn all() -> Vec<Scenario> {
                 ("bypass-tls", "app-tls"),
                 ("bypass-tls", "app-tls"),
             ),
+            client_port: None,
+            also: Vec::new(),
             drive: |node| {
                 let host = "vault.legacy.svc.cluster.local";
                 let resolve = format!("{host}:8443:{}", node.pod("vault").ip);
@@ -430,6 +502,8 @@ pub fn all() -> Vec<Scenario> {
                 // passthrough to a server outside the mesh; the client's end can.
                 ("plaintext", "unmeshed-server"),
             ),
+            client_port: None,
+            also: Vec::new(),
             drive: |node| {
                 curl(
                     node,
@@ -455,6 +529,8 @@ pub fn all() -> Vec<Scenario> {
                 ("expected", "probe"),
                 ("expected", "probe"),
             ),
+            client_port: None,
+            also: Vec::new(),
             drive: |node| {
                 let out = node.cgroup.run(
                     node.command("curl")
@@ -479,6 +555,8 @@ pub fn all() -> Vec<Scenario> {
                 ("unmeshed", "no-sidecar"),
                 ("unmeshed", "no-sidecar"),
             ),
+            client_port: None,
+            also: Vec::new(),
             drive: |node| {
                 curl(
                     node,
