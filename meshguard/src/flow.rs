@@ -17,18 +17,43 @@ use serde::Serialize;
 use crate::{
     cookie::CookieMap,
     event::{ip_addr, KernelEvent},
-    fingerprint::{fingerprint, redacted, Fingerprint, PlaintextHint, TlsInfo},
+    fingerprint::{
+        fingerprint, redacted, EncryptedProtocol, Fingerprint, PlaintextHint, TlsInfo, Transport,
+    },
     inventory::{Identity, Inventory},
     verdict::{decide, Direction, Evidence, Path, Policy, Verdict},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encryption {
     Tls,
+    /// Encrypted by another protocol: SSH, QUIC or DTLS.
+    Encrypted(EncryptedProtocol),
     Plaintext,
     /// No payload seen yet.
     Unknown,
+}
+
+impl Encryption {
+    /// As records show it: `tls`, the other protocol's name, `plaintext` or `unknown`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Encrypted(protocol) => protocol.name(),
+            Self::Plaintext => "plaintext",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn is_encrypted(self) -> bool {
+        matches!(self, Self::Tls | Self::Encrypted(_))
+    }
+}
+
+impl Serialize for Encryption {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 /// One flow as the agent knows it.
@@ -98,6 +123,8 @@ pub struct Reconciled {
     pub deferred: usize,
 }
 
+const IPPROTO_UDP: u8 = libc::IPPROTO_UDP as u8;
+
 /// How long after a map entry was written its events are surely in the ring buffer.
 pub const EVENT_GRACE_NS: u64 = 1_000_000_000;
 
@@ -163,7 +190,8 @@ impl FlowTable {
         let mut change = None;
         if let Some(sample) = &event.sample {
             let first = flow.encryption == Encryption::Unknown;
-            flow.learn(fingerprint(&sample.bytes), sample.direction);
+            let fp = fingerprint(&sample.bytes, flow.transport());
+            flow.learn(fp, sample.direction);
             if let Some(payload) = &mut flow.payload {
                 payload.head_only = false;
             }
@@ -322,6 +350,14 @@ impl Flow {
         self.payload.as_ref()?.tls.as_ref()
     }
 
+    fn transport(&self) -> Transport {
+        if self.kernel.tuple.protocol == IPPROTO_UDP {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        }
+    }
+
     /// A copy to publish; the first one is marked so.
     fn snapshot(&mut self) -> Flow {
         self.first_report = !self.reported;
@@ -342,15 +378,16 @@ impl Flow {
         ] {
             let len = usize::from(len).min(HEAD_LEN);
             if len > 0 {
-                self.learn(fingerprint(&head[..len]), direction);
+                self.learn(fingerprint(&head[..len], self.transport()), direction);
                 self.payload.get_or_insert_default().head_only = true;
             }
         }
         self.encryption != Encryption::Unknown
     }
 
-    /// Folds a payload sample into what is known. TLS in either direction makes the flow TLS;
-    /// the ClientHello names SNI and ALPN, the ServerHello the negotiated version.
+    /// Folds a payload sample into what is known. TLS in either direction makes the flow TLS
+    /// (the ClientHello names SNI and ALPN, the ServerHello the negotiated version), and
+    /// another encrypted protocol makes it encrypted unless TLS was seen.
     fn learn(&mut self, fp: Fingerprint, direction: u8) {
         match fp {
             Fingerprint::Tls(info) => {
@@ -368,6 +405,11 @@ impl Flow {
                 tls.sni = tls.sni.take().or(info.sni);
                 if tls.alpn.is_empty() {
                     tls.alpn = info.alpn;
+                }
+            }
+            Fingerprint::Encrypted(protocol) => {
+                if self.encryption != Encryption::Tls {
+                    self.encryption = Encryption::Encrypted(protocol);
                 }
             }
             Fingerprint::Plaintext(hint) => {
@@ -397,7 +439,7 @@ impl Flow {
             } else {
                 Direction::Ingress
             },
-            udp: t.protocol == 17,
+            udp: t.protocol == IPPROTO_UDP,
             local: SocketAddr::new(ip_addr(t.family, t.local_addr), t.local_port),
             remote: SocketAddr::new(ip_addr(t.family, t.remote_addr), t.remote_port),
             uid: (k.flags & flags::UID != 0).then_some(k.uid),
@@ -753,27 +795,42 @@ mod tests {
 
     #[test]
     fn classification_per_first_sample() {
-        let cases: [(&[u8], Encryption, Option<&str>); 3] = [
+        let ssh = EncryptedProtocol::Ssh;
+        // (first bytes, IP protocol, encryption, plaintext protocol)
+        let cases: [(&[u8], u8, Encryption, Option<&str>); 6] = [
             (
                 b"GET / HTTP/1.1\r\n\r\n",
+                6,
                 Encryption::Plaintext,
                 Some("http/1"),
             ),
-            (&[22, 3, 1, 0, 1, 1], Encryption::Tls, None),
-            (b"\x00\x01binary", Encryption::Plaintext, Some("unknown")),
+            (&[22, 3, 1, 0, 1, 1], 6, Encryption::Tls, None),
+            (b"\x00\x01binary", 6, Encryption::Plaintext, Some("unknown")),
+            (
+                b"SSH-2.0-OpenSSH_9.2\r\n",
+                6,
+                Encryption::Encrypted(ssh),
+                None,
+            ),
+            (
+                &[0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0],
+                17,
+                Encryption::Encrypted(EncryptedProtocol::Quic),
+                None,
+            ),
+            (
+                &[22, 3, 1, 0, 1, 1],
+                17,
+                Encryption::Plaintext,
+                Some("unknown"),
+            ),
         ];
-        for (bytes, encryption, protocol) in cases {
+        for (bytes, protocol, encryption, hint) in cases {
             let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+            let mut kernel = state(DIRECTION_EGRESS, 0, 0);
+            kernel.tuple.protocol = protocol;
             let (flow, change) = table
-                .apply(
-                    &decode(&sample_event(
-                        3,
-                        state(DIRECTION_EGRESS, 0, 0),
-                        DIRECTION_EGRESS,
-                        bytes,
-                    ))
-                    .unwrap(),
-                )
+                .apply(&decode(&sample_event(3, kernel, DIRECTION_EGRESS, bytes)).unwrap())
                 .unwrap();
             assert_eq!(change, Change::Classified);
             let record = flow.record(
@@ -783,7 +840,21 @@ mod tests {
                 &Policy::default(),
             );
             assert_eq!(record.encryption, encryption, "{bytes:?}");
-            assert_eq!(record.plaintext.map(|p| p.protocol), protocol);
+            assert_eq!(record.plaintext.map(|p| p.protocol), hint, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn encryption_names_the_protocol() {
+        let cases = [
+            (Encryption::Tls, "\"tls\""),
+            (Encryption::Encrypted(EncryptedProtocol::Ssh), "\"ssh\""),
+            (Encryption::Encrypted(EncryptedProtocol::Dtls), "\"dtls\""),
+            (Encryption::Plaintext, "\"plaintext\""),
+            (Encryption::Unknown, "\"unknown\""),
+        ];
+        for (encryption, json) in cases {
+            assert_eq!(serde_json::to_string(&encryption).unwrap(), json);
         }
     }
 

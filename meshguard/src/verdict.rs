@@ -20,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    fingerprint::EncryptedProtocol,
     flow::Encryption,
     inventory::{Identity, MeshMode, PodInfo},
 };
@@ -223,9 +224,10 @@ fn in_range(pod: &PodInfo, ip: IpAddr) -> bool {
 }
 
 fn bypass(ev: &Evidence, cause: &'static str) -> (Verdict, &'static str) {
-    match ev.encryption {
-        Encryption::Tls => (Verdict::BypassTls, "app-tls"),
-        _ => (Verdict::BypassPlaintext, cause),
+    if ev.encryption.is_encrypted() {
+        (Verdict::BypassTls, "app-tls")
+    } else {
+        (Verdict::BypassPlaintext, cause)
     }
 }
 
@@ -234,7 +236,10 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
     let peer = format!("{}:{}", name(remote, ev.remote), ev.remote.port());
     let enc = match ev.encryption {
         Encryption::Tls => "TLS",
-        _ => "plaintext",
+        Encryption::Encrypted(EncryptedProtocol::Ssh) => "SSH",
+        Encryption::Encrypted(EncryptedProtocol::Quic) => "QUIC",
+        Encryption::Encrypted(EncryptedProtocol::Dtls) => "DTLS",
+        Encryption::Plaintext | Encryption::Unknown => "plaintext",
     };
 
     // 1. Nothing to judge yet.
@@ -368,7 +373,7 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
     if let Some(pod) = sidecar(remote) {
         return match ev.direction {
             Direction::Egress => {
-                let verdict = if ev.encryption == Encryption::Tls {
+                let verdict = if ev.encryption.is_encrypted() {
                     Verdict::Unmeshed
                 } else {
                     Verdict::Plaintext
@@ -395,7 +400,7 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
                         )
                     }
                     None => {
-                        let verdict = if ev.encryption == Encryption::Tls {
+                        let verdict = if ev.encryption.is_encrypted() {
                             Verdict::Unmeshed
                         } else {
                             Verdict::Plaintext
@@ -669,6 +674,26 @@ mod tests {
                 "curl",
                 Tls,
                 (BypassTls, "app-tls", Path::Direct),
+            ),
+            case(
+                "app SSH past the sidecar: encrypted, yet no mesh identity",
+                Egress,
+                ("10.0.0.10", 40000),
+                ("10.0.0.12", 22),
+                APP,
+                "ssh",
+                Encryption::Encrypted(EncryptedProtocol::Ssh),
+                (BypassTls, "app-tls", Path::Direct),
+            ),
+            case(
+                "unmeshed QUIC client to meshed",
+                Egress,
+                ("10.0.0.12", 40000),
+                ("10.0.0.11", 443),
+                APP,
+                "curl",
+                Encryption::Encrypted(EncryptedProtocol::Quic),
+                (Unmeshed, "unmeshed-client", Path::Direct),
             ),
             case(
                 "app as the proxy's uid",
