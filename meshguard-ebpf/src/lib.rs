@@ -7,11 +7,24 @@
 #![no_std]
 
 /// Version of the event and map layouts below.
-pub const LAYOUT_VERSION: u16 = 2;
+pub const LAYOUT_VERSION: u16 = 3;
 
-/// Payload bytes copied once per flow direction: enough for a TLS ClientHello with SNI and ALPN,
-/// even one carrying a post-quantum key share before its ALPN extension.
-pub const SAMPLE_LEN: usize = 1024;
+/// Most stream bytes sampled per TCP direction: a TLS handshake's whole first record and the
+/// header of the record after it. Real ClientHellos reach 1.3-2.3 KB (post-quantum key shares,
+/// resumption tickets before ALPN), sometimes over several segments. The agent's
+/// `fingerprint::sample_want` computes the same amount from the same first bytes.
+pub const HELLO_MAX: usize = 4096;
+
+/// Bytes sampled from the first packet of a direction that does not start a TLS handshake:
+/// enough for an HTTP request line and its headers.
+pub const PLAIN_SAMPLE: usize = 1024;
+
+/// Most payload bytes one `Sample` event carries.
+pub const SAMPLE_MAX: usize = HELLO_MAX;
+
+/// Most `Sample` events per flow direction: a handshake record spread over more packets than
+/// this is reported as cut, never parsed as if whole.
+pub const SAMPLES_PER_DIRECTION: u8 = 4;
 
 /// Payload bytes kept in the flow map per direction ([`FlowState::head`]): enough to tell TLS
 /// from plaintext, and an HTTP method and path, when the `Sample` event was lost.
@@ -86,6 +99,8 @@ pub mod flags {
     /// A `Close` for a TCP socket whose entry was gone from the flow map (evicted): only its
     /// tuple is known.
     pub const EVICTED: u32 = 1 << 7;
+    /// `FlowState::cgroup` holds the socket owner's cgroup.
+    pub const CGROUP: u32 = 1 << 8;
 }
 
 /// Indices of the per-CPU `STATS` array. Every loss the kernel side can see is counted here.
@@ -153,11 +168,29 @@ pub struct Redirect {
     pub ifindex: u32,
 }
 
-/// The flow map's value, keyed by socket cookie.
+/// The flow map's value, keyed by socket cookie; an unconnected UDP socket's datagrams to or from
+/// another peer than its first are flows of their own, keyed by [`peer_key`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
     pub tuple: FlowTuple,
+    /// The socket's cookie: the map key, except for an unconnected UDP socket's other peers.
+    pub socket: u64,
+    /// cgroup v2 id (the directory's inode number) of the socket's owner: the container that
+    /// created it, which the application cannot choose (valid once `flags::CGROUP` is set).
+    pub cgroup: u64,
+    /// Device of the first payload packet each way (egress, ingress; 0: none yet). The loopback
+    /// device (1 in every network namespace) never leaves the namespace: in-pod evidence,
+    /// whatever the addresses.
+    pub ifindex: [u32; 2],
+    /// TCP sequence number of the first sampled payload byte each way: sample offsets count
+    /// from it, so retransmissions and reordering land where they belong.
+    pub sample_seq: [u32; 2],
+    /// Stream bytes to sample each way, decided at the first payload packet (0: not started).
+    pub sample_want: [u16; 2],
+    /// `Sample` events written each way.
+    pub samples: [u8; 2],
+    pub _pad0: [u8; 2],
     pub flags: u32,
     /// The socket owner's uid (valid once `flags::UID` is set).
     pub uid: u32,
@@ -203,7 +236,9 @@ pub struct FlowEvent {
     pub flow: FlowState,
 }
 
-/// `Sample` events: the flow's state and the first payload bytes of one direction.
+/// `Sample` events: the flow's state and payload bytes of one direction, from `offset` in its
+/// stream. Written with only its first `len` data bytes: the ring buffer carries what was
+/// sampled, not the largest sample there could be.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SampleEvent {
@@ -213,7 +248,28 @@ pub struct SampleEvent {
     pub direction: u32,
     /// How many bytes of `data` are valid.
     pub len: u32,
-    pub data: [u8; SAMPLE_LEN],
+    /// Where `data` starts in the direction's stream (0: its first payload byte).
+    pub offset: u32,
+    pub _pad: u32,
+    pub data: [u8; SAMPLE_MAX],
+}
+
+/// Bytes of a `Sample` event before its data.
+pub const SAMPLE_HEADER_LEN: usize = core::mem::offset_of!(SampleEvent, data);
+
+/// The flow map key of an unconnected UDP socket's exchange with one peer (other than its
+/// first, which is keyed by the cookie itself). The top bit keeps it apart from socket
+/// cookies, which count up from 1.
+#[inline(always)]
+pub fn peer_key(socket: u64, addr: &[u32; 4], port: u16) -> u64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut h = socket ^ 0xcbf2_9ce4_8422_2325;
+    h = (h ^ u64::from(addr[0])).wrapping_mul(PRIME);
+    h = (h ^ u64::from(addr[1])).wrapping_mul(PRIME);
+    h = (h ^ u64::from(addr[2])).wrapping_mul(PRIME);
+    h = (h ^ u64::from(addr[3])).wrapping_mul(PRIME);
+    h = (h ^ u64::from(port)).wrapping_mul(PRIME);
+    h | 1 << 63
 }
 
 // The layout is the contract: padding-free, and the sizes the agent's decoder expects.
@@ -222,14 +278,19 @@ const _: () = {
     assert!(size_of::<FlowTuple>() == 40);
     assert!(size_of::<FlowCounters>() == 32);
     assert!(size_of::<Redirect>() == 24);
-    assert!(offset_of!(FlowState, counters) == 48);
-    assert!(offset_of!(FlowState, comm) == 128);
-    assert!(offset_of!(FlowState, head) == 152);
-    assert!(size_of::<FlowState>() == 216);
+    assert!(offset_of!(FlowState, socket) == 40);
+    assert!(offset_of!(FlowState, ifindex) == 56);
+    assert!(offset_of!(FlowState, sample_want) == 72);
+    assert!(offset_of!(FlowState, counters) == 88);
+    assert!(offset_of!(FlowState, comm) == 168);
+    assert!(offset_of!(FlowState, head) == 192);
+    assert!(size_of::<FlowState>() == 256);
     assert!(size_of::<EventHeader>() == 24);
-    assert!(size_of::<FlowEvent>() == 240);
-    assert!(offset_of!(SampleEvent, data) == 248);
-    assert!(size_of::<SampleEvent>() == 248 + SAMPLE_LEN);
+    assert!(size_of::<FlowEvent>() == 280);
+    assert!(SAMPLE_HEADER_LEN == 296);
+    assert!(size_of::<SampleEvent>() == SAMPLE_HEADER_LEN + SAMPLE_MAX);
+    // The kernel bounds lengths by masking: the sizes must be powers of two.
+    assert!(SAMPLE_MAX.is_power_of_two() && HELLO_MAX <= u16::MAX as usize);
 };
 
 #[cfg(feature = "user")]

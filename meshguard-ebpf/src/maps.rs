@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use meshguard_ebpf::{FlowState, Stat};
+use meshguard_ebpf::{FlowState, SampleEvent, Stat};
 
 /// Flow state by socket cookie. LRU so that a flood can never wedge the map; an eviction of a
 /// flow that is still open shows up as `Stat::FlowEvicted` when it closes.
@@ -22,6 +22,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 
 /// and again on one socket, and this spares each call the flow map lookup.
 #[map(name = "SENDER_SEEN")]
 pub static SENDER_SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU, the `Sample` event being built: too large for the stack, and written to the ring
+/// buffer with only the bytes it carries.
+#[map(name = "SAMPLE_SCRATCH")]
+pub static SAMPLE_SCRATCH: PerCpuArray<SampleEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(stat: Stat) {

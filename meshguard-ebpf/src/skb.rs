@@ -9,18 +9,19 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     bindings::__sk_buff,
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use meshguard_ebpf::{
-    flags, EventKind, FlowState, FlowTuple, Redirect, SampleEvent, Stat, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, HEAD_LEN, SAMPLE_LEN,
+    flags, peer_key, EventKind, FlowState, FlowTuple, Redirect, Stat, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, HEAD_LEN, HELLO_MAX, PLAIN_SAMPLE, SAMPLES_PER_DIRECTION, SAMPLE_HEADER_LEN,
+    SAMPLE_MAX,
 };
 
 use crate::{
     flow::{add, cookie_of, emit, header, normalize_mapped, wakeup_flags},
-    maps::{count, EVENTS, FLOWS},
+    maps::{count, EVENTS, FLOWS, SAMPLE_SCRATCH},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -47,8 +48,14 @@ pub fn flow_ingress(ctx: SkBuffContext) -> i32 {
 /// ingress one.
 struct Packet {
     protocol: u8,
+    /// `AF_INET` or `AF_INET6`, from the packet's own header.
+    family: u16,
+    /// This end's address: the source of an egress packet, the destination of an ingress one.
+    own_addr: [u32; 4],
     peer_addr: [u32; 4],
     peer_port: u16,
+    /// TCP: the sequence number of the first payload byte (0 for UDP).
+    seq: u32,
     payload_off: u32,
     payload_len: u32,
 }
@@ -103,20 +110,9 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
         return;
     }
-    let cookie = cookie_of(ctx.skb.skb.cast());
-    let state = match FLOWS.get_ptr_mut(cookie) {
-        Some(state) => state,
-        None => {
-            // TCP flows start in sock_ops; one without an entry that carries data predates the
-            // agent (or was evicted).
-            if !adopt(ctx, cookie, direction, &packet) {
-                return;
-            }
-            match FLOWS.get_ptr_mut(cookie) {
-                Some(state) => state,
-                None => return,
-            }
-        }
+    let socket = cookie_of(ctx.skb.skb.cast());
+    let Some((key, state)) = flow_of(ctx, socket, direction, &packet) else {
+        return;
     };
     // SAFETY: a live map value; counters are updated atomically, the once-only fields race
     // benignly (the same values).
@@ -140,10 +136,11 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
 
     if state.flags & flags::UID == 0 {
         state.uid = ctx.get_socket_uid();
-        state.flags |= flags::UID;
+        // SAFETY: `skb` is this program's context.
+        state.cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+        state.flags |= flags::UID | flags::CGROUP;
     }
     if direction == DIRECTION_EGRESS
-        && packet.protocol == IPPROTO_TCP
         && state.flags & flags::REDIRECTED == 0
         && (packet.peer_port != state.tuple.remote_port
             || packet.peer_addr != state.tuple.remote_addr)
@@ -164,18 +161,119 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
         flags::SAMPLED_INGRESS
     };
     if packet.payload_len > 0 && state.flags & sampled == 0 {
-        keep_head(ctx, direction, state, &packet);
-        if sample(ctx, cookie, direction, state, &packet) {
-            state.flags |= sampled;
-        }
+        sample_packet(ctx, key, direction, state, &packet, sampled);
     }
+}
+
+/// The flow a packet belongs to, with its map key: the socket's own, or for an unconnected UDP
+/// socket exchanging with another peer than its first, that peer's flow. Each datagram peer is
+/// judged on its own, so one datagram to DNS cannot cover plaintext sent to anyone else.
+#[inline(always)]
+fn flow_of(
+    ctx: &SkBuffContext,
+    socket: u64,
+    direction: u8,
+    packet: &Packet,
+) -> Option<(u64, *mut FlowState)> {
+    let state = match FLOWS.get_ptr_mut(socket) {
+        Some(state) => state,
+        // TCP flows start in sock_ops; one without an entry that carries data predates the
+        // agent (or was evicted).
+        None => adopt(ctx, socket, socket, direction, packet)?,
+    };
+    if packet.protocol != IPPROTO_UDP || ctx.skb.remote_port() != 0 {
+        return Some((socket, state));
+    }
+    // SAFETY: a live map value, read only.
+    let first = unsafe { &(*state).tuple };
+    if first.remote_port == packet.peer_port && first.remote_addr == packet.peer_addr {
+        return Some((socket, state));
+    }
+    let key = peer_key(socket, &packet.peer_addr, packet.peer_port);
+    let state = match FLOWS.get_ptr_mut(key) {
+        Some(state) => state,
+        None => adopt(ctx, key, socket, direction, packet)?,
+    };
+    Some((key, state))
+}
+
+/// Samples one payload packet of a direction: the first decides how much of the stream to
+/// sample (a TLS handshake record whole, and the next record's header; else this packet);
+/// later ones add what is still wanted, at their offset in the stream.
+#[inline(always)]
+fn sample_packet(
+    ctx: &SkBuffContext,
+    key: u64,
+    direction: u8,
+    state: &mut FlowState,
+    packet: &Packet,
+    sampled: u32,
+) {
+    let d = usize::from(direction == DIRECTION_INGRESS);
+    let offset = if state.sample_want[d] == 0 {
+        // SAFETY: `skb` is this program's context.
+        state.ifindex[d] = unsafe { (*ctx.skb.skb).ifindex };
+        state.sample_seq[d] = packet.seq;
+        state.sample_want[d] = if packet.protocol == IPPROTO_TCP {
+            stream_want(ctx, packet)
+        } else {
+            PLAIN_SAMPLE as u16
+        };
+        keep_head(ctx, d, state, packet);
+        0
+    } else {
+        packet.seq.wrapping_sub(state.sample_seq[d])
+    };
+    let want = u32::from(state.sample_want[d]);
+    if offset >= want {
+        // Past what is wanted (or a retransmission from before the first sample).
+        state.flags |= sampled;
+        return;
+    }
+    let take = (want - offset).min(packet.payload_len);
+    if sample(ctx, key, direction, state, packet, offset, take) {
+        state.samples[d] += 1;
+    }
+    let plain_start = offset == 0 && want == PLAIN_SAMPLE as u32;
+    if packet.protocol == IPPROTO_UDP
+        || plain_start
+        || offset + take >= want
+        || state.samples[d] >= SAMPLES_PER_DIRECTION
+    {
+        state.flags |= sampled;
+    }
+}
+
+/// How many stream bytes to sample, from the first payload bytes: a TLS handshake record whole
+/// and the next record's header (what shows a fake handshake followed by plaintext), all of
+/// `HELLO_MAX` when the handshake message says it spans records; else the first packet.
+#[inline(always)]
+fn stream_want(ctx: &SkBuffContext, packet: &Packet) -> u16 {
+    const HANDSHAKE: u8 = 22;
+    if packet.payload_len < 9 {
+        return PLAIN_SAMPLE as u16;
+    }
+    let Some(b) = read::<[u8; 9]>(ctx, packet.payload_off as usize) else {
+        return PLAIN_SAMPLE as u16;
+    };
+    if b[0] != HANDSHAKE || b[1] != 3 {
+        return PLAIN_SAMPLE as u16;
+    }
+    let record = u32::from(u16::from_be_bytes([b[3], b[4]]));
+    let message = u32::from(b[6]) << 16 | u32::from(b[7]) << 8 | u32::from(b[8]);
+    let want = if (b[5] == 1 || b[5] == 2) && message + 4 > record {
+        HELLO_MAX as u32
+    } else {
+        5 + record + 5
+    };
+    want.min(HELLO_MAX as u32) as u16
 }
 
 /// Keeps the first payload bytes of a direction in the flow map itself, so that the flow can
 /// still be fingerprinted if its `Sample` event is lost to a full ring buffer.
 #[inline(always)]
-fn keep_head(ctx: &SkBuffContext, direction: u8, state: &mut FlowState, packet: &Packet) {
-    let (head, head_len) = if direction == DIRECTION_EGRESS {
+fn keep_head(ctx: &SkBuffContext, d: usize, state: &mut FlowState, packet: &Packet) {
+    let (head, head_len) = if d == 0 {
         (&mut state.head[0], &mut state.head_len[0])
     } else {
         (&mut state.head[1], &mut state.head_len[1])
@@ -225,19 +323,25 @@ fn read<T>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    let (protocol, l4_off, peer_addr) = if ethertype == ETH_P_IP {
+    let family = if ethertype == ETH_P_IP {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    let (protocol, l4_off, own_addr, peer_addr) = if ethertype == ETH_P_IP {
         let Some(ip) = read::<Ipv4Header>(ctx, 0) else {
             count(Stat::PacketUnreadable);
             return None;
         };
-        let peer = if direction == DIRECTION_EGRESS {
-            ip.daddr
+        let (own, peer) = if direction == DIRECTION_EGRESS {
+            (ip.saddr, ip.daddr)
         } else {
-            ip.saddr
+            (ip.daddr, ip.saddr)
         };
         (
             ip.protocol,
             ((ip.version_ihl & 0x0f) as u32) * 4,
+            [own, 0, 0, 0],
             [peer, 0, 0, 0],
         )
     } else if ethertype == ETH_P_IPV6 {
@@ -245,18 +349,18 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
             count(Stat::PacketUnreadable);
             return None;
         };
-        let peer = if direction == DIRECTION_EGRESS {
-            ip.daddr
+        let (own, peer) = if direction == DIRECTION_EGRESS {
+            (ip.saddr, ip.daddr)
         } else {
-            ip.saddr
+            (ip.daddr, ip.saddr)
         };
         // Extension headers are rare between pods; such packets are not followed.
-        (ip.next_header, 40, peer)
+        (ip.next_header, 40, own, peer)
     } else {
         return None;
     };
 
-    let (ports, payload_off) = match protocol {
+    let (ports, seq, payload_off) = match protocol {
         IPPROTO_TCP => {
             let Some(tcp) = read::<TcpHead>(ctx, l4_off as usize) else {
                 count(Stat::PacketUnreadable);
@@ -267,6 +371,7 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
                     sport: tcp.sport,
                     dport: tcp.dport,
                 },
+                u32::from_be(tcp.seq),
                 l4_off + ((tcp.doff >> 4) as u32) * 4,
             )
         }
@@ -275,7 +380,7 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
                 count(Stat::PacketUnreadable);
                 return None;
             };
-            (ports, l4_off + 8)
+            (ports, 0, l4_off + 8)
         }
         _ => return None,
     };
@@ -286,16 +391,26 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
     };
     Some(Packet {
         protocol,
+        family,
+        own_addr,
         peer_addr,
         peer_port: u16::from_be(peer_port),
+        seq,
         payload_off,
         payload_len: ctx.len().saturating_sub(payload_off),
     })
 }
 
-/// Starts following a flow that `sock_ops` did not announce: UDP, or TCP already running.
+/// Starts following a flow that `sock_ops` did not announce: UDP (a socket's first peer under
+/// the socket's cookie, its other peers under their `peer_key`), or TCP already running.
 #[inline(always)]
-fn adopt(ctx: &SkBuffContext, cookie: u64, direction: u8, packet: &Packet) -> bool {
+fn adopt(
+    ctx: &SkBuffContext,
+    key: u64,
+    socket: u64,
+    direction: u8,
+    packet: &Packet,
+) -> Option<*mut FlowState> {
     let skb = ctx.skb.skb;
     let family = ctx.skb.family() as u16;
     let mut tuple = FlowTuple {
@@ -324,27 +439,30 @@ fn adopt(ctx: &SkBuffContext, cookie: u64, direction: u8, packet: &Packet) -> bo
         state_flags = flags::MIDSTREAM;
         count(Stat::FlowMidstream);
     } else if tuple.remote_port == 0 {
-        // An unconnected UDP socket: its peer is this packet's.
+        // An unconnected UDP socket: this flow's peer is this packet's, and so (the socket
+        // being bound to any address) is its own address.
         tuple.remote_addr = packet.peer_addr;
         tuple.remote_port = packet.peer_port;
+        tuple.local_addr = packet.own_addr;
+        tuple.family = packet.family;
     }
     let state = FlowState {
         tuple,
+        socket,
         flags: state_flags,
         // SAFETY: no preconditions.
         opened_ns: unsafe { bpf_ktime_get_ns() },
         ..FlowState::default()
     };
-    if FLOWS.insert(cookie, state, BPF_NOEXIST).is_err() {
-        // Lost a race with another CPU (fine), or the map refused the entry.
-        if FLOWS.get_ptr(cookie).is_none() {
-            count(Stat::FlowMapFull);
-            return false;
-        }
-        return true;
+    if FLOWS.insert(key, state, BPF_NOEXIST).is_ok() {
+        emit(EventKind::Open, key, &state);
     }
-    emit(EventKind::Open, cookie, &state);
-    true
+    // Inserted, or another CPU was first (fine); none: the map refused the entry.
+    let found = FLOWS.get_ptr_mut(key);
+    if found.is_none() {
+        count(Stat::FlowMapFull);
+    }
+    found
 }
 
 #[inline(always)]
@@ -362,46 +480,48 @@ fn read_ip6(skb: *mut __sk_buff, tuple: &mut FlowTuple) {
     }
 }
 
-/// Copies the first payload bytes of one direction straight into the ring buffer.
+/// Copies `take` payload bytes, from `offset` in the direction's stream, into a `Sample` event:
+/// built in a per-CPU scratch buffer and written with only the bytes it carries.
 #[inline(always)]
 fn sample(
     ctx: &SkBuffContext,
-    cookie: u64,
+    key: u64,
     direction: u8,
     state: &FlowState,
     packet: &Packet,
+    offset: u32,
+    take: u32,
 ) -> bool {
-    let Some(mut entry) = EVENTS.reserve::<SampleEvent>(0) else {
-        count(Stat::RingbufFull);
+    let Some(event) = SAMPLE_SCRATCH.get_ptr_mut(0) else {
         return false;
     };
-    let len = if packet.payload_len > SAMPLE_LEN as u32 {
-        SAMPLE_LEN as u32
-    } else {
-        packet.payload_len
-    };
-    // The caller saw payload, so `len` is in 1..=SAMPLE_LEN; this form (an identity on that
-    // range) lets the verifier see both bounds after the compiler's 32-bit truncations.
-    let len = (len.wrapping_sub(1) & (SAMPLE_LEN as u32 - 1)) + 1;
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` is a reservation of size_of::<SampleEvent>(); `len` is in 1..=SAMPLE_LEN.
-    let loaded = unsafe {
-        addr_of_mut!((*event).header).write(header(EventKind::Sample, cookie));
+    // The caller takes at least one byte; this form (an identity on 1..=SAMPLE_MAX) lets the
+    // verifier see both bounds after the compiler's 32-bit truncations.
+    let len = (take.wrapping_sub(1) & (SAMPLE_MAX as u32 - 1)) + 1;
+    // SAFETY: `event` is this CPU's scratch value, of size_of::<SampleEvent>(); `len` is in
+    // 1..=SAMPLE_MAX; the written size is within it.
+    unsafe {
+        addr_of_mut!((*event).header).write(header(EventKind::Sample, key));
         addr_of_mut!((*event).flow).write(*state);
         addr_of_mut!((*event).direction).write(direction as u32);
         addr_of_mut!((*event).len).write(len);
-        bpf_skb_load_bytes(
+        addr_of_mut!((*event).offset).write(offset);
+        if bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
             packet.payload_off,
             addr_of_mut!((*event).data).cast(),
             len,
-        )
-    };
-    if loaded != 0 {
-        entry.discard(0);
-        count(Stat::PacketUnreadable);
-        return false;
+        ) != 0
+        {
+            count(Stat::PacketUnreadable);
+            return false;
+        }
+        let size = SAMPLE_HEADER_LEN + len as usize;
+        let bytes = core::slice::from_raw_parts(event.cast::<u8>(), size);
+        if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+            count(Stat::RingbufFull);
+            return false;
+        }
     }
-    entry.submit(wakeup_flags());
     true
 }

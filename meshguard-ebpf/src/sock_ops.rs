@@ -43,6 +43,7 @@ fn established(ctx: &SockOpsContext, direction: u8) {
     let cookie = cookie_of(ctx.ops.cast());
     let state = FlowState {
         tuple: tuple_of(ctx, direction),
+        socket: cookie,
         flags: flags::LIFECYCLE,
         // SAFETY: `ops` is this program's context.
         netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
@@ -112,6 +113,7 @@ fn closed(ctx: &SockOpsContext) {
             }
             let state = FlowState {
                 tuple,
+                socket: cookie,
                 flags: flags::LIFECYCLE | flags::EVICTED,
                 // SAFETY: `ops` is this program's context.
                 netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },

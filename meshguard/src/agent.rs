@@ -22,11 +22,11 @@ use tracing::{info, warn};
 
 use crate::{
     api,
-    cookie::CookieMap,
     event::decode,
-    flow::{Change, Flow, FlowTable},
+    flow::{FlowTable, Update},
     http,
     inventory::{self, source::Source, Inventory, Shared},
+    judge::Judge,
     kernel::{Kernel, ProcessAttribution, Sizes},
     metrics::{loss_source, Metrics},
     prereq,
@@ -118,7 +118,7 @@ fn reload(options: &Options, policy: &mut Policy, inventory: &Shared) {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let mut policy = load_policy(options.policy.as_deref())?;
+    let policy = load_policy(options.policy.as_deref())?;
     // Say what the node lacks before touching anything.
     let node = prereq::check(options.cgroup_root.as_deref())?;
     let inventory = start_inventory(&options).await?;
@@ -167,29 +167,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .context("polling the ring buffer")?;
     let mut table = FlowTable::new(options.max_flows, boot_time());
     table.capture_redacted = options.evidence == Evidence::Redacted;
-    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut pipeline = Pipeline {
+        table,
+        judge: Judge::new(node.cgroup_root.clone()),
+        state: Arc::clone(&state),
+        inventory: Arc::clone(&inventory),
+        policy,
+        node: Arc::clone(&options.node_name),
+        log_flows: options.log_flows,
+        out: std::io::BufWriter::new(std::io::stdout().lock()),
+        losses: Losses::default(),
+        forget: Vec::new(),
+    };
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut health_tick = interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
-    let mut losses = Losses::default();
     info!(node = %options.node_name, "watching flows");
 
     // Whatever the ring buffer held (events of flows seen while no agent ran), then the flow map
     // itself: flows whose events were lost, closed ones the kernel kept for us.
     let mut reconcile = Reconcile::default();
-    reconcile.run(
-        events.get_mut(),
-        &mut kernel,
-        &mut table,
-        &state,
-        &inventory,
-        &policy,
-        &options,
-        &mut stdout,
-        &mut losses,
-    )?;
+    reconcile.run(events.get_mut(), &mut kernel, &mut pipeline)?;
 
     // The kernel wakes the agent only when a backlog builds up; otherwise it drains on this tick.
     let mut drain = interval(DRAIN_EVERY);
@@ -198,19 +198,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("polling the ring buffer")?;
-                drain_events(guard.get_inner_mut(), &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
+                pipeline.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
+                kernel.forget(&std::mem::take(&mut pipeline.forget));
             }
             _ = drain.tick() => {
-                drain_events(events.get_mut(), &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
+                pipeline.drain(events.get_mut())?;
+                kernel.forget(&std::mem::take(&mut pipeline.forget));
             }
             _ = health_tick.tick() => {
                 ticks += 1;
-                losses.report(&kernel, table.stats(), metrics);
-                if reconcile.due(&losses) {
-                    reconcile.run(events.get_mut(), &mut kernel, &mut table, &state, &inventory, &policy, &options, &mut stdout, &mut losses)?;
+                let table = pipeline.table.stats();
+                pipeline.losses.report(&kernel, table, metrics);
+                if reconcile.due(&pipeline.losses) {
+                    reconcile.run(events.get_mut(), &mut kernel, &mut pipeline)?;
                 }
-                metrics.flows_tracked.set(table.stats().tracked as i64);
+                metrics.flows_tracked.set(table.tracked as i64);
                 let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
                 let age = pods.loaded_at.and_then(|t| t.elapsed().ok());
                 metrics.inventory_age.set(age.map_or(0.0, |d| d.as_secs_f64()));
@@ -220,10 +223,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     n
                 });
                 let mut status = state.status.lock().unwrap_or_else(|e| e.into_inner());
-                status.flows_tracked = table.stats().tracked;
-                status.flows_recovered = table.stats().recovered;
+                status.flows_tracked = table.tracked;
+                status.flows_recovered = table.recovered;
                 status.inventory = InventoryStatus { source: pods.source.clone(), pods: pods.len(), age_seconds: age.map(|d| d.as_secs()) };
-                status.events_lost = losses.by_source();
+                status.container_cgroups = pipeline.judge.containers_known();
+                status.events_lost = pipeline.losses.by_source();
                 if let Some(n) = entries {
                     status.flow_map.entries = n;
                 }
@@ -231,11 +235,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     metrics.forget_gone_workloads(&pods, SERIES_GRACE);
                 }
             }
-            _ = sighup.recv() => reload(&options, &mut policy, &inventory),
+            _ = sighup.recv() => reload(&options, &mut pipeline.policy, &inventory),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
+    let tracked = pipeline.table.stats().tracked;
     let pinned = options.pin_root.is_some();
     match options.on_exit {
         OnExit::Detach => kernel.detach(),
@@ -246,11 +251,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     if pinned && options.on_exit == OnExit::Keep {
         info!(
-            tracked = table.stats().tracked,
+            tracked,
             "stopped; the kernel programs stay attached (meshguard uninstall removes them)"
         );
     } else {
-        info!(tracked = table.stats().tracked, "detached");
+        info!(tracked, "detached");
     }
     Ok(())
 }
@@ -270,26 +275,15 @@ impl Reconcile {
         self.deferred || losses.kernel[Stat::RingbufFull as usize] > self.ringbuf_full_seen
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the loop's state, borrowed for one pass"
-    )]
     /// Drains the ring buffer first: what it still holds must not be taken for lost.
     fn run(
         &mut self,
         ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
         kernel: &mut Kernel,
-        table: &mut FlowTable,
-        state: &AgentState,
-        inventory: &Shared,
-        policy: &Policy,
-        options: &Options,
-        stdout: &mut impl Write,
-        losses: &mut Losses,
+        pipeline: &mut Pipeline,
     ) -> anyhow::Result<()> {
-        drain_events(
-            ring, table, state, inventory, policy, options, stdout, losses,
-        )?;
+        pipeline.drain(ring)?;
+        kernel.forget(&std::mem::take(&mut pipeline.forget));
         self.ringbuf_full_seen = kernel
             .stats()
             .map(|s| s[Stat::RingbufFull as usize])
@@ -297,12 +291,16 @@ impl Reconcile {
         let now = crate::kernel::now_ns();
         let entries = kernel.flow_map();
         let scanned = entries.len();
-        let found = table.reconcile(entries, now);
+        let found = pipeline.table.reconcile(entries, now);
         kernel.forget(&found.forget);
         self.deferred = found.deferred > 0;
-        let recovered = found.published.len();
-        publish(found.published, inventory, policy, options, state, stdout)?;
-        state.metrics.flows_recovered.inc_by(recovered as u64);
+        let recovered = found.updates.len();
+        pipeline.publish(found.updates)?;
+        pipeline
+            .state
+            .metrics
+            .flows_recovered
+            .inc_by(recovered as u64);
         if recovered > 0 {
             warn!(
                 recovered,
@@ -319,94 +317,85 @@ impl Reconcile {
 /// flow waits before it is judged, and what `flows -f` adds to its latency.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
-/// Reads every event waiting in the ring buffer and publishes what they change.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the loop's state, borrowed for one batch"
-)]
-fn drain_events(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    table: &mut FlowTable,
-    state: &AgentState,
-    inventory: &Shared,
-    policy: &Policy,
-    options: &Options,
-    stdout: &mut impl Write,
-    losses: &mut Losses,
-) -> anyhow::Result<()> {
-    let mut batch = Batch::default();
-    while let Some(item) = ring.next() {
-        let event = match decode(&item) {
-            Ok(event) => event,
-            Err(e) => {
-                losses.undecodable += 1;
-                state
-                    .metrics
-                    .events_lost
-                    .with_label_values(&["undecodable"])
-                    .inc();
-                if losses.undecodable == 1 {
-                    warn!(%e, "undecodable kernel event (counted; further ones are not logged)");
+/// The agent's event path: ring-buffer events into the flow table, judged against the
+/// inventory and the policy, published.
+struct Pipeline {
+    table: FlowTable,
+    judge: Judge,
+    state: Arc<AgentState>,
+    inventory: Shared,
+    policy: Policy,
+    node: Arc<str>,
+    log_flows: bool,
+    out: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    losses: Losses,
+    /// Map entries the kernel no longer needs (the peers of closed UDP sockets).
+    forget: Vec<u64>,
+}
+
+impl Pipeline {
+    /// Reads every event waiting in the ring buffer and publishes what they change.
+    fn drain(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> anyhow::Result<()> {
+        let mut updates = Vec::new();
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(event) => self.table.apply(&event, &mut updates, &mut self.forget),
+                Err(e) => {
+                    self.losses.undecodable += 1;
+                    self.state
+                        .metrics
+                        .events_lost
+                        .with_label_values(&["undecodable"])
+                        .inc();
+                    if self.losses.undecodable == 1 {
+                        warn!(%e, "undecodable kernel event (counted; further ones are not logged)");
+                    }
                 }
+            }
+        }
+        self.publish(updates)
+    }
+
+    /// Judges what changed against the inventory of now, with the flows held back for
+    /// evidence, and publishes each record: to the store, followers and metrics, and with
+    /// `--log-flows` to stdout. Judged after the whole read is applied, so that a flow
+    /// classified and closed within one read (most short connections) is published once,
+    /// closed; and an open flow is published once its evidence is whole or its wait is over,
+    /// so that its first record is the one that stands.
+    fn publish(&mut self, updates: Vec<Update>) -> anyhow::Result<()> {
+        let waiting = self.table.take_waiting();
+        if updates.is_empty() && waiting.is_empty() {
+            return Ok(());
+        }
+        let pods = Arc::clone(&self.inventory.read().unwrap_or_else(|e| e.into_inner()));
+        let now = crate::kernel::now_ns();
+        for update in waiting.into_iter().map(Update::Evidence).chain(updates) {
+            let Some(record) = self.judge.record(
+                &mut self.table,
+                update,
+                &pods,
+                &self.policy,
+                &self.node,
+                now,
+            ) else {
                 continue;
+            };
+            if let Some(from) = record.corrected_from {
+                warn!(id = %record.id, from = from.verdict.as_str(), to = record.verdict.as_str(), reason = record.reason, "verdict corrected by later evidence");
+                self.state
+                    .metrics
+                    .verdict_corrections
+                    .with_label_values(&[from.verdict.as_str(), record.verdict.as_str()])
+                    .inc();
             }
-        };
-        let Some((flow, change)) = table.apply(&event) else {
-            continue;
-        };
-        batch.add(flow, change);
-    }
-    publish(batch.flows, inventory, policy, options, state, stdout)
-}
-
-/// Judges each changed flow against the inventory of now and publishes its record: to the
-/// store, followers and metrics, and with `--log-flows` to stdout.
-fn publish(
-    flows: Vec<(Flow, Change)>,
-    inventory: &Shared,
-    policy: &Policy,
-    options: &Options,
-    state: &AgentState,
-    stdout: &mut impl Write,
-) -> anyhow::Result<()> {
-    if flows.is_empty() {
-        return Ok(());
-    }
-    let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
-    for (flow, change) in flows {
-        let record = flow.record(&options.node_name, change, &pods, policy);
-        if options.log_flows {
-            serde_json::to_writer(&mut *stdout, &record)?;
-            stdout.write_all(b"\n")?;
-        }
-        state.publish(record);
-    }
-    stdout.flush()?;
-    Ok(())
-}
-
-/// The flow changes of one read of the ring buffer, in order. A flow classified and closed
-/// within the same read (most short connections) is published once, closed: half the records
-/// to build, store and stream, and nothing a reader could have seen in between.
-#[derive(Default)]
-struct Batch {
-    flows: Vec<(Flow, Change)>,
-    classified_at: CookieMap<usize>,
-}
-
-impl Batch {
-    fn add(&mut self, mut flow: Flow, change: Change) {
-        if change == Change::Closed {
-            if let Some(i) = self.classified_at.remove(&flow.cookie) {
-                // The closed record is now the flow's first: metrics count the flow on it.
-                flow.first_report |= self.flows[i].0.first_report;
-                self.flows[i] = (flow, change);
-                return;
+            if self.log_flows {
+                serde_json::to_writer(&mut self.out, &record)?;
+                self.out.write_all(b"\n")?;
             }
-        } else {
-            self.classified_at.insert(flow.cookie, self.flows.len());
+            self.state.publish(record);
         }
-        self.flows.push((flow, change));
+        self.out.flush()?;
+        Ok(())
     }
 }
 
@@ -592,39 +581,4 @@ pub fn default_node_name() -> String {
                 .map(|h| h.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use meshguard_ebpf::{EventKind, FlowState, DIRECTION_EGRESS};
-
-    use super::*;
-    use crate::event::tests::{flow_event, sample_event};
-
-    #[test]
-    fn a_flow_classified_and_closed_in_one_read_is_published_once() {
-        let mut table = FlowTable::new(8, SystemTime::UNIX_EPOCH);
-        let mut batch = Batch::default();
-        let state = FlowState::default();
-        let get = b"GET / HTTP/1.1\r\n";
-        for event in [
-            sample_event(1, state, DIRECTION_EGRESS, get),
-            sample_event(2, state, DIRECTION_EGRESS, get),
-            flow_event(EventKind::Close, 1, state),
-        ] {
-            if let Some((flow, change)) = table.apply(&decode(&event).unwrap()) {
-                batch.add(flow, change);
-            }
-        }
-        let published: Vec<(u64, Change, bool)> = batch
-            .flows
-            .iter()
-            .map(|(flow, change)| (flow.cookie, *change, flow.first_report))
-            .collect();
-        assert_eq!(
-            published,
-            [(1, Change::Closed, true), (2, Change::Classified, true)],
-            "flow 1 once, closed, and still counted; flow 2 as it is"
-        );
-    }
 }

@@ -126,10 +126,26 @@ pub fn evidence(r: &FlowRecord) -> Vec<String> {
         format!("local end: {}", end(&r.local)),
         format!("remote end: {}", end(&r.remote)),
     ];
+    lines.push(match (&r.owner.container, r.owner.kind) {
+        (Some(c), "proxy") => format!("socket created in container {c}: the mesh proxy"),
+        (Some(c), _) => format!("socket created in container {c}: not the mesh proxy"),
+        (None, "sandbox") => {
+            "socket created in the pod's sandbox, outside its containers".to_string()
+        }
+        (None, "host") => "socket created by a process of the node, outside every pod".to_string(),
+        _ => "socket's container: unknown (no cgroup evidence)".to_string(),
+    });
     lines.push(match (&r.process.comm, r.process.pid, r.process.uid) {
-        (Some(comm), Some(pid), Some(uid)) => format!("owner: {comm} (pid {pid}), uid {uid}"),
-        (_, _, Some(uid)) => format!("owner: uid {uid} (process unknown)"),
-        _ => "owner: unknown".to_string(),
+        (Some(comm), Some(pid), Some(uid)) => {
+            format!("process: {comm} (pid {pid}; its own name, a hint only), uid {uid}")
+        }
+        (_, _, Some(uid)) => format!("process: unknown, uid {uid}"),
+        _ => "process: unknown".to_string(),
+    });
+    lines.push(if r.loopback {
+        "delivery: over the loopback device only, inside one network namespace".to_string()
+    } else {
+        "delivery: over a network device".to_string()
     });
     lines.push(match &r.redirect {
         Some(to) => format!(
@@ -139,6 +155,22 @@ pub fn evidence(r: &FlowRecord) -> Vec<String> {
         None => "netfilter: not redirected".to_string(),
     });
     lines.push(match (&r.tls, &r.plaintext) {
+        (None, None) if r.encryption.is_encrypted() => format!(
+            "payload: {} (encrypted)",
+            serde_json::to_value(r.encryption)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_uppercase))
+                .unwrap_or_default()
+        ),
+        (Some(tls), _) if r.encryption != crate::verdict::Encryption::Tls => format!(
+            "payload: a ClientHello{} then {}, not TLS",
+            if tls.alpn.is_empty() {
+                String::new()
+            } else {
+                format!(" offering ALPN {}", tls.alpn.join(","))
+            },
+            r.plaintext.as_ref().map_or("plaintext", |p| p.protocol)
+        ),
         (Some(tls), _) => format!(
             "payload: TLS{}{}{}",
             tls.version
@@ -184,6 +216,13 @@ pub fn evidence(r: &FlowRecord) -> Vec<String> {
         r.reason,
         r.detail
     ));
+    if let Some(c) = &r.corrected_from {
+        lines.push(format!(
+            "corrected: the flow's first record said {} ({}); later evidence changed it",
+            c.verdict.as_str(),
+            c.reason
+        ));
+    }
     lines
 }
 

@@ -5,7 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use meshguard_ebpf::{
-    EventHeader, EventKind, FlowEvent, FlowState, SampleEvent, LAYOUT_VERSION, SAMPLE_LEN,
+    EventHeader, EventKind, FlowEvent, FlowState, SampleEvent, LAYOUT_VERSION, SAMPLE_HEADER_LEN,
+    SAMPLE_MAX,
 };
 
 /// A decoded kernel event.
@@ -20,11 +21,12 @@ pub struct KernelEvent {
     pub sample: Option<Sample>,
 }
 
-/// The first payload bytes of one direction of a flow.
+/// Payload bytes of one direction of a flow, from `offset` in its stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {
     /// `DIRECTION_EGRESS` or `DIRECTION_INGRESS`.
     pub direction: u8,
+    pub offset: u32,
     pub bytes: Vec<u8>,
 }
 
@@ -42,8 +44,8 @@ pub enum DecodeError {
         len: usize,
         expected: usize,
     },
-    #[error("sample claims {0} bytes, at most {SAMPLE_LEN} fit")]
-    SampleLength(u32),
+    #[error("sample claims {claimed} bytes, {present} are present (at most {SAMPLE_MAX})")]
+    SampleLength { claimed: u32, present: usize },
 }
 
 /// Reads a `T` from the front of `bytes`, which must be at least `size_of::<T>()` long.
@@ -65,8 +67,9 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         });
     }
     let kind = EventKind::from_u16(header.kind).ok_or(DecodeError::Kind(header.kind))?;
+    // A sample carries only the bytes it sampled; its header says how many.
     let expected = match kind {
-        EventKind::Sample => size_of::<SampleEvent>(),
+        EventKind::Sample => SAMPLE_HEADER_LEN,
         _ => size_of::<FlowEvent>(),
     };
     // The ring buffer rounds records up to 8 bytes, so a record may be longer than its type.
@@ -82,14 +85,19 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         // would be most of the decoder's work.
         use std::mem::offset_of;
         let len: u32 = read(&bytes[offset_of!(SampleEvent, len)..]);
-        if len as usize > SAMPLE_LEN {
-            return Err(DecodeError::SampleLength(len));
+        let present = bytes.len() - SAMPLE_HEADER_LEN;
+        if len as usize > SAMPLE_MAX || len as usize > present {
+            return Err(DecodeError::SampleLength {
+                claimed: len,
+                present,
+            });
         }
         let direction: u32 = read(&bytes[offset_of!(SampleEvent, direction)..]);
-        let data = offset_of!(SampleEvent, data);
+        let offset: u32 = read(&bytes[offset_of!(SampleEvent, offset)..]);
         let sample = Sample {
             direction: direction as u8,
-            bytes: bytes[data..data + len as usize].to_vec(),
+            offset,
+            bytes: bytes[SAMPLE_HEADER_LEN..SAMPLE_HEADER_LEN + len as usize].to_vec(),
         };
         (read(&bytes[offset_of!(SampleEvent, flow)..]), Some(sample))
     } else {
@@ -149,6 +157,17 @@ pub(crate) mod tests {
         direction: u8,
         data: &[u8],
     ) -> Vec<u8> {
+        sample_at(cookie, flow, direction, 0, data)
+    }
+
+    /// A sample as the kernel writes it: the header and only the bytes sampled.
+    pub(crate) fn sample_at(
+        cookie: u64,
+        flow: FlowState,
+        direction: u8,
+        offset: u32,
+        data: &[u8],
+    ) -> Vec<u8> {
         let mut event = SampleEvent {
             header: EventHeader {
                 kind: EventKind::Sample as u16,
@@ -160,10 +179,14 @@ pub(crate) mod tests {
             flow,
             direction: direction as u32,
             len: data.len() as u32,
-            data: [0; SAMPLE_LEN],
+            offset,
+            _pad: 0,
+            data: [0; SAMPLE_MAX],
         };
         event.data[..data.len()].copy_from_slice(data);
-        bytes_of(&event)
+        let mut bytes = bytes_of(&event);
+        bytes.truncate(SAMPLE_HEADER_LEN + data.len());
+        bytes
     }
 
     fn ipv4_flow() -> FlowState {
@@ -199,7 +222,9 @@ pub(crate) mod tests {
         assert_eq!(event.kind, EventKind::Sample);
         let sample = event.sample.unwrap();
         assert_eq!(sample.bytes, b"GET / HTTP/1.1\r\n");
-        assert_eq!(sample.direction, DIRECTION_EGRESS);
+        assert_eq!((sample.direction, sample.offset), (DIRECTION_EGRESS, 0));
+        let later = decode(&sample_at(5, flow, DIRECTION_EGRESS, 1448, b"rest")).unwrap();
+        assert_eq!(later.sample.unwrap().offset, 1448);
     }
 
     #[test]
@@ -211,11 +236,13 @@ pub(crate) mod tests {
         wrong_version[2] = 99;
         let mut wrong_kind = good.clone();
         wrong_kind[0] = 77;
-        let mut long_sample = sample_event(1, flow, 1, b"x");
         let len_at = std::mem::offset_of!(SampleEvent, len);
-        long_sample[len_at..len_at + 4].copy_from_slice(&(SAMPLE_LEN as u32 + 1).to_ne_bytes());
+        let mut long_sample = sample_event(1, flow, 1, b"x");
+        long_sample[len_at..len_at + 4].copy_from_slice(&(SAMPLE_MAX as u32 + 1).to_ne_bytes());
+        let mut cut_sample = sample_event(1, flow, 1, b"abcd");
+        cut_sample.truncate(cut_sample.len() - 1);
 
-        let cases: [(&[u8], DecodeError); 6] = [
+        let cases: [(&[u8], DecodeError); 7] = [
             (&[], DecodeError::Short(0)),
             (&good[..10], DecodeError::Short(10)),
             (&wrong_version, DecodeError::Version { found: 99 }),
@@ -230,7 +257,17 @@ pub(crate) mod tests {
             ),
             (
                 &long_sample,
-                DecodeError::SampleLength(SAMPLE_LEN as u32 + 1),
+                DecodeError::SampleLength {
+                    claimed: SAMPLE_MAX as u32 + 1,
+                    present: 1,
+                },
+            ),
+            (
+                &cut_sample,
+                DecodeError::SampleLength {
+                    claimed: 4,
+                    present: 3,
+                },
             ),
         ];
         for (bytes, want) in cases {
@@ -262,6 +299,10 @@ pub(crate) mod tests {
             (
                 "sample-tls",
                 sample_event(1, flow, DIRECTION_EGRESS, &[22, 3, 1, 0, 5, 1, 0, 0, 1, 3]),
+            ),
+            (
+                "sample-continued",
+                sample_at(1, flow, DIRECTION_EGRESS, 1448, &[0x11, 0xec, 4, 0xc0]),
             ),
         ];
         for (name, bytes) in seeds {

@@ -8,15 +8,9 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
-// The kernel's `meshguard-ebpf` mirrors these sampling rules, since both sides must agree on
-// what a direction's sample holds (until they move to the crate the two share).
-
-/// Most stream bytes sampled per TCP direction: room for a ClientHello that carries a
-/// post-quantum key share and a session ticket (1.3 to 2.3 KB), across TCP segments.
-pub const HELLO_MAX: usize = 4096;
-/// Bytes sampled from the first packet of a direction that does not start with a TLS
-/// handshake record.
-pub const PLAIN_SAMPLE: usize = 1024;
+// The kernel's `skb.rs` applies the same sampling rule (`stream_want`) to the same first bytes,
+// with the same limits, shared through `meshguard-ebpf`.
+pub use meshguard_ebpf::{HELLO_MAX, PLAIN_SAMPLE};
 
 // Reassembly keeps offsets as u16.
 const _: () = assert!(HELLO_MAX <= u16::MAX as usize);

@@ -1,6 +1,7 @@
-//! The agent's table of flows, keyed by socket cookie, and the records it publishes. Kernel
-//! events update it; it says when a flow has been classified (its first payload sample) and when
-//! it closed. Bounded: when full, the oldest flow makes room and the eviction is counted.
+//! The agent's table of flows, keyed by the kernel's flow key (the socket cookie, or a UDP
+//! socket's per-peer key), and the records it publishes. Kernel events update it: samples are
+//! put back together per direction until the evidence they carry is whole, and a closed flow
+//! leaves it. Bounded: when full, the oldest flow makes room and the eviction is counted.
 
 use std::{
     collections::VecDeque,
@@ -18,47 +19,18 @@ use crate::{
     cookie::CookieMap,
     event::{ip_addr, KernelEvent},
     fingerprint::{
-        fingerprint, redacted, EncryptedProtocol, Fingerprint, PlaintextHint, TlsInfo, Transport,
+        fingerprint, redacted, EncryptedProtocol, Fingerprint, Handshake, PlaintextHint,
+        Reassembly, TlsInfo, Transport,
     },
-    inventory::{Identity, Inventory},
-    verdict::{decide, Direction, Evidence, Path, Policy, Verdict},
+    inventory::Identity,
+    verdict::{Decision, Direction, Encryption, Evidence, Owner, Path, Verdict},
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encryption {
-    Tls,
-    /// Encrypted by another protocol: SSH, QUIC or DTLS.
-    Encrypted(EncryptedProtocol),
-    Plaintext,
-    /// No payload seen yet.
-    Unknown,
-}
-
-impl Encryption {
-    /// As records show it: `tls`, the other protocol's name, `plaintext` or `unknown`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Tls => "tls",
-            Self::Encrypted(protocol) => protocol.name(),
-            Self::Plaintext => "plaintext",
-            Self::Unknown => "unknown",
-        }
-    }
-
-    pub fn is_encrypted(self) -> bool {
-        matches!(self, Self::Tls | Self::Encrypted(_))
-    }
-}
-
-impl Serialize for Encryption {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
 
 /// One flow as the agent knows it.
 #[derive(Clone, Debug)]
 pub struct Flow {
+    /// The kernel's flow key: the socket cookie, or for an unconnected UDP socket's later
+    /// peers, their `peer_key`.
     pub cookie: u64,
     /// The kernel's view, merged from every event seen so far.
     pub kernel: FlowState,
@@ -72,10 +44,12 @@ pub struct Flow {
     /// Learnt from the kernel's flow map by reconciliation, not from its events (which were
     /// lost to a full ring buffer, or went to an agent that has since restarted).
     pub recovered: bool,
-    /// Some record of this flow was published already.
-    reported: bool,
-    /// This snapshot is the flow's first record (what metrics count).
-    pub first_report: bool,
+    /// The verdict and reason of the flow's first published record: what metrics counted, and
+    /// what a later record must either repeat or correct out loud.
+    pub published: Option<(Verdict, &'static str)>,
+    /// Kernel time of its first payload sample: the evidence it still waits for is waited for
+    /// from then, and for a bounded time only.
+    pub sampled_ns: u64,
 }
 
 /// What a flow's payload samples said.
@@ -85,16 +59,28 @@ pub struct Payload {
     pub plaintext: Option<PlaintextHint>,
     /// The redacted evidence of its first HTTP/1 sample (`--evidence redacted`).
     pub redacted: Option<String>,
+    /// The ClientHello was seen whole, with the header of the record after it: its SNI and
+    /// ALPN are all it offered, and what followed it is known to be TLS (or not).
+    pub hello_complete: bool,
     /// All of it came from the few first bytes the kernel's flow map keeps (no sample was
     /// read): a TLS ClientHello's SNI and ALPN are beyond them.
     pub head_only: bool,
 }
 
-/// What a kernel event changed, worth publishing.
+/// What a kernel event changed, for the judging stage.
+#[derive(Debug)]
+pub enum Update {
+    /// New payload evidence for an open flow (found in the table by its key).
+    Evidence(u64),
+    /// The flow closed and left the table: its final state.
+    Closed(Box<Flow>),
+}
+
+/// What a published record reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
-    /// The flow's first payload sample decided its encryption.
+    /// The flow's evidence was whole (or waited for long enough) to judge it.
     Classified,
     Closed,
 }
@@ -114,8 +100,8 @@ pub struct TableStats {
 /// What one reconciliation pass found in the kernel's flow map.
 #[derive(Debug, Default)]
 pub struct Reconciled {
-    /// Flows to publish, as `apply` returns them.
-    pub published: Vec<(Flow, Change)>,
+    /// Flows to judge and publish, marked recovered.
+    pub updates: Vec<Update>,
     /// Closed flows now reported: their map entries can go.
     pub forget: Vec<u64>,
     /// Closed entries too recent to judge (their events may still be on their way): look
@@ -123,15 +109,29 @@ pub struct Reconciled {
     pub deferred: usize,
 }
 
-const IPPROTO_UDP: u8 = libc::IPPROTO_UDP as u8;
-
 /// How long after a map entry was written its events are surely in the ring buffer.
 pub const EVENT_GRACE_NS: u64 = 1_000_000_000;
+
+/// How long a flow's first record waits for evidence still on its way (the rest of a
+/// ClientHello, the record after it, the owner's container): long enough for a handshake's
+/// round trip, short enough that a stalled one is still reported.
+pub const EVIDENCE_WAIT_NS: u64 = 1_000_000_000;
+
+/// The samples of one flow, per direction (egress, ingress), while they are put together.
+type Streams = [Reassembly; 2];
 
 pub struct FlowTable {
     /// Boxed: growing the table then moves pointers, not whole flows, and never holds two
     /// copies of every flow at once.
     flows: CookieMap<Box<Flow>>,
+    /// Samples of flows whose evidence is not whole yet: few at any time, and dropped as soon
+    /// as it is (or the flow closes).
+    assembling: CookieMap<Box<Streams>>,
+    /// An unconnected UDP socket's flows with peers other than its first, by socket cookie:
+    /// they close with it.
+    peers: CookieMap<Vec<u64>>,
+    /// Flows judged but held back for evidence on its way, by key.
+    waiting: CookieMap<()>,
     /// Cookies in arrival order; may hold cookies of flows already gone (skipped on eviction,
     /// compacted when it grows past twice the capacity).
     order: VecDeque<u64>,
@@ -151,6 +151,9 @@ impl FlowTable {
             // Not sized up front: few flows are open at once on most nodes, and a table sized
             // for the worst case would touch a new page for nearly every insert.
             flows: CookieMap::default(),
+            assembling: CookieMap::default(),
+            peers: CookieMap::default(),
+            waiting: CookieMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
             evicted: 0,
@@ -170,53 +173,98 @@ impl FlowTable {
         }
     }
 
-    #[cfg(test)]
     pub fn get(&self, cookie: u64) -> Option<&Flow> {
         self.flows.get(&cookie).map(|flow| &**flow)
     }
 
-    /// Applies one kernel event. Returns the flow and what changed, if anything worth publishing
-    /// did; a closed flow leaves the table.
-    pub fn apply(&mut self, event: &KernelEvent) -> Option<(Flow, Change)> {
+    /// Records the verdict of an open flow's first published record.
+    pub fn published(&mut self, cookie: u64, decision: &Decision) {
+        if let Some(flow) = self.flows.get_mut(&cookie) {
+            flow.published = Some((decision.verdict, decision.reason));
+        }
+    }
+
+    /// Holds an open flow's first record back until its evidence is whole or its wait is over.
+    pub fn wait(&mut self, cookie: u64) {
+        self.waiting.insert(cookie, ());
+    }
+
+    /// The flows held back, to judge again; those still waiting are held back again by the
+    /// caller.
+    pub fn take_waiting(&mut self) -> Vec<u64> {
+        self.waiting.drain().map(|(cookie, ())| cookie).collect()
+    }
+
+    /// Applies one kernel event; what it changed, worth judging, goes to `out`, and map
+    /// entries the kernel no longer needs (the peers of a closed UDP socket) to `forget`.
+    pub fn apply(&mut self, event: &KernelEvent, out: &mut Vec<Update>, forget: &mut Vec<u64>) {
         let at = self.boot + Duration::from_nanos(event.ktime_ns);
-        if event.flow.flags & flags::EVICTED != 0 && !self.flows.contains_key(&event.cookie) {
+        let key = event.cookie;
+        if event.flow.flags & flags::EVICTED != 0 && !self.flows.contains_key(&key) {
             self.lost_unseen += 1;
         }
         let capture_redacted = self.capture_redacted;
-        let flow = self.entry(event.cookie, &event.flow, at);
+        let new_peer = !self.flows.contains_key(&key) && event.flow.socket != key;
+        let flow = self.entry(key, &event.flow, at);
         merge(&mut flow.kernel, &event.flow);
         flow.last_seen = flow.last_seen.max(at);
+        let udp = flow.kernel.tuple.protocol == 17;
+        if new_peer && event.flow.socket != 0 {
+            let peers = self.peers.entry(event.flow.socket).or_default();
+            if !peers.contains(&key) {
+                peers.push(key);
+            }
+        }
 
-        let mut change = None;
         if let Some(sample) = &event.sample {
-            let first = flow.encryption == Encryption::Unknown;
-            let fp = fingerprint(&sample.bytes, flow.transport());
-            flow.learn(fp, sample.direction);
-            if let Some(payload) = &mut flow.payload {
-                payload.head_only = false;
+            let flow = self.flows.get_mut(&key).expect("just made");
+            if flow.sampled_ns == 0 {
+                flow.sampled_ns = event.ktime_ns.max(1);
             }
-            if capture_redacted {
-                let payload = flow.payload.get_or_insert_default();
-                if payload.redacted.is_none() {
-                    payload.redacted = redacted(&sample.bytes);
+            let whole = flow.payload.as_ref().is_some_and(|p| p.hello_complete);
+            // Evidence already whole needs no more bytes; a late sample changes nothing.
+            if !whole {
+                let streams = self.assembling.entry(key).or_default();
+                let d = usize::from(sample.direction == DIRECTION_INGRESS);
+                streams[d].add(sample.offset, &sample.bytes);
+                flow.learn(streams, udp);
+                if capture_redacted {
+                    let payload = flow.payload.get_or_insert_default();
+                    if payload.redacted.is_none() && sample.offset == 0 {
+                        payload.redacted = redacted(&sample.bytes);
+                    }
                 }
-            }
-            if first {
-                change = Some(Change::Classified);
+                if flow.payload.as_ref().is_some_and(|p| p.hello_complete) {
+                    self.assembling.remove(&key);
+                }
+                out.push(Update::Evidence(key));
             }
         }
         if event.kind == EventKind::Close {
-            // Its sample was lost, or went to an agent since restarted: the map kept its head.
-            flow.learn_from_head();
-            flow.closed = true;
-            change = Some(Change::Closed);
+            self.close(key, at, out);
+            // A UDP socket's other peers end with it: their entries are the agent's to remove.
+            if let Some(peers) = self.peers.remove(&key) {
+                for peer in peers {
+                    if self.close(peer, at, out) {
+                        forget.push(peer);
+                    }
+                }
+            }
         }
-        let change = change?;
-        let snapshot = flow.snapshot();
-        if change == Change::Closed {
-            self.flows.remove(&event.cookie);
-        }
-        Some((snapshot, change))
+    }
+
+    /// Closes a flow and takes it out of the table; false if it was not there.
+    fn close(&mut self, key: u64, at: SystemTime, out: &mut Vec<Update>) -> bool {
+        let Some(mut flow) = self.flows.remove(&key) else {
+            return false;
+        };
+        self.assembling.remove(&key);
+        // Its samples were lost, or went to an agent since restarted: the map kept its head.
+        flow.learn_from_head();
+        flow.closed = true;
+        flow.last_seen = flow.last_seen.max(at);
+        out.push(Update::Closed(flow));
+        true
     }
 
     /// The flow of `cookie`, created from `state` if the table does not know it yet.
@@ -235,8 +283,8 @@ impl FlowTable {
                 encryption: Encryption::Unknown,
                 payload: None,
                 recovered: false,
-                reported: false,
-                first_report: false,
+                published: None,
+                sampled_ns: 0,
             })
         })
     }
@@ -253,13 +301,25 @@ impl FlowTable {
     ) -> Reconciled {
         let cutoff = now_ns.saturating_sub(EVENT_GRACE_NS);
         let mut out = Reconciled::default();
-        for (cookie, state) in entries {
+        let entries: Vec<(u64, FlowState)> = entries.into_iter().collect();
+        let sockets: std::collections::HashSet<u64> = entries
+            .iter()
+            .filter(|(key, state)| state.socket == 0 || state.socket == *key)
+            .map(|(key, _)| *key)
+            .collect();
+        for (cookie, mut state) in entries {
+            // A UDP socket's later peer whose socket is gone from the map closed with it.
+            let orphan =
+                state.socket != 0 && state.socket != cookie && !sockets.contains(&state.socket);
+            if orphan && state.closed_ns == 0 {
+                state.closed_ns = state.opened_ns.max(1);
+            }
             let written = if state.closed_ns != 0 {
                 state.closed_ns
             } else {
                 state.opened_ns
             };
-            if written >= cutoff {
+            if written >= cutoff && !orphan {
                 // A recent closed entry is a lost close: look again soon. A recent open one is
                 // just new; its events will come, or its close will tell.
                 out.deferred += usize::from(state.closed_ns != 0);
@@ -279,23 +339,21 @@ impl FlowTable {
             merge(&mut flow.kernel, &state);
             flow.last_seen = flow.last_seen.max(at);
             let classified = flow.learn_from_head();
-            let change = if state.closed_ns != 0 {
-                flow.closed = true;
-                Change::Closed
-            } else if classified {
-                Change::Classified
-            } else {
+            if state.closed_ns == 0 && !classified {
                 // Open and silent so far: its events will tell.
                 continue;
-            };
-            flow.recovered = true;
-            let snapshot = flow.snapshot();
-            self.recovered += 1;
-            if change == Change::Closed {
-                self.flows.remove(&cookie);
-                out.forget.push(cookie);
             }
-            out.published.push((snapshot, change));
+            flow.recovered = true;
+            self.recovered += 1;
+            if state.closed_ns != 0 {
+                let mut flow = self.flows.remove(&cookie).expect("just found");
+                self.assembling.remove(&cookie);
+                flow.closed = true;
+                out.forget.push(cookie);
+                out.updates.push(Update::Closed(flow));
+            } else {
+                out.updates.push(Update::Evidence(cookie));
+            }
         }
         out
     }
@@ -306,18 +364,21 @@ impl FlowTable {
                 break;
             };
             if self.flows.remove(&oldest).is_some() {
+                self.assembling.remove(&oldest);
                 self.evicted += 1;
             }
         }
         if self.order.len() > 2 * self.capacity {
             let flows = &self.flows;
             self.order.retain(|cookie| flows.contains_key(cookie));
+            let socket_alive = |socket: &u64| flows.contains_key(socket);
+            self.peers.retain(|socket, _| socket_alive(socket));
         }
     }
 }
 
-/// Counters only grow, and once-only facts (uid, process, redirect) stay once learnt: events
-/// from different CPUs may arrive slightly out of order.
+/// Counters only grow, and once-only facts (uid, cgroup, process, redirect, devices) stay once
+/// learnt: events from different CPUs may arrive slightly out of order.
 fn merge(into: &mut FlowState, from: &FlowState) {
     let c = &mut into.counters;
     c.bytes_sent = c.bytes_sent.max(from.counters.bytes_sent);
@@ -327,6 +388,9 @@ fn merge(into: &mut FlowState, from: &FlowState) {
     let new = from.flags & !into.flags;
     if new & flags::UID != 0 {
         into.uid = from.uid;
+    }
+    if new & flags::CGROUP != 0 {
+        into.cgroup = from.cgroup;
     }
     if new & flags::PROCESS != 0 {
         into.pid = from.pid;
@@ -340,29 +404,30 @@ fn merge(into: &mut FlowState, from: &FlowState) {
             into.head[d] = from.head[d];
             into.head_len[d] = from.head_len[d];
         }
+        if into.ifindex[d] == 0 {
+            into.ifindex[d] = from.ifindex[d];
+        }
+    }
+    if into.socket == 0 {
+        into.socket = from.socket;
+    }
+    if into.netns == 0 {
+        into.netns = from.netns;
     }
     into.closed_ns = into.closed_ns.max(from.closed_ns);
     into.flags |= from.flags;
 }
+
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 impl Flow {
     pub fn tls(&self) -> Option<&TlsInfo> {
         self.payload.as_ref()?.tls.as_ref()
     }
 
-    fn transport(&self) -> Transport {
-        if self.kernel.tuple.protocol == IPPROTO_UDP {
-            Transport::Udp
-        } else {
-            Transport::Tcp
-        }
-    }
-
-    /// A copy to publish; the first one is marked so.
-    fn snapshot(&mut self) -> Flow {
-        self.first_report = !self.reported;
-        self.reported = true;
-        self.clone()
+    fn udp(&self) -> bool {
+        self.kernel.tuple.protocol == 17
     }
 
     /// Fingerprints the first payload bytes the kernel kept in the flow map, when no sample
@@ -372,101 +437,178 @@ impl Flow {
             return false;
         }
         let k = self.kernel;
-        for (direction, head, len) in [
-            (DIRECTION_EGRESS, &k.head[0], k.head_len[0]),
-            (DIRECTION_INGRESS, &k.head[1], k.head_len[1]),
+        let mut streams = Streams::default();
+        for (d, head, len) in [
+            (0, &k.head[0], k.head_len[0]),
+            (1, &k.head[1], k.head_len[1]),
         ] {
             let len = usize::from(len).min(HEAD_LEN);
-            if len > 0 {
-                self.learn(fingerprint(&head[..len], self.transport()), direction);
-                self.payload.get_or_insert_default().head_only = true;
-            }
+            streams[d].add(0, &head[..len]);
+        }
+        self.learn(&streams, self.udp());
+        if let Some(payload) = &mut self.payload {
+            payload.head_only = true;
+            payload.hello_complete = false;
         }
         self.encryption != Encryption::Unknown
     }
 
-    /// Folds a payload sample into what is known. TLS in either direction makes the flow TLS
-    /// (the ClientHello names SNI and ALPN, the ServerHello the negotiated version), and
-    /// another encrypted protocol makes it encrypted unless TLS was seen.
-    fn learn(&mut self, fp: Fingerprint, direction: u8) {
-        match fp {
-            Fingerprint::Tls(info) => {
-                self.encryption = Encryption::Tls;
-                let tls = self
-                    .payload
-                    .get_or_insert_default()
-                    .tls
-                    .get_or_insert_with(TlsInfo::default);
-                if info.handshake == Some(crate::fingerprint::Handshake::ServerHello) {
-                    tls.version = info.version;
-                } else {
-                    tls.version = tls.version.or(info.version);
-                }
-                tls.sni = tls.sni.take().or(info.sni);
-                if tls.alpn.is_empty() {
-                    tls.alpn = info.alpn;
-                }
+    /// What the samples put together so far say, both directions read again from their
+    /// start: the encryption, the ClientHello's SNI and ALPN, the ServerHello's version, and
+    /// whether the handshake evidence is whole. TLS is TLS only if no direction shows
+    /// plaintext, before or after its handshake record: a fake handshake in front of plaintext
+    /// is plaintext.
+    fn learn(&mut self, streams: &Streams, udp: bool) {
+        let transport = if udp { Transport::Udp } else { Transport::Tcp };
+        let own = usize::from(self.kernel.tuple.direction == DIRECTION_INGRESS);
+        let mut encryption = Encryption::Unknown;
+        let mut tls: Option<TlsInfo> = None;
+        let mut plaintext: Option<PlaintextHint> = None;
+        let mut hello_complete = true;
+        let mut client_hello = false;
+        let mut fake_tls = false;
+        for (d, stream) in streams.iter().enumerate() {
+            let bytes = stream.contiguous();
+            if bytes.is_empty() {
+                continue;
             }
-            Fingerprint::Encrypted(protocol) => {
-                if self.encryption != Encryption::Tls {
-                    self.encryption = Encryption::Encrypted(protocol);
+            match fingerprint(bytes, transport) {
+                Fingerprint::Tls(info) => {
+                    fake_tls |= info.then_tls == Some(false);
+                    if info.handshake == Some(Handshake::ClientHello) {
+                        client_hello = true;
+                        hello_complete = info.complete && info.then_tls.is_some();
+                    }
+                    let merged = tls.get_or_insert_with(TlsInfo::default);
+                    if info.handshake == Some(Handshake::ServerHello) {
+                        merged.version = info.version.or(merged.version);
+                    } else {
+                        merged.version = merged.version.or(info.version);
+                        merged.sni = info.sni.clone();
+                        merged.alpn = info.alpn.clone();
+                        merged.handshake = info.handshake.or(merged.handshake);
+                        merged.complete = info.complete;
+                        merged.then_tls = info.then_tls;
+                    }
+                    encryption = Encryption::Tls;
                 }
-            }
-            Fingerprint::Plaintext(hint) => {
-                if self.encryption == Encryption::Unknown {
-                    self.encryption = Encryption::Plaintext;
+                Fingerprint::Encrypted(protocol) => {
+                    if encryption != Encryption::Tls {
+                        encryption = match protocol {
+                            EncryptedProtocol::Ssh => Encryption::Ssh,
+                            EncryptedProtocol::Quic => Encryption::Quic,
+                            EncryptedProtocol::Dtls => Encryption::Dtls,
+                        };
+                    }
                 }
-                // The request names the protocol better than the response.
-                let payload = self.payload.get_or_insert_default();
-                if payload.plaintext.is_none() || direction == self.kernel.tuple.direction {
-                    payload.plaintext = Some(hint);
+                Fingerprint::Plaintext(hint) => {
+                    if encryption == Encryption::Unknown {
+                        encryption = Encryption::Plaintext;
+                    }
+                    // The request names the protocol better than the response.
+                    if plaintext.is_none() || d == own {
+                        plaintext = Some(hint);
+                    }
                 }
             }
         }
+        // A handshake followed by bytes that are not TLS, or answered in plaintext (HTTPS
+        // sent to an HTTP server, a fake hello to an accomplice): plaintext crossed the wire.
+        if fake_tls || (encryption == Encryption::Tls && plaintext.is_some()) {
+            encryption = Encryption::Plaintext;
+        }
+        // TLS without its ClientHello (the client's samples lost, or a flow seen mid-stream):
+        // what it offered is unknown.
+        if tls.is_some() && !client_hello {
+            hello_complete = false;
+        }
+        self.encryption = encryption;
+        if encryption == Encryption::Unknown {
+            return;
+        }
+        let payload = self.payload.get_or_insert_default();
+        payload.tls = tls;
+        payload.plaintext = plaintext;
+        payload.hello_complete = hello_complete;
+        payload.head_only = false;
     }
 
-    /// What the kernel saw of this flow, for the verdict engine.
-    fn evidence(&self) -> (Evidence<'_>, Option<&str>) {
+    /// The process name the kernel recorded, if any.
+    pub fn comm(&self) -> Option<&str> {
         let k = &self.kernel;
-        let t = &k.tuple;
-        let comm = (k.flags & flags::PROCESS != 0).then(|| {
+        (k.flags & flags::PROCESS != 0).then(|| {
             let len = k.comm.iter().position(|&b| b == 0).unwrap_or(k.comm.len());
             std::str::from_utf8(&k.comm[..len]).unwrap_or("?")
-        });
-        let evidence = Evidence {
-            direction: if t.direction == DIRECTION_EGRESS {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            },
-            udp: t.protocol == IPPROTO_UDP,
-            local: SocketAddr::new(ip_addr(t.family, t.local_addr), t.local_port),
-            remote: SocketAddr::new(ip_addr(t.family, t.remote_addr), t.remote_port),
-            uid: (k.flags & flags::UID != 0).then_some(k.uid),
-            comm,
-            redirect: (k.flags & flags::REDIRECTED != 0)
-                .then(|| SocketAddr::new(ip_addr(t.family, k.redirect.addr), k.redirect.port)),
-            encryption: self.encryption,
-            alpn: self.tls().map_or(&[], |t| t.alpn.as_slice()),
-            alpn_seen: !self.payload.as_ref().is_some_and(|p| p.head_only),
-        };
-        (evidence, comm)
+        })
     }
 
+    /// The socket owner's cgroup, if the kernel recorded it.
+    pub fn cgroup(&self) -> Option<u64> {
+        (self.kernel.flags & flags::CGROUP != 0 && self.kernel.cgroup != 0)
+            .then_some(self.kernel.cgroup)
+    }
+
+    pub fn direction(&self) -> Direction {
+        if self.kernel.tuple.direction == DIRECTION_EGRESS {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        let t = &self.kernel.tuple;
+        SocketAddr::new(ip_addr(t.family, t.local_addr), t.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        let t = &self.kernel.tuple;
+        SocketAddr::new(ip_addr(t.family, t.remote_addr), t.remote_port)
+    }
+
+    /// Whether the handshake evidence is whole: nothing a later sample could add.
+    pub fn hello_complete(&self) -> bool {
+        self.payload.as_ref().is_some_and(|p| p.hello_complete)
+    }
+
+    /// What the kernel saw of this flow, for the verdict engine; `owner` is its cgroup's, as
+    /// the judging stage resolved it.
+    pub fn evidence<'a>(&'a self, owner: Owner<'a>) -> Evidence<'a> {
+        let k = &self.kernel;
+        let t = &k.tuple;
+        let devices: Vec<u32> = k.ifindex.iter().copied().filter(|&i| i != 0).collect();
+        Evidence {
+            direction: self.direction(),
+            udp: self.udp(),
+            local: self.local(),
+            remote: self.remote(),
+            uid: (k.flags & flags::UID != 0).then_some(k.uid),
+            comm: self.comm(),
+            owner,
+            redirect: (k.flags & flags::REDIRECTED != 0)
+                .then(|| SocketAddr::new(ip_addr(t.family, k.redirect.addr), k.redirect.port)),
+            loopback: !devices.is_empty() && devices.iter().all(|&i| i == LOOPBACK_IFINDEX),
+            encryption: self.encryption,
+            alpn: self.tls().map_or(&[], |t| t.alpn.as_slice()),
+            hello_complete: self.hello_complete(),
+        }
+    }
+
+    /// The record of this flow, as judged by `decision` with `owner` as the socket's owner.
     pub fn record(
         &self,
         node: &Arc<str>,
         change: Change,
-        inventory: &Inventory,
-        policy: &Policy,
+        (local, remote): (Identity, Identity),
+        owner: &Owner,
+        decision: Decision,
     ) -> FlowRecord {
         let k = &self.kernel;
-        let (ev, comm) = self.evidence();
-        let (local, remote) = (
-            inventory.lookup(ev.local.ip()),
-            inventory.lookup(ev.remote.ip()),
-        );
-        let decision = decide(&ev, local, remote, policy);
+        let (local_addr, remote_addr) = (self.local(), self.remote());
+        let corrected_from = self
+            .published
+            .filter(|&(v, r)| (v, r) != (decision.verdict, decision.reason))
+            .map(|(verdict, reason)| Corrected { verdict, reason });
         FlowRecord {
             cookie: self.cookie,
             id: FlowId(self.cookie),
@@ -475,18 +617,23 @@ impl Flow {
             first_seen: Timestamp(self.first_seen),
             last_seen: Timestamp(self.last_seen),
             state: if self.closed { "closed" } else { "open" },
-            direction: match ev.direction {
+            direction: match self.direction() {
                 Direction::Egress => "egress",
                 Direction::Ingress => "ingress",
             },
-            protocol: if ev.udp { "udp" } else { "tcp" },
-            local: Endpoint::new(ev.local, local),
-            remote: Endpoint::new(ev.remote, remote),
+            protocol: if self.udp() { "udp" } else { "tcp" },
+            local: Endpoint::new(local_addr, local),
+            remote: Endpoint::new(remote_addr, remote),
             process: Process {
                 pid: (k.flags & flags::PROCESS != 0).then_some(k.pid),
-                comm: comm.map(Comm::new),
-                uid: ev.uid,
+                comm: self.comm().map(Comm::new),
+                uid: (k.flags & flags::UID != 0).then_some(k.uid),
             },
+            owner: OwnerRecord {
+                kind: owner.kind(),
+                container: owner.container().map(str::to_string),
+            },
+            loopback: self.evidence(*owner).loopback,
             encryption: self.encryption,
             tls: self.tls().cloned(),
             plaintext: self
@@ -508,9 +655,9 @@ impl Flow {
                 }),
             redacted_sample: self.payload.as_ref().and_then(|p| p.redacted.clone()),
             path: decision.path,
-            redirect: ev.redirect.map(|to| RedirectRecord {
-                ip: to.ip(),
-                port: to.port(),
+            redirect: (k.flags & flags::REDIRECTED != 0).then(|| RedirectRecord {
+                ip: ip_addr(k.tuple.family, k.redirect.addr),
+                port: k.redirect.port,
                 ifindex: k.redirect.ifindex,
             }),
             bytes_sent: k.counters.bytes_sent,
@@ -520,19 +667,27 @@ impl Flow {
             verdict: decision.verdict,
             reason: decision.reason,
             detail: decision.detail,
+            corrected_from,
             midstream: k.flags & flags::MIDSTREAM != 0,
             recovered: self.recovered,
-            first_report: self.first_report,
+            first_report: self.published.is_none(),
             evicted: k.flags & flags::EVICTED != 0,
             netns_cookie: k.netns,
         }
     }
 }
 
+/// A verdict an earlier record of the same flow gave, which later evidence changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Corrected {
+    pub verdict: Verdict,
+    pub reason: &'static str,
+}
+
 /// A flow as `--log-flows` and, later, the API and CLI show it.
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowRecord {
-    /// The socket cookie; `id` is it in hex.
+    /// The flow key; `id` is it in hex.
     #[serde(skip)]
     pub cookie: u64,
     pub id: FlowId,
@@ -547,6 +702,10 @@ pub struct FlowRecord {
     pub local: Endpoint,
     pub remote: Endpoint,
     pub process: Process,
+    /// Whose cgroup created the socket: the evidence of who sent and received it.
+    pub owner: OwnerRecord,
+    /// Its packets crossed only the loopback device: both ends in one network namespace.
+    pub loopback: bool,
     pub encryption: Encryption,
     pub tls: Option<TlsInfo>,
     pub plaintext: Option<PlaintextRecord>,
@@ -564,6 +723,10 @@ pub struct FlowRecord {
     pub reason: &'static str,
     /// One sentence for a person: what happened and why it got this verdict.
     pub detail: String,
+    /// Set when this record's verdict differs from the flow's first record (evidence that came
+    /// later changed it): an explicit, counted correction, never a silent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrected_from: Option<Corrected>,
     /// First seen mid-connection: its start predates the agent.
     pub midstream: bool,
     /// Reported from the kernel's flow map because its events were lost (see `reconcile`).
@@ -677,6 +840,16 @@ impl Endpoint {
     }
 }
 
+/// A socket's owner as a record shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OwnerRecord {
+    /// `proxy` (a mesh proxy's container), `app` (any other container), `sandbox`, `host` (a
+    /// process of the node) or `unknown` (no cgroup evidence).
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Process {
     pub pid: Option<u32>,
@@ -702,16 +875,22 @@ pub struct RedirectRecord {
 
 #[cfg(test)]
 mod tests {
-    use meshguard_ebpf::{FlowCounters, FlowTuple, DIRECTION_INGRESS};
+    use meshguard_ebpf::{peer_key, FlowCounters, FlowTuple, DIRECTION_INGRESS};
 
     use super::*;
     use crate::{
         event::{
             decode,
-            tests::{flow_event, sample_event},
+            tests::{flow_event, sample_at, sample_event},
         },
         fingerprint::tests::{client_hello, server_hello},
+        inventory::Inventory,
+        judge::judge_events,
+        verdict::Policy,
     };
+
+    /// The header of the record after a handshake record: what makes the evidence whole.
+    const NEXT_RECORD: [u8; 5] = [20, 3, 3, 0, 1];
 
     fn state(direction: u8, bytes_sent: u64, extra_flags: u32) -> FlowState {
         FlowState {
@@ -724,6 +903,7 @@ mod tests {
                 protocol: 6,
                 direction,
             },
+            socket: 1,
             flags: flags::LIFECYCLE | extra_flags,
             counters: FlowCounters {
                 bytes_sent,
@@ -733,22 +913,33 @@ mod tests {
         }
     }
 
-    fn apply(table: &mut FlowTable, bytes: Vec<u8>) -> Option<Change> {
-        table
-            .apply(&decode(&bytes).unwrap())
-            .map(|(_, change)| change)
+    /// What applying one event changed: `E` new evidence of an open flow, `C` a close.
+    fn apply(table: &mut FlowTable, bytes: &[u8]) -> String {
+        let (mut out, mut forget) = (Vec::new(), Vec::new());
+        table.apply(&decode(bytes).unwrap(), &mut out, &mut forget);
+        out.iter()
+            .map(|u| match u {
+                Update::Evidence(_) => 'E',
+                Update::Closed(_) => 'C',
+            })
+            .collect()
+    }
+
+    fn none() -> (Inventory, Policy) {
+        (Inventory::empty("none"), Policy::default())
     }
 
     #[test]
-    fn lifecycle_publishes_classified_then_closed() {
+    fn lifecycle_gives_evidence_then_a_close() {
         let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
         let s = state(DIRECTION_EGRESS, 0, 0);
-        let ch = client_hello(Some("svc.test"), &["h2"], &[0x0304]);
-        let steps: Vec<(Vec<u8>, Option<Change>)> = vec![
-            (flow_event(EventKind::Open, 1, s), None),
+        let mut ch = client_hello(Some("svc.test"), &["h2"], &[0x0304]);
+        ch.extend(NEXT_RECORD);
+        let steps: [(Vec<u8>, &str); 5] = [
+            (flow_event(EventKind::Open, 1, s), ""),
             (
                 sample_event(1, state(DIRECTION_EGRESS, 300, 0), DIRECTION_EGRESS, &ch),
-                Some(Change::Classified),
+                "E",
             ),
             (
                 flow_event(
@@ -756,132 +947,170 @@ mod tests {
                     1,
                     state(DIRECTION_EGRESS, 300, flags::PROCESS),
                 ),
-                None,
+                "",
             ),
             (
                 sample_event(1, s, DIRECTION_INGRESS, &server_hello(Some(0x0304))),
-                None,
+                "",
             ),
             (
                 flow_event(EventKind::Close, 1, state(DIRECTION_EGRESS, 900, 0)),
-                Some(Change::Closed),
+                "C",
             ),
         ];
-        for (i, (bytes, want)) in steps.into_iter().enumerate() {
-            if want == Some(Change::Closed) {
-                let (flow, _) = table.apply(&decode(&bytes).unwrap()).unwrap();
-                let record = flow.record(
-                    &"node-a".into(),
-                    Change::Closed,
-                    &Inventory::empty("none"),
-                    &Policy::default(),
-                );
-                assert_eq!(record.encryption, Encryption::Tls);
-                let tls = record.tls.unwrap();
-                assert_eq!(tls.sni.as_deref(), Some("svc.test"));
-                assert_eq!(tls.alpn, ["h2"]);
-                assert_eq!(record.bytes_sent, 900);
-                assert_eq!(record.state, "closed");
+        for (i, (bytes, want)) in steps.iter().enumerate() {
+            if i == 4 {
                 assert!(
-                    record.process.pid.is_some(),
-                    "the process learnt earlier is kept"
+                    table.get(1).unwrap().hello_complete(),
+                    "the ClientHello and the record after it"
                 );
-            } else {
-                assert_eq!(apply(&mut table, bytes), want, "step {i}");
             }
+            assert_eq!(apply(&mut table, bytes), *want, "step {i}");
         }
         assert_eq!(table.stats().tracked, 0, "closed flows leave the table");
+        let (inv, policy) = none();
+        let records = judge_events(&steps.map(|(b, _)| b), &inv, &policy);
+        let closed = records.last().unwrap();
+        assert_eq!(closed.event, Change::Closed);
+        assert_eq!(closed.encryption, Encryption::Tls);
+        let tls = closed.tls.as_ref().unwrap();
+        assert_eq!(tls.sni.as_deref(), Some("svc.test"));
+        assert_eq!(tls.alpn, ["h2"]);
+        assert_eq!(closed.bytes_sent, 900);
+        assert_eq!(closed.state, "closed");
+        assert!(
+            closed.process.pid.is_some(),
+            "the process learnt earlier is kept"
+        );
+    }
+
+    #[test]
+    fn a_client_hello_over_two_samples_is_judged_whole() {
+        // A post-quantum key share before ALPN: the first segment ends before the ALPN.
+        let mut ch = client_hello(
+            Some("outbound_.8080_._.api.shop.svc.cluster.local"),
+            &["istio-peer-exchange", "istio"],
+            &[0x0304],
+        );
+        ch.extend(NEXT_RECORD);
+        let cut = ch.len() / 2;
+        let s = state(DIRECTION_EGRESS, 0, 0);
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        apply(
+            &mut table,
+            &sample_event(1, s, DIRECTION_EGRESS, &ch[..cut]),
+        );
+        let first = table.get(1).unwrap();
+        assert_eq!(first.encryption, Encryption::Tls);
+        assert!(!first.hello_complete(), "cut: its ALPN may be past the cut");
+        // A retransmission of the first segment changes nothing; the rest completes it.
+        apply(
+            &mut table,
+            &sample_event(1, s, DIRECTION_EGRESS, &ch[..cut]),
+        );
+        apply(
+            &mut table,
+            &sample_at(1, s, DIRECTION_EGRESS, cut as u32, &ch[cut..]),
+        );
+        let whole = table.get(1).unwrap();
+        assert!(whole.hello_complete());
+        assert_eq!(whole.tls().unwrap().alpn, ["istio-peer-exchange", "istio"]);
+        assert!(
+            table.assembling.is_empty(),
+            "samples are dropped once the evidence is whole"
+        );
     }
 
     #[test]
     fn classification_per_first_sample() {
-        let ssh = EncryptedProtocol::Ssh;
-        // (first bytes, IP protocol, encryption, plaintext protocol)
-        let cases: [(&[u8], u8, Encryption, Option<&str>); 6] = [
+        let mut hello = client_hello(None, &[], &[0x0303]);
+        hello.extend(NEXT_RECORD);
+        let mut fake = client_hello(None, &["istio"], &[0x0304]);
+        fake.extend(b"GET /secret HTTP/1.1\r\n");
+        let cases: [(&[u8], Encryption, Option<&str>); 5] = [
             (
                 b"GET / HTTP/1.1\r\n\r\n",
-                6,
                 Encryption::Plaintext,
                 Some("http/1"),
             ),
-            (&[22, 3, 1, 0, 1, 1], 6, Encryption::Tls, None),
-            (b"\x00\x01binary", 6, Encryption::Plaintext, Some("unknown")),
-            (
-                b"SSH-2.0-OpenSSH_9.2\r\n",
-                6,
-                Encryption::Encrypted(ssh),
-                None,
-            ),
-            (
-                &[0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0],
-                17,
-                Encryption::Encrypted(EncryptedProtocol::Quic),
-                None,
-            ),
-            (
-                &[22, 3, 1, 0, 1, 1],
-                17,
-                Encryption::Plaintext,
-                Some("unknown"),
-            ),
+            (&hello, Encryption::Tls, None),
+            (b"\x00\x01binary", Encryption::Plaintext, Some("unknown")),
+            (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", Encryption::Ssh, None),
+            (&fake, Encryption::Plaintext, None),
         ];
-        for (bytes, protocol, encryption, hint) in cases {
-            let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
-            let mut kernel = state(DIRECTION_EGRESS, 0, 0);
-            kernel.tuple.protocol = protocol;
-            let (flow, change) = table
-                .apply(&decode(&sample_event(3, kernel, DIRECTION_EGRESS, bytes)).unwrap())
-                .unwrap();
-            assert_eq!(change, Change::Classified);
-            let record = flow.record(
-                &"n".into(),
-                change,
-                &Inventory::empty("none"),
-                &Policy::default(),
+        let (inv, policy) = none();
+        for (bytes, encryption, protocol) in cases {
+            let records = judge_events(
+                &[sample_event(
+                    3,
+                    state(DIRECTION_EGRESS, 0, 0),
+                    DIRECTION_EGRESS,
+                    bytes,
+                )],
+                &inv,
+                &policy,
             );
+            let record = &records[0];
+            assert_eq!(record.event, Change::Classified);
             assert_eq!(record.encryption, encryption, "{bytes:?}");
-            assert_eq!(record.plaintext.map(|p| p.protocol), hint, "{bytes:?}");
+            assert_eq!(
+                record.plaintext.as_ref().map(|p| p.protocol),
+                protocol,
+                "{bytes:?}"
+            );
         }
     }
 
     #[test]
-    fn encryption_names_the_protocol() {
-        let cases = [
-            (Encryption::Tls, "\"tls\""),
-            (Encryption::Encrypted(EncryptedProtocol::Ssh), "\"ssh\""),
-            (Encryption::Encrypted(EncryptedProtocol::Dtls), "\"dtls\""),
-            (Encryption::Plaintext, "\"plaintext\""),
-            (Encryption::Unknown, "\"unknown\""),
-        ];
-        for (encryption, json) in cases {
-            assert_eq!(serde_json::to_string(&encryption).unwrap(), json);
-        }
+    fn a_fake_handshake_keeps_the_alpn_it_claimed() {
+        let mut fake = client_hello(None, &["istio-peer-exchange", "istio"], &[0x0304]);
+        fake.extend(b"POST /exfil HTTP/1.1\r\n");
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        apply(
+            &mut table,
+            &sample_event(1, state(DIRECTION_EGRESS, 0, 0), DIRECTION_EGRESS, &fake),
+        );
+        let flow = table.get(1).unwrap();
+        assert_eq!(
+            flow.encryption,
+            Encryption::Plaintext,
+            "plaintext after the hello"
+        );
+        assert_eq!(
+            flow.tls().unwrap().alpn,
+            ["istio-peer-exchange", "istio"],
+            "what it claimed"
+        );
+        assert!(flow.hello_complete());
+
+        // A ClientHello answered in plaintext (to an accomplice, or an HTTP server) is no TLS.
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let s = state(DIRECTION_INGRESS, 0, 0);
+        let hello = client_hello(None, &["istio"], &[0x0304]);
+        apply(&mut table, &sample_event(1, s, DIRECTION_INGRESS, &hello));
+        assert_eq!(table.get(1).unwrap().encryption, Encryption::Tls);
+        apply(
+            &mut table,
+            &sample_event(1, s, DIRECTION_EGRESS, b"HTTP/1.0 400 Bad request\r\n"),
+        );
+        assert_eq!(table.get(1).unwrap().encryption, Encryption::Plaintext);
     }
 
     #[test]
     fn a_flow_closed_without_payload_is_unknown() {
-        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
-        let (flow, change) = table
-            .apply(
-                &decode(&flow_event(
-                    EventKind::Close,
-                    9,
-                    state(DIRECTION_INGRESS, 0, 0),
-                ))
-                .unwrap(),
-            )
-            .unwrap();
-        assert_eq!(change, Change::Closed);
-        assert_eq!(
-            flow.record(
-                &"n".into(),
-                change,
-                &Inventory::empty("none"),
-                &Policy::default()
-            )
-            .encryption,
-            Encryption::Unknown
+        let (inv, policy) = none();
+        let records = judge_events(
+            &[flow_event(
+                EventKind::Close,
+                9,
+                state(DIRECTION_INGRESS, 0, 0),
+            )],
+            &inv,
+            &policy,
         );
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].event, Change::Closed);
+        assert_eq!(records[0].encryption, Encryption::Unknown);
     }
 
     #[test]
@@ -889,11 +1118,11 @@ mod tests {
         let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
         apply(
             &mut table,
-            flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 500, 0)),
+            &flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 500, 0)),
         );
         apply(
             &mut table,
-            flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 200, 0)),
+            &flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 200, 0)),
         );
         assert_eq!(table.get(1).unwrap().kernel.counters.bytes_sent, 500);
     }
@@ -904,7 +1133,7 @@ mod tests {
         for cookie in 0..10 {
             apply(
                 &mut table,
-                flow_event(EventKind::Open, cookie, state(DIRECTION_EGRESS, 0, 0)),
+                &flow_event(EventKind::Open, cookie, state(DIRECTION_EGRESS, 0, 0)),
             );
         }
         assert_eq!(
@@ -923,7 +1152,7 @@ mod tests {
         for cookie in 7..10 {
             apply(
                 &mut table,
-                flow_event(EventKind::Close, cookie, state(DIRECTION_EGRESS, 0, 0)),
+                &flow_event(EventKind::Close, cookie, state(DIRECTION_EGRESS, 0, 0)),
             );
         }
         assert_eq!(
@@ -936,10 +1165,56 @@ mod tests {
         );
     }
 
+    /// An unconnected UDP socket's flow with a peer other than its first.
+    fn udp_peer(socket: u64, peer: [u8; 4], port: u16) -> (u64, FlowState) {
+        let addr = [u32::from_ne_bytes(peer), 0, 0, 0];
+        let mut s = state(DIRECTION_EGRESS, 0, 0);
+        s.flags = 0;
+        s.tuple.protocol = 17;
+        s.tuple.remote_addr = addr;
+        s.tuple.remote_port = port;
+        s.socket = socket;
+        (peer_key(socket, &addr, port), s)
+    }
+
+    #[test]
+    fn a_udp_socket_s_peers_are_flows_of_their_own_and_close_with_it() {
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        // The first peer is keyed by the socket's cookie itself.
+        let (_, first) = udp_peer(5, [10, 96, 0, 10], 53);
+        let dns = 5;
+        let (other, peer) = udp_peer(5, [10, 0, 0, 12], 9999);
+        assert_ne!(other, dns);
+        apply(
+            &mut table,
+            &sample_event(dns, first, DIRECTION_EGRESS, b"\x12\x34\x01\x00"),
+        );
+        apply(
+            &mut table,
+            &sample_event(other, peer, DIRECTION_EGRESS, b"exfiltrated"),
+        );
+        assert_eq!(
+            table.get(other).unwrap().remote().to_string(),
+            "10.0.0.12:9999"
+        );
+        // The socket closes (sock_release finds its own entry): both flows close, and the peer's
+        // entry is the agent's to remove from the map.
+        let (mut out, mut forget) = (Vec::new(), Vec::new());
+        table.apply(
+            &decode(&flow_event(EventKind::Close, dns, first)).unwrap(),
+            &mut out,
+            &mut forget,
+        );
+        assert_eq!(out.len(), 2);
+        assert_eq!(forget, [other]);
+        assert_eq!(table.stats().tracked, 0);
+    }
+
     /// A map entry as the kernel leaves it: opened at `opened_s`, closed at `closed_s` (0: open),
     /// with `head` as its first egress payload bytes.
     fn entry(opened_s: u64, closed_s: u64, head: &[u8]) -> FlowState {
         let mut s = state(DIRECTION_EGRESS, 100, flags::UID);
+        s.socket = 7;
         s.opened_ns = opened_s * 1_000_000_000;
         s.closed_ns = closed_s * 1_000_000_000;
         s.head[0][..head.len()].copy_from_slice(head);
@@ -952,114 +1227,123 @@ mod tests {
         const NOW: u64 = 100 * 1_000_000_000;
         let get = b"GET /orders?id=7 HTTP/1.1\r\nHost";
         let tls = &[22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
-        // (what, entry, the agent saw its events already, published change, forgotten)
-        let cases: [(&str, FlowState, bool, Option<Change>, bool); 7] = [
+        // (what, entry, the agent saw its events already, update, forgotten)
+        let cases: [(&str, FlowState, bool, &str, bool); 7] = [
             (
                 "closed, all events lost",
                 entry(10, 20, get),
                 false,
-                Some(Change::Closed),
+                "C",
                 true,
             ),
             (
                 "closed, only its close lost",
                 entry(10, 20, get),
                 true,
-                Some(Change::Closed),
+                "C",
                 true,
             ),
             (
                 "open, all events lost",
                 entry(10, 0, tls),
                 false,
-                Some(Change::Classified),
+                "E",
                 false,
             ),
-            (
-                "open, no payload yet",
-                entry(10, 0, b""),
-                false,
-                None,
-                false,
-            ),
+            ("open, no payload yet", entry(10, 0, b""), false, "", false),
             (
                 "open and already followed",
                 entry(10, 0, get),
                 true,
-                None,
+                "",
                 false,
             ),
             (
                 "opened too recently to judge",
                 entry(99, 0, get),
                 false,
-                None,
+                "",
                 false,
             ),
             (
                 "closed too recently to judge",
                 entry(10, 99, get),
                 false,
-                None,
+                "",
                 false,
             ),
         ];
+        let (inv, policy) = none();
         for (what, kernel, seen, want, forgotten) in cases {
             let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
             if seen {
-                let sample = sample_event(7, kernel, DIRECTION_EGRESS, get);
-                apply(&mut table, sample);
+                apply(&mut table, &sample_event(7, kernel, DIRECTION_EGRESS, get));
             }
             let found = table.reconcile([(7, kernel)], NOW);
-            let published: Vec<Change> = found.published.iter().map(|(_, c)| *c).collect();
-            assert_eq!(published, Vec::from_iter(want), "{what}");
+            let updates: String = found
+                .updates
+                .iter()
+                .map(|u| match u {
+                    Update::Evidence(_) => 'E',
+                    Update::Closed(_) => 'C',
+                })
+                .collect();
+            assert_eq!(updates, want, "{what}");
             assert_eq!(found.forget == [7], forgotten, "{what}");
             let deferred = usize::from(what == "closed too recently to judge");
             assert_eq!(found.deferred, deferred, "{what}");
-            if let Some((flow, change)) = found.published.first() {
-                assert!(flow.recovered, "{what}");
-                assert_eq!(
-                    flow.evidence().0.alpn_seen,
-                    seen,
-                    "{what}: a sample, or only the head"
-                );
-                let record = flow.record(
-                    &"n".into(),
-                    *change,
-                    &Inventory::empty("none"),
-                    &Policy::default(),
-                );
-                assert!(record.recovered, "{what}");
-                let encryption = if kernel.head[0][0] == 22 {
-                    Encryption::Tls
-                } else {
-                    Encryption::Plaintext
-                };
-                assert_eq!(
-                    record.encryption, encryption,
-                    "{what}: from the head the map kept"
-                );
-                assert_eq!(record.first_report, !seen, "{what}");
-            }
+            let flow = match found.updates.first() {
+                Some(Update::Closed(flow)) => flow.as_ref().clone(),
+                Some(Update::Evidence(key)) => table.get(*key).unwrap().clone(),
+                None => continue,
+            };
+            assert!(flow.recovered, "{what}");
+            let ev = flow.evidence(Owner::Unknown);
+            assert_eq!(
+                ev.hello_complete, seen,
+                "{what}: whole from a sample, never from a head"
+            );
+            let ends = (inv.lookup(ev.local.ip()), inv.lookup(ev.remote.ip()));
+            let decision = crate::verdict::decide(&ev, ends.0, ends.1, &policy);
+            let record = flow.record(&"n".into(), Change::Closed, ends, &Owner::Unknown, decision);
+            assert!(record.recovered, "{what}");
+            let encryption = if kernel.head[0][0] == 22 {
+                Encryption::Tls
+            } else {
+                Encryption::Plaintext
+            };
+            assert_eq!(
+                record.encryption, encryption,
+                "{what}: from the head the map kept"
+            );
+            assert_eq!(
+                record.first_report,
+                !seen || flow.published.is_none(),
+                "{what}"
+            );
         }
+    }
+
+    #[test]
+    fn a_udp_peer_left_behind_by_its_closed_socket_is_closed_by_reconciliation() {
+        const NOW: u64 = 100 * 1_000_000_000;
+        let (key, mut peer) = udp_peer(5, [10, 0, 0, 12], 9999);
+        peer.opened_ns = 99 * 1_000_000_000;
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        let found = table.reconcile([(key, peer)], NOW);
+        assert!(matches!(found.updates[..], [Update::Closed(_)]));
+        assert_eq!(found.forget, [key]);
     }
 
     #[test]
     fn a_close_after_restart_is_classified_from_the_map_head() {
         // The sample went to an agent since restarted; the close carries the head.
-        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let (inv, policy) = none();
         let kernel = entry(1, 0, b"POST /pay HTTP/1.1\r\n");
-        let (flow, change) = table
-            .apply(&decode(&flow_event(EventKind::Close, 3, kernel)).unwrap())
-            .unwrap();
-        let record = flow.record(
-            &"n".into(),
-            change,
-            &Inventory::empty("none"),
-            &Policy::default(),
-        );
+        let records = judge_events(&[flow_event(EventKind::Close, 3, kernel)], &inv, &policy);
+        let record = &records[0];
         assert_eq!(record.encryption, Encryption::Plaintext);
-        assert_eq!(record.plaintext.unwrap().method, Some("POST"));
+        assert_eq!(record.plaintext.as_ref().unwrap().method, Some("POST"));
         assert!(record.first_report);
     }
 
@@ -1069,22 +1353,16 @@ mod tests {
         let evicted = state(DIRECTION_EGRESS, 0, flags::EVICTED);
         apply(
             &mut table,
-            flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 0, 0)),
+            &flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 0, 0)),
         );
-        apply(&mut table, flow_event(EventKind::Close, 1, evicted));
+        apply(&mut table, &flow_event(EventKind::Close, 1, evicted));
         assert_eq!(table.stats().lost_unseen, 0, "seen before its eviction");
-        let (flow, _) = table
-            .apply(&decode(&flow_event(EventKind::Close, 2, evicted)).unwrap())
-            .unwrap();
+        apply(&mut table, &flow_event(EventKind::Close, 2, evicted));
         assert_eq!(table.stats().lost_unseen, 1);
-        let record = flow.record(
-            &"n".into(),
-            Change::Closed,
-            &Inventory::empty("none"),
-            &Policy::default(),
-        );
-        assert!(record.evicted);
-        assert_eq!(record.state, "closed");
+        let (inv, policy) = none();
+        let records = judge_events(&[flow_event(EventKind::Close, 2, evicted)], &inv, &policy);
+        assert!(records[0].evicted);
+        assert_eq!(records[0].state, "closed");
     }
 
     #[test]

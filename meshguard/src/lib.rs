@@ -2,9 +2,10 @@
 //!
 //! The agent's pieces, in the order data flows through them: the kernel side is loaded and
 //! attached by [`kernel`] once [`prereq`] has checked the node; [`event`] decodes what it
-//! reports; [`flow`] keeps the table of flows, reading payload samples with [`fingerprint`];
-//! [`inventory`] says who is behind an address and what they intend; [`verdict`] judges each
-//! flow; [`agent`] runs it all.
+//! reports; [`flow`] keeps the table of flows, putting payload samples back together and
+//! reading them with [`fingerprint`]; [`inventory`] says who is behind an address, which
+//! container owns a socket's cgroup, and what they intend; [`judge`] resolves a flow's owner and
+//! holds it back until its evidence is whole; [`verdict`] decides; [`agent`] runs it all.
 
 pub mod agent;
 pub mod api;
@@ -19,6 +20,7 @@ pub mod fingerprint;
 pub mod flow;
 pub mod http;
 pub mod inventory;
+pub mod judge;
 pub mod kernel;
 pub mod metrics;
 pub mod prereq;

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub map_capacity: IntGaugeVec,
     pub flows_tracked: IntGauge,
     pub flows_recovered: IntCounter,
+    /// Records whose verdict differs from their flow's first record, by both verdicts.
+    pub verdict_corrections: IntCounterVec,
     pub programs_attached: IntGauge,
     pub degraded: IntGauge,
     pub inventory_age: Gauge,
@@ -155,6 +157,14 @@ impl Metrics {
             "Flow records published from the kernel's flow map because their events were lost.",
         )
         .expect("valid metric");
+        let verdict_corrections = IntCounterVec::new(
+            Opts::new(
+                "meshguard_verdict_corrections_total",
+                "Flows whose closing record changed the verdict of their first record (evidence that came later), by both verdicts.",
+            ),
+            &["from", "to"],
+        )
+        .expect("valid metric");
         let programs_attached =
             IntGauge::new("meshguard_programs_attached", "Kernel programs attached.")
                 .expect("valid metric");
@@ -194,6 +204,7 @@ impl Metrics {
             Box::new(map_capacity.clone()),
             Box::new(flows_tracked.clone()),
             Box::new(flows_recovered.clone()),
+            Box::new(verdict_corrections.clone()),
             Box::new(programs_attached.clone()),
             Box::new(degraded.clone()),
             Box::new(inventory_age.clone()),
@@ -210,6 +221,7 @@ impl Metrics {
             map_capacity,
             flows_tracked,
             flows_recovered,
+            verdict_corrections,
             programs_attached,
             degraded,
             inventory_age,
@@ -311,14 +323,12 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::{
-        event::decode,
         event::tests::{flow_event, sample_event},
-        flow::FlowTable,
         inventory::Inventory,
+        judge::judge_events,
         verdict::Policy,
     };
     use meshguard_ebpf::{flags, EventKind, FlowState, FlowTuple, DIRECTION_EGRESS};
-    use std::time::SystemTime;
 
     fn inventory() -> Inventory {
         let pods = serde_json::json!({"kind": "List", "items": [
@@ -353,16 +363,15 @@ mod tests {
             },
             ..FlowState::default()
         };
-        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
         let (inv, policy) = (inventory(), Policy::default());
-        [
-            sample_event(cookie, state, DIRECTION_EGRESS, b"GET / HTTP/1.1\r\n"),
-            flow_event(EventKind::Close, cookie, state),
-        ]
-        .iter()
-        .filter_map(|bytes| table.apply(&decode(bytes).unwrap()))
-        .map(|(flow, change)| flow.record(&"n".into(), change, &inv, &policy))
-        .collect()
+        judge_events(
+            &[
+                sample_event(cookie, state, DIRECTION_EGRESS, b"GET / HTTP/1.1\r\n"),
+                flow_event(EventKind::Close, cookie, state),
+            ],
+            &inv,
+            &policy,
+        )
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct Status {
     /// What does not work and what it costs, in words.
     pub degraded: Vec<String>,
     pub inventory: InventoryStatus,
+    /// Container cgroups found on the node: how sockets are traced to the container that owns
+    /// them (0: by uid and process name only).
+    pub container_cgroups: usize,
     pub flow_map: MapStatus,
     /// Losses since start, by where.
     pub events_lost: BTreeMap<String, u64>,

@@ -277,8 +277,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        flow::{Change, Encryption, Endpoint, Process},
-        verdict::Path,
+        flow::{Change, Endpoint, Process},
+        verdict::{Encryption, Path},
     };
 
     fn endpoint(ns: &str, pod: &str, port: u16) -> Endpoint {
@@ -311,6 +311,11 @@ mod tests {
                 comm: None,
                 uid: None,
             },
+            owner: crate::flow::OwnerRecord {
+                kind: "app",
+                container: None,
+            },
+            loopback: false,
             encryption: Encryption::Plaintext,
             tls: None,
             plaintext: None,
@@ -324,6 +329,7 @@ mod tests {
             verdict,
             reason: "r",
             detail: String::new(),
+            corrected_from: None,
             midstream: false,
             recovered: false,
             first_report: true,

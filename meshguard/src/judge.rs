@@ -1,0 +1,405 @@
+//! The judging stage, between the flow table and publishing: a flow's evidence, with its
+//! socket's owner resolved from its cgroup (the container that created it, which the
+//! application cannot choose), against the inventory and the policy, gives a decision; and
+//! says whether the flow should wait for evidence still on its way, so that the first record of
+//! a flow is the one that stands.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracing::{debug, warn};
+
+use crate::{
+    flow::{Change, Flow, FlowRecord, FlowTable, Update, EVIDENCE_WAIT_NS},
+    inventory::{
+        cgroups::{CgroupIndex, CgroupOwner},
+        Identity, Inventory,
+    },
+    verdict::{decide, Decision, Encryption, Owner, Policy},
+};
+
+/// Evidence a flow's verdict may still change with, and which is on its way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Awaiting {
+    /// The rest of a ClientHello, or the record after it.
+    Handshake,
+    /// The container of the socket's cgroup (a container the cgroup tree or the inventory does
+    /// not show yet).
+    Owner,
+    /// The process name, where the container is unknown and the uid is the proxy's.
+    Process,
+}
+
+/// The most often the cgroup tree is walked again for a cgroup it did not show.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Judge {
+    root: PathBuf,
+    cgroups: CgroupIndex,
+    scanned: Option<Instant>,
+    /// The inventory snapshot the cgroup tree was last walked for: new pods mean new
+    /// containers.
+    scanned_for: Option<SystemTime>,
+    /// A walk failed (an unreadable cgroup root): said once, and no owner is known.
+    failed: bool,
+}
+
+impl Judge {
+    /// Owners come from the cgroup v2 tree at `root` (the host's, for an agent in a pod).
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            cgroups: CgroupIndex::default(),
+            scanned: None,
+            scanned_for: None,
+            failed: false,
+        }
+    }
+
+    /// Container cgroups known: 0 means no owner can be resolved (status says so).
+    pub fn containers_known(&self) -> usize {
+        self.cgroups.containers()
+    }
+
+    fn rescan(&mut self) {
+        self.scanned = Some(Instant::now());
+        match CgroupIndex::scan(&self.root) {
+            Ok(index) => {
+                debug!(
+                    cgroups = index.len(),
+                    containers = index.containers(),
+                    "cgroup tree walked"
+                );
+                self.cgroups = index;
+                self.failed = false;
+            }
+            Err(e) => {
+                if !self.failed {
+                    warn!(root = %self.root.display(), %e, "cannot walk the cgroup tree: socket owners are unknown, so the proxy is recognised by uid and process name only");
+                }
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Walks the cgroup tree again when the inventory changed, or (at most once a second) when
+    /// it does not show a cgroup a socket belongs to.
+    fn refresh(&mut self, cgroup: u64, inventory: &Inventory) {
+        let stale_inventory = self.scanned_for != inventory.loaded_at;
+        let unknown = self.cgroups.get(cgroup).is_none()
+            && self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
+        if stale_inventory || unknown {
+            self.scanned_for = inventory.loaded_at;
+            self.rescan();
+        }
+    }
+
+    /// The owner of a socket's cgroup, as the inventory names it.
+    pub fn owner<'a>(&mut self, cgroup: Option<u64>, inventory: &'a Inventory) -> Owner<'a> {
+        let Some(cgroup) = cgroup else {
+            return Owner::Unknown;
+        };
+        self.refresh(cgroup, inventory);
+        let Some(entry) = self.cgroups.get(cgroup) else {
+            // Not below any pod's cgroup: the node's own process, unless the walk found no
+            // pods at all (then nothing is known).
+            return if self.cgroups.containers() > 0 {
+                Owner::Host
+            } else {
+                Owner::Unknown
+            };
+        };
+        let pod = || {
+            entry
+                .pod_uid
+                .as_deref()
+                .and_then(|uid| inventory.pod_by_uid(uid))
+        };
+        match &entry.owner {
+            CgroupOwner::Container(id) => match inventory.container(id) {
+                Some((pod, container)) => Owner::Container { pod, container },
+                // A container the pod's status does not list (its sandbox), or not yet.
+                None => pod().map_or(Owner::Unknown, Owner::Pod),
+            },
+            CgroupOwner::Pod { .. } => pod().map_or(Owner::Unknown, Owner::Pod),
+        }
+    }
+
+    /// The decision on a flow now, the socket's owner it rests on, and what it waits for, if
+    /// anything: only open flows wait, and each for `EVIDENCE_WAIT_NS` after its first sample at
+    /// most.
+    pub fn judge<'a>(
+        &mut self,
+        flow: &Flow,
+        inventory: &'a Inventory,
+        policy: &Policy,
+        now_ns: u64,
+    ) -> (Decision, Owner<'a>, Option<Awaiting>) {
+        let owner = self.owner(flow.cgroup(), inventory);
+        let ev = flow.evidence(owner);
+        let local = inventory.lookup(ev.local.ip());
+        let remote = inventory.lookup(ev.remote.ip());
+        let decision = decide(&ev, local, remote, policy);
+        let expired = flow.sampled_ns != 0 && now_ns >= flow.sampled_ns + EVIDENCE_WAIT_NS;
+        if flow.closed || expired || ev.encryption == Encryption::Unknown {
+            return (decision, owner, None);
+        }
+        let head_only = flow.payload.as_ref().is_some_and(|p| p.head_only);
+        let meshed = local.pod().filter(|p| p.is_proxy_pod());
+        let awaiting = if ev.encryption == Encryption::Tls && !ev.hello_complete && !head_only {
+            Some(Awaiting::Handshake)
+        } else if let (Some(pod), Owner::Unknown) = (meshed, owner) {
+            if flow.cgroup().is_some() && self.cgroups.containers() > 0 {
+                Some(Awaiting::Owner)
+            } else if ev.uid == Some(pod.proxy_uid) && ev.comm.is_none() {
+                Some(Awaiting::Process)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        (decision, owner, awaiting)
+    }
+
+    /// The record an update makes, if any: an open flow's first record once its evidence is
+    /// whole (or its wait is over; until then it is held back in the table), a closed flow's
+    /// last record always. Judged against the inventory of now.
+    pub fn record(
+        &mut self,
+        table: &mut FlowTable,
+        update: Update,
+        inventory: &Inventory,
+        policy: &Policy,
+        node: &Arc<str>,
+        now_ns: u64,
+    ) -> Option<FlowRecord> {
+        let ends = |flow: &Flow| -> (Identity<'_>, Identity<'_>) {
+            (
+                inventory.lookup(flow.local().ip()),
+                inventory.lookup(flow.remote().ip()),
+            )
+        };
+        match update {
+            Update::Evidence(key) => {
+                let flow = table.get(key).filter(|f| f.published.is_none())?;
+                let (decision, owner, awaiting) = self.judge(flow, inventory, policy, now_ns);
+                if awaiting.is_some() {
+                    table.wait(key);
+                    return None;
+                }
+                let record = flow.record(
+                    node,
+                    Change::Classified,
+                    ends(flow),
+                    &owner,
+                    decision.clone(),
+                );
+                table.published(key, &decision);
+                Some(record)
+            }
+            Update::Closed(flow) => {
+                let (decision, owner, _) = self.judge(&flow, inventory, policy, now_ns);
+                Some(flow.record(node, Change::Closed, ends(&flow), &owner, decision))
+            }
+        }
+    }
+}
+
+/// The records a sequence of raw kernel events makes, judged with no wait: for tests.
+#[cfg(test)]
+pub(crate) fn judge_events(
+    events: &[Vec<u8>],
+    inventory: &Inventory,
+    policy: &Policy,
+) -> Vec<FlowRecord> {
+    let mut table = FlowTable::new(64, SystemTime::UNIX_EPOCH);
+    let mut judge = Judge::new(PathBuf::from("/nonexistent"));
+    let node: Arc<str> = "n".into();
+    let mut records = Vec::new();
+    for bytes in events {
+        let (mut updates, mut forget) = (Vec::new(), Vec::new());
+        table.apply(
+            &crate::event::decode(bytes).expect("a valid event"),
+            &mut updates,
+            &mut forget,
+        );
+        for update in updates {
+            records.extend(judge.record(
+                &mut table,
+                update,
+                inventory,
+                policy,
+                &node,
+                u64::MAX / 2,
+            ));
+        }
+    }
+    records
+}
+
+#[cfg(test)]
+mod tests {
+    use meshguard_ebpf::{flags, FlowState, FlowTuple, DIRECTION_EGRESS};
+
+    use super::*;
+    use crate::{
+        event::{decode, tests::sample_at},
+        fingerprint::tests::client_hello,
+        inventory::parse_pods,
+        verdict::Verdict,
+    };
+
+    const POD: &str = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podb3e9a8d2_51c4_4f0a_a7e6_9c2d4f1b8e30.slice";
+    const PROXY_ID: &str = "0a5f711ae6c938ab34a06c4532ef0f827134e40478f4e06ba86fb7dd8cd47fa0";
+    const APP_ID: &str = "87cfef2c0842f3a693b457b27902551b7d9c86a83752e12456d69994d133b633";
+
+    /// The real Istio pod fixture (10.244.0.23), and its cgroups as the kubelet lays them out:
+    /// the pod's slice 10, istio-proxy 11, the application 12.
+    fn node() -> (Inventory, Judge) {
+        let text = include_str!("../tests/fixtures/istio-pod.json");
+        let inventory = Inventory::new("test", parse_pods(text).unwrap().pods);
+        let proxy = format!("{POD}/cri-containerd-{PROXY_ID}.scope");
+        let app = format!("{POD}/cri-containerd-{APP_ID}.scope");
+        let mut judge = Judge::new(PathBuf::from("/nonexistent"));
+        judge.cgroups =
+            CgroupIndex::from_entries([(POD, 10), (proxy.as_str(), 11), (app.as_str(), 12)]);
+        judge.scanned = Some(Instant::now());
+        judge.scanned_for = inventory.loaded_at;
+        (inventory, judge)
+    }
+
+    #[test]
+    fn a_socket_s_cgroup_names_its_container() {
+        let (inventory, mut judge) = node();
+        let name = |owner: Owner| (owner.kind(), owner.container().map(str::to_string));
+        assert_eq!(
+            name(judge.owner(Some(11), &inventory)),
+            ("proxy", Some("istio-proxy".into()))
+        );
+        assert_eq!(
+            name(judge.owner(Some(12), &inventory)),
+            ("app", Some("reviews".into()))
+        );
+        assert_eq!(name(judge.owner(Some(10), &inventory)), ("sandbox", None));
+        assert_eq!(
+            name(judge.owner(Some(99), &inventory)),
+            ("host", None),
+            "outside every pod"
+        );
+        assert_eq!(name(judge.owner(None, &inventory)), ("unknown", None));
+        let mut blind = Judge::new(PathBuf::from("/nonexistent"));
+        assert_eq!(
+            name(blind.owner(Some(11), &inventory)),
+            ("unknown", None),
+            "no cgroup tree, no owner"
+        );
+    }
+
+    /// The proxy's socket in the fixture pod, to a peer outside the inventory.
+    fn proxy_socket() -> FlowState {
+        FlowState {
+            tuple: FlowTuple {
+                local_addr: [u32::from_ne_bytes([10, 244, 0, 23]), 0, 0, 0],
+                remote_addr: [u32::from_ne_bytes([10, 244, 1, 9]), 0, 0, 0],
+                local_port: 40000,
+                remote_port: 9080,
+                family: 2,
+                protocol: 6,
+                direction: DIRECTION_EGRESS,
+            },
+            socket: 1,
+            flags: flags::LIFECYCLE | flags::UID | flags::CGROUP,
+            uid: 1337,
+            cgroup: 11,
+            ..FlowState::default()
+        }
+    }
+
+    #[test]
+    fn a_flow_s_first_record_waits_for_its_whole_client_hello() {
+        let (inventory, mut judge) = node();
+        let policy = Policy::default();
+        let node_name: Arc<str> = "n".into();
+        let mut hello = client_hello(
+            Some("outbound_.9080_._.ratings.bookinfo.svc.cluster.local"),
+            &["istio-peer-exchange", "istio"],
+            &[0x0304],
+        );
+        hello.extend([20, 3, 3, 0, 1]);
+        let cut = hello.len() - 40;
+        let mut table = FlowTable::new(8, SystemTime::UNIX_EPOCH);
+        let mut feed = |table: &mut FlowTable, offset: usize, bytes: &[u8], now: u64| {
+            let (mut updates, mut forget) = (Vec::new(), Vec::new());
+            table.apply(
+                &decode(&sample_at(
+                    1,
+                    proxy_socket(),
+                    DIRECTION_EGRESS,
+                    offset as u32,
+                    bytes,
+                ))
+                .unwrap(),
+                &mut updates,
+                &mut forget,
+            );
+            let waiting = table.take_waiting();
+            waiting
+                .into_iter()
+                .map(Update::Evidence)
+                .chain(updates)
+                .filter_map(|u| judge.record(table, u, &inventory, &policy, &node_name, now))
+                .collect::<Vec<_>>()
+        };
+        // Cut before its ALPN: no record yet, however it would read.
+        assert!(feed(&mut table, 0, &hello[..cut], 10).is_empty());
+        // The rest: one record, mtls, with the whole ALPN list.
+        let records = feed(&mut table, cut, &hello[cut..], 20);
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(
+            (r.event, r.verdict, r.reason),
+            (Change::Classified, Verdict::Mtls, "istio-mtls")
+        );
+        assert_eq!(
+            r.tls.as_ref().unwrap().alpn,
+            ["istio-peer-exchange", "istio"]
+        );
+        assert_eq!(r.owner.kind, "proxy");
+
+        // A ClientHello that never completes is reported once its wait is over, as cut: never
+        // a bypass on a partial parse.
+        let mut table = FlowTable::new(8, SystemTime::UNIX_EPOCH);
+        assert!(feed(&mut table, 0, &hello[..cut], 10).is_empty());
+        let (mut updates, mut forget) = (Vec::new(), Vec::new());
+        table.apply(
+            &decode(&crate::event::tests::flow_event(
+                meshguard_ebpf::EventKind::Process,
+                1,
+                proxy_socket(),
+            ))
+            .unwrap(),
+            &mut updates,
+            &mut forget,
+        );
+        let later = table
+            .take_waiting()
+            .into_iter()
+            .filter_map(|key| {
+                judge.record(
+                    &mut table,
+                    Update::Evidence(key),
+                    &inventory,
+                    &policy,
+                    &node_name,
+                    9 + EVIDENCE_WAIT_NS,
+                )
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(later.len(), 1);
+        assert!(!later[0].verdict.is_bypass(), "{:?}", later[0]);
+    }
+}
