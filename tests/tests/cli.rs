@@ -214,7 +214,8 @@ fn on_call_queries() {
     for needle in [
         "verdict: bypass-plaintext (excluded-port)",
         "netfilter: not redirected",
-        "owner: curl",
+        "socket created in container web: not the mesh proxy",
+        "process: curl",
         "payload: plaintext (http/1 GET /)",
         "excludeOutboundPorts",
     ] {

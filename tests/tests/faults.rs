@@ -326,7 +326,7 @@ fn sighup_reloads_the_policy_and_a_broken_one_changes_nothing() {
     };
     assert_eq!(verdict_of_round(1), "bypass-plaintext");
 
-    // The operator declares that port's plaintext expected, and reloads.
+    // A rule with a port and no destination is refused: a port alone is a number anyone picks.
     std::fs::write(
         &policy,
         format!(r#"{{"expected": [{{"rule": "legacy-catalog", "ports": [{port}]}}]}}"#),
@@ -334,13 +334,23 @@ fn sighup_reloads_the_policy_and_a_broken_one_changes_nothing() {
     .unwrap();
     agent.hangup();
     thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(verdict_of_round(2), "expected");
+    assert_eq!(verdict_of_round(2), "bypass-plaintext");
+
+    // The operator declares that port's plaintext to catalog expected, and reloads.
+    std::fs::write(
+        &policy,
+        format!(r#"{{"expected": [{{"rule": "legacy-catalog", "ports": [{port}], "to": ["pods:app=catalog"]}}]}}"#),
+    )
+    .unwrap();
+    agent.hangup();
+    thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(verdict_of_round(3), "expected");
 
     // A broken policy: a warning, the agent stays up with what it had.
     std::fs::write(&policy, r#"{"expected": "#).unwrap();
     agent.hangup();
     thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(verdict_of_round(3), "expected");
+    assert_eq!(verdict_of_round(4), "expected");
     let log = agent.stop().unwrap();
     assert!(log.contains("SIGHUP: policy reloaded"), "{log}");
     assert!(log.contains("SIGHUP: keeping the current policy"), "{log}");

@@ -25,47 +25,7 @@ use serde_json::Value;
 /// Packets captured on the node's bridge (those `filter` takes) while `work` runs.
 fn capture(node: &Node, dir: &TempDir, filter: &str, work: impl FnOnce()) -> std::path::PathBuf {
     let pcap = dir.path.join("bridge.pcap");
-    let mut tcpdump = node
-        .cgroup
-        .spawn(
-            node.command("tcpdump")
-                .args([
-                    "-i",
-                    "br0",
-                    "-U",
-                    "-n",
-                    "--immediate-mode",
-                    "-B",
-                    "16384",
-                    "-w",
-                ])
-                .arg(&pcap)
-                .arg(filter),
-        )
-        .unwrap();
-    // tcpdump says "listening on" once it captures.
-    let mut stderr = tcpdump.stderr.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("listening on") {
-        use std::io::Read as _;
-        let n = stderr.read(&mut buf).unwrap();
-        assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    work();
-    thread::sleep(Duration::from_millis(300));
-    // SAFETY: signalling a child we started and have not reaped.
-    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
-    assert!(tcpdump.wait().unwrap().success());
-    // Ground truth with holes in it would be none.
-    use std::io::Read as _;
-    stderr.read_to_end(&mut seen).unwrap();
-    let stats = String::from_utf8_lossy(&seen);
-    assert!(
-        stats.lines().any(|l| l == "0 packets dropped by kernel"),
-        "tcpdump lost packets: {stats}"
-    );
+    wire::capture(node, &pcap, filter, work).unwrap();
     pcap
 }
 

@@ -15,7 +15,13 @@ pub struct Args {
 }
 
 /// The fuzz targets in `meshguard/fuzz`, each with its seed corpus.
-const FUZZ_TARGETS: [&str; 4] = ["fingerprint", "event_decode", "pod_list", "api_query"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "fingerprint",
+    "event_decode",
+    "pod_list",
+    "api_query",
+    "cgroup_name",
+];
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     step(

@@ -1,4 +1,4 @@
-//! What crossed the wire, read from a packet capture without meshguard: each TCP connection's
+//! What crossed the wire, captured on the node's bridge and read without meshguard: each TCP connection's
 //! bytes in both directions (from tshark), and the layout of a TLS ClientHello as a sampler of
 //! the first payload bytes sees it (where each extension starts, counted from the first byte
 //! of the connection's payload).
@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path, process::Command};
 
 use anyhow::Context as _;
 
+use super::Node;
 use crate::run;
 
 pub const EXT_SUPPORTED_GROUPS: u16 = 10;
@@ -196,6 +197,48 @@ impl ClientHello {
         }
         groups
     }
+}
+
+/// Captures the packets on `node`'s bridge that `filter` takes into `pcap` while `work` runs;
+/// fails if tcpdump dropped any (ground truth with holes in it would be none).
+pub fn capture(node: &Node, pcap: &Path, filter: &str, work: impl FnOnce()) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let mut tcpdump = node.cgroup.spawn(
+        node.command("tcpdump")
+            .args([
+                "-i",
+                "br0",
+                "-U",
+                "-n",
+                "--immediate-mode",
+                "-B",
+                "16384",
+                "-w",
+            ])
+            .arg(pcap)
+            .arg(filter),
+    )?;
+    // tcpdump says "listening on" once it captures.
+    let mut stderr = tcpdump.stderr.take().context("tcpdump's stderr")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("listening on") {
+        let n = stderr.read(&mut buf)?;
+        anyhow::ensure!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    work();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signalling a child we started and have not reaped.
+    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
+    anyhow::ensure!(tcpdump.wait()?.success(), "tcpdump failed");
+    stderr.read_to_end(&mut seen)?;
+    let stats = String::from_utf8_lossy(&seen);
+    anyhow::ensure!(
+        stats.lines().any(|l| l == "0 packets dropped by kernel"),
+        "tcpdump lost packets: {stats}"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
