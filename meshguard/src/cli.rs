@@ -386,6 +386,16 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         inv["pods"],
         inv["source"].as_str().unwrap_or("?")
     )?;
+    let containers = s["container_cgroups"].as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "Owners:      {}",
+        if containers > 0 {
+            format!("{containers} container cgroups found: each socket is traced to its container")
+        } else {
+            "no container cgroups found (--cgroup-root): the proxy is recognised by uid and process name only".to_string()
+        }
+    )?;
     let capacity = s["flow_map"]["capacity"].as_u64().unwrap_or(0);
     let entries = s["flow_map"]["entries"].as_u64().unwrap_or(0);
     writeln!(

@@ -85,13 +85,13 @@ impl Judge {
         }
     }
 
-    /// Walks the cgroup tree again when the inventory changed, or (at most once a second) when
-    /// it does not show a cgroup a socket belongs to.
+    /// Walks the cgroup tree again, at most once a second, when the inventory changed (new
+    /// pods, new containers) or the last walk did not find a cgroup a socket belongs to.
     fn refresh(&mut self, cgroup: u64, inventory: &Inventory) {
         let stale_inventory = self.scanned_for != inventory.loaded_at;
-        let unknown = self.cgroups.get(cgroup).is_none()
-            && self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
-        if stale_inventory || unknown {
+        let unseen = !self.cgroups.seen(cgroup);
+        let due = self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
+        if (stale_inventory || unseen) && due {
             self.scanned_for = inventory.loaded_at;
             self.rescan();
         }

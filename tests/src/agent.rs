@@ -175,6 +175,18 @@ impl Agent {
         })
     }
 
+    /// The agent's `/metrics` page, read with curl.
+    pub fn metrics_page(&self) -> String {
+        let addr = self
+            .metrics_addr()
+            .expect("the agent logs its metrics address");
+        let out = Command::new("curl")
+            .args(["-sS", &format!("http://{addr}/metrics")])
+            .output()
+            .expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }

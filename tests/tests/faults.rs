@@ -218,7 +218,7 @@ for s in clients + accepted:
         serde_json::from_value(status["events_lost"].clone()).unwrap();
     println!("300 connections (600 sockets) open at once for a map of 64: {lost:?}");
     assert!(lost["flow_evicted"] > 0, "{status}");
-    let metrics = metrics_page(&agent);
+    let metrics = agent.metrics_page();
     let exported = metrics
         .lines()
         .find(|l| l.starts_with("meshguard_events_lost_total{source=\"flow_evicted\"}"))
@@ -227,18 +227,6 @@ for s in clients + accepted:
         .unwrap_or(0);
     assert!(exported > 0, "{metrics}");
     agent.stop().unwrap();
-}
-
-/// The agent's `/metrics` page, read with curl.
-fn metrics_page(agent: &Agent) -> String {
-    let addr = agent
-        .metrics_addr()
-        .expect("the agent logs its metrics address");
-    let out = Command::new("curl")
-        .args(["-sS", &format!("http://{addr}/metrics")])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]

@@ -78,17 +78,6 @@ impl Follower {
     }
 }
 
-fn metrics(agent: &Agent) -> String {
-    let addr = agent
-        .metrics_addr()
-        .expect("the agent logs where it serves metrics");
-    let out = Command::new("curl")
-        .args(["-sS", &format!("http://{addr}/metrics")])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn real_sidecars_in_every_configuration_raise_no_false_alarm() {
     if !privileged() {
@@ -170,7 +159,7 @@ fn real_sidecars_in_every_configuration_raise_no_false_alarm() {
         "the follower saw the flows: {}",
         stream.len()
     );
-    let text = metrics(&agent);
+    let text = agent.metrics_page();
     let namespaces: Vec<String> = node
         .pods
         .iter()

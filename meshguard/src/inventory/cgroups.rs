@@ -212,6 +212,9 @@ impl fmt::Display for Skipped {
 #[derive(Debug, Default)]
 pub struct CgroupIndex {
     entries: HashMap<u64, CgroupEntry>,
+    /// The other cgroups the walk found (the node's own), so that a socket in one of them needs
+    /// no walk again to be known as the host's.
+    others: HashSet<u64>,
     containers: usize,
     skipped: Skipped,
 }
@@ -299,9 +302,19 @@ impl CgroupIndex {
     }
 
     fn insert(&mut self, id: u64, entry: Option<CgroupEntry>) {
-        if let Some(entry) = entry {
-            self.entries.insert(id, entry);
+        match entry {
+            Some(entry) => {
+                self.entries.insert(id, entry);
+            }
+            None => {
+                self.others.insert(id);
+            }
         }
+    }
+
+    /// Whether the walk found this cgroup at all, a pod's or not.
+    pub fn seen(&self, cgroup_id: u64) -> bool {
+        self.entries.contains_key(&cgroup_id) || self.others.contains(&cgroup_id)
     }
 
     fn count_containers(&mut self) {
