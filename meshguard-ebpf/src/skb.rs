@@ -217,7 +217,7 @@ fn sample_packet(
         state.sample_want[d] = if packet.protocol == IPPROTO_TCP {
             stream_want(ctx, packet)
         } else {
-            PLAIN_SAMPLE as u16
+            first_packet(packet)
         };
         keep_head(ctx, d, state, packet);
         0
@@ -234,30 +234,33 @@ fn sample_packet(
     if sample(ctx, key, direction, state, packet, offset, take) {
         state.samples[d] += 1;
     }
-    let plain_start = offset == 0 && want == PLAIN_SAMPLE as u32;
-    if packet.protocol == IPPROTO_UDP
-        || plain_start
-        || offset + take >= want
-        || state.samples[d] >= SAMPLES_PER_DIRECTION
-    {
+    if offset + take >= want || state.samples[d] >= SAMPLES_PER_DIRECTION {
         state.flags |= sampled;
     }
 }
 
-/// How many stream bytes to sample, from the first payload bytes: a TLS handshake record whole
-/// and the next record's header (what shows a fake handshake followed by plaintext), all of
-/// `HELLO_MAX` when the handshake message says it spans records; else the first packet.
+/// What is sampled of a direction that does not start a TLS handshake (and of each UDP flow):
+/// its first packet, up to `PLAIN_SAMPLE` bytes.
+#[inline(always)]
+fn first_packet(packet: &Packet) -> u16 {
+    packet.payload_len.min(PLAIN_SAMPLE as u32) as u16
+}
+
+/// How many stream bytes of a TCP direction to sample, from its first payload bytes: a TLS
+/// handshake record whole and the next record's header (what shows a fake handshake followed
+/// by plaintext), all of `HELLO_MAX` when the handshake message says it spans records; else the
+/// first packet.
 #[inline(always)]
 fn stream_want(ctx: &SkBuffContext, packet: &Packet) -> u16 {
     const HANDSHAKE: u8 = 22;
     if packet.payload_len < 9 {
-        return PLAIN_SAMPLE as u16;
+        return first_packet(packet);
     }
     let Some(b) = read::<[u8; 9]>(ctx, packet.payload_off as usize) else {
-        return PLAIN_SAMPLE as u16;
+        return first_packet(packet);
     };
     if b[0] != HANDSHAKE || b[1] != 3 {
-        return PLAIN_SAMPLE as u16;
+        return first_packet(packet);
     }
     let record = u32::from(u16::from_be_bytes([b[3], b[4]]));
     let message = u32::from(b[6]) << 16 | u32::from(b[7]) << 8 | u32::from(b[8]);
@@ -269,8 +272,8 @@ fn stream_want(ctx: &SkBuffContext, packet: &Packet) -> u16 {
     want.min(HELLO_MAX as u32) as u16
 }
 
-/// Keeps the first payload bytes of a direction in the flow map itself, so that the flow can
-/// still be fingerprinted if its `Sample` event is lost to a full ring buffer.
+/// Keeps the first payload bytes of a direction in the flow map itself (once, at its first
+/// payload packet), so that the flow can still be fingerprinted if its `Sample` event is lost.
 #[inline(always)]
 fn keep_head(ctx: &SkBuffContext, d: usize, state: &mut FlowState, packet: &Packet) {
     let (head, head_len) = if d == 0 {
@@ -278,9 +281,6 @@ fn keep_head(ctx: &SkBuffContext, d: usize, state: &mut FlowState, packet: &Pack
     } else {
         (&mut state.head[1], &mut state.head_len[1])
     };
-    if *head_len != 0 {
-        return;
-    }
     let len = if packet.payload_len > HEAD_LEN as u32 {
         HEAD_LEN as u32
     } else {

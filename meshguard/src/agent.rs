@@ -177,7 +177,6 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         log_flows: options.log_flows,
         out: std::io::BufWriter::new(std::io::stdout().lock()),
         losses: Losses::default(),
-        forget: Vec::new(),
     };
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -198,13 +197,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("polling the ring buffer")?;
-                pipeline.drain(guard.get_inner_mut())?;
+                pipeline.drain(guard.get_inner_mut(), &mut kernel)?;
                 guard.clear_ready();
-                kernel.forget(&std::mem::take(&mut pipeline.forget));
             }
             _ = drain.tick() => {
-                pipeline.drain(events.get_mut())?;
-                kernel.forget(&std::mem::take(&mut pipeline.forget));
+                pipeline.drain(events.get_mut(), &mut kernel)?;
             }
             _ = health_tick.tick() => {
                 ticks += 1;
@@ -282,8 +279,7 @@ impl Reconcile {
         kernel: &mut Kernel,
         pipeline: &mut Pipeline,
     ) -> anyhow::Result<()> {
-        pipeline.drain(ring)?;
-        kernel.forget(&std::mem::take(&mut pipeline.forget));
+        pipeline.drain(ring, kernel)?;
         self.ringbuf_full_seen = kernel
             .stats()
             .map(|s| s[Stat::RingbufFull as usize])
@@ -329,17 +325,20 @@ struct Pipeline {
     log_flows: bool,
     out: std::io::BufWriter<std::io::StdoutLock<'static>>,
     losses: Losses,
-    /// Map entries the kernel no longer needs (the peers of closed UDP sockets).
-    forget: Vec<u64>,
 }
 
 impl Pipeline {
-    /// Reads every event waiting in the ring buffer and publishes what they change.
-    fn drain(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> anyhow::Result<()> {
-        let mut updates = Vec::new();
+    /// Reads every event waiting in the ring buffer and publishes what they change; removes
+    /// the map entries the kernel no longer needs (the peers of closed UDP sockets).
+    fn drain(
+        &mut self,
+        ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+        kernel: &mut Kernel,
+    ) -> anyhow::Result<()> {
+        let (mut updates, mut forget) = (Vec::new(), Vec::new());
         while let Some(item) = ring.next() {
             match decode(&item) {
-                Ok(event) => self.table.apply(&event, &mut updates, &mut self.forget),
+                Ok(event) => self.table.apply(&event, &mut updates, &mut forget),
                 Err(e) => {
                     self.losses.undecodable += 1;
                     self.state
@@ -353,6 +352,7 @@ impl Pipeline {
                 }
             }
         }
+        kernel.forget(&forget);
         self.publish(updates)
     }
 

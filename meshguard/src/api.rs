@@ -155,13 +155,9 @@ pub fn evidence(r: &FlowRecord) -> Vec<String> {
         None => "netfilter: not redirected".to_string(),
     });
     lines.push(match (&r.tls, &r.plaintext) {
-        (None, None) if r.encryption.is_encrypted() => format!(
-            "payload: {} (encrypted)",
-            serde_json::to_value(r.encryption)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_uppercase))
-                .unwrap_or_default()
-        ),
+        (None, None) if r.encryption.is_encrypted() => {
+            format!("payload: {} (encrypted)", r.encryption.word())
+        }
         (Some(tls), _) if r.encryption != crate::verdict::Encryption::Tls => format!(
             "payload: a ClientHello{} then {}, not TLS",
             if tls.alpn.is_empty() {

@@ -23,7 +23,8 @@ use crate::{
         Reassembly, TlsInfo, Transport,
     },
     inventory::Identity,
-    verdict::{Decision, Direction, Encryption, Evidence, Owner, Path, Verdict},
+    judge::Judged,
+    verdict::{Direction, Encryption, Evidence, Owner, Path, Verdict},
 };
 
 /// One flow as the agent knows it.
@@ -177,10 +178,10 @@ impl FlowTable {
         self.flows.get(&cookie).map(|flow| &**flow)
     }
 
-    /// Records the verdict of an open flow's first published record.
-    pub fn published(&mut self, cookie: u64, decision: &Decision) {
+    /// Records the verdict and reason of an open flow's first published record.
+    pub fn published(&mut self, cookie: u64, verdict: (Verdict, &'static str)) {
         if let Some(flow) = self.flows.get_mut(&cookie) {
-            flow.published = Some((decision.verdict, decision.reason));
+            flow.published = Some(verdict);
         }
     }
 
@@ -479,17 +480,21 @@ impl Flow {
                         client_hello = true;
                         hello_complete = info.complete && info.then_tls.is_some();
                     }
-                    let merged = tls.get_or_insert_with(TlsInfo::default);
-                    if info.handshake == Some(Handshake::ServerHello) {
-                        merged.version = info.version.or(merged.version);
-                    } else {
-                        merged.version = merged.version.or(info.version);
-                        merged.sni = info.sni.clone();
-                        merged.alpn = info.alpn.clone();
-                        merged.handshake = info.handshake.or(merged.handshake);
-                        merged.complete = info.complete;
-                        merged.then_tls = info.then_tls;
-                    }
+                    // The ServerHello gives the negotiated version; the other side's
+                    // record everything else.
+                    tls = Some(match tls.take() {
+                        Some(mut merged) if info.handshake == Some(Handshake::ServerHello) => {
+                            merged.version = info.version.or(merged.version);
+                            merged
+                        }
+                        Some(server) if server.handshake == Some(Handshake::ServerHello) => {
+                            TlsInfo {
+                                version: server.version.or(info.version),
+                                ..info
+                            }
+                        }
+                        _ => info,
+                    });
                     encryption = Encryption::Tls;
                 }
                 Fingerprint::Encrypted(protocol) => {
@@ -566,6 +571,13 @@ impl Flow {
         SocketAddr::new(ip_addr(t.family, t.remote_addr), t.remote_port)
     }
 
+    /// Every payload packet seen so far crossed the loopback device (the first of each
+    /// direction is recorded), which never leaves the network namespace.
+    pub fn loopback(&self) -> bool {
+        let mut seen = self.kernel.ifindex.iter().filter(|&&i| i != 0).peekable();
+        seen.peek().is_some() && seen.all(|&i| i == LOOPBACK_IFINDEX)
+    }
+
     /// Whether the handshake evidence is whole: nothing a later sample could add.
     pub fn hello_complete(&self) -> bool {
         self.payload.as_ref().is_some_and(|p| p.hello_complete)
@@ -576,7 +588,6 @@ impl Flow {
     pub fn evidence<'a>(&'a self, owner: Owner<'a>) -> Evidence<'a> {
         let k = &self.kernel;
         let t = &k.tuple;
-        let devices: Vec<u32> = k.ifindex.iter().copied().filter(|&i| i != 0).collect();
         Evidence {
             direction: self.direction(),
             udp: self.udp(),
@@ -587,22 +598,21 @@ impl Flow {
             owner,
             redirect: (k.flags & flags::REDIRECTED != 0)
                 .then(|| SocketAddr::new(ip_addr(t.family, k.redirect.addr), k.redirect.port)),
-            loopback: !devices.is_empty() && devices.iter().all(|&i| i == LOOPBACK_IFINDEX),
+            loopback: self.loopback(),
             encryption: self.encryption,
             alpn: self.tls().map_or(&[], |t| t.alpn.as_slice()),
             hello_complete: self.hello_complete(),
         }
     }
 
-    /// The record of this flow, as judged by `decision` with `owner` as the socket's owner.
-    pub fn record(
-        &self,
-        node: &Arc<str>,
-        change: Change,
-        (local, remote): (Identity, Identity),
-        owner: &Owner,
-        decision: Decision,
-    ) -> FlowRecord {
+    /// The record of this flow, as judged.
+    pub fn record(&self, node: &Arc<str>, change: Change, judged: Judged) -> FlowRecord {
+        let Judged {
+            decision,
+            owner,
+            ends: (local, remote),
+            ..
+        } = judged;
         let k = &self.kernel;
         let (local_addr, remote_addr) = (self.local(), self.remote());
         let corrected_from = self
@@ -633,7 +643,7 @@ impl Flow {
                 kind: owner.kind(),
                 container: owner.container().map(str::to_string),
             },
-            loopback: self.evidence(*owner).loopback,
+            loopback: self.loopback(),
             encryption: self.encryption,
             tls: self.tls().cloned(),
             plaintext: self
@@ -1303,9 +1313,13 @@ mod tests {
                 ev.hello_complete, seen,
                 "{what}: whole from a sample, never from a head"
             );
-            let ends = (inv.lookup(ev.local.ip()), inv.lookup(ev.remote.ip()));
-            let decision = crate::verdict::decide(&ev, ends.0, ends.1, &policy);
-            let record = flow.record(&"n".into(), Change::Closed, ends, &Owner::Unknown, decision);
+            let judged = crate::judge::Judge::new("/nonexistent".into()).judge(
+                &flow,
+                &inv,
+                &policy,
+                u64::MAX / 2,
+            );
+            let record = flow.record(&"n".into(), Change::Closed, judged);
             assert!(record.recovered, "{what}");
             let encryption = if kernel.head[0][0] == 22 {
                 Encryption::Tls

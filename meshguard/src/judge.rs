@@ -128,28 +128,28 @@ impl Judge {
         }
     }
 
-    /// The decision on a flow now, the socket's owner it rests on, and what it waits for, if
-    /// anything: only open flows wait, and each for `EVIDENCE_WAIT_NS` after its first sample at
-    /// most.
+    /// The decision on a flow now, with what it rests on, and what it waits for, if anything:
+    /// only open flows wait, and each for `EVIDENCE_WAIT_NS` after its first sample at most.
     pub fn judge<'a>(
         &mut self,
         flow: &Flow,
         inventory: &'a Inventory,
         policy: &Policy,
         now_ns: u64,
-    ) -> (Decision, Owner<'a>, Option<Awaiting>) {
+    ) -> Judged<'a> {
         let owner = self.owner(flow.cgroup(), inventory);
         let ev = flow.evidence(owner);
-        let local = inventory.lookup(ev.local.ip());
-        let remote = inventory.lookup(ev.remote.ip());
+        let (local, remote) = (
+            inventory.lookup(ev.local.ip()),
+            inventory.lookup(ev.remote.ip()),
+        );
         let decision = decide(&ev, local, remote, policy);
         let expired = flow.sampled_ns != 0 && now_ns >= flow.sampled_ns + EVIDENCE_WAIT_NS;
-        if flow.closed || expired || ev.encryption == Encryption::Unknown {
-            return (decision, owner, None);
-        }
         let head_only = flow.payload.as_ref().is_some_and(|p| p.head_only);
         let meshed = local.pod().filter(|p| p.is_proxy_pod());
-        let awaiting = if ev.encryption == Encryption::Tls && !ev.hello_complete && !head_only {
+        let awaiting = if flow.closed || expired || ev.encryption == Encryption::Unknown {
+            None
+        } else if ev.encryption == Encryption::Tls && !ev.hello_complete && !head_only {
             Some(Awaiting::Handshake)
         } else if let (Some(pod), Owner::Unknown) = (meshed, owner) {
             if flow.cgroup().is_some() && self.cgroups.containers() > 0 {
@@ -162,7 +162,12 @@ impl Judge {
         } else {
             None
         };
-        (decision, owner, awaiting)
+        Judged {
+            decision,
+            owner,
+            ends: (local, remote),
+            awaiting,
+        }
     }
 
     /// The record an update makes, if any: an open flow's first record once its evidence is
@@ -177,36 +182,33 @@ impl Judge {
         node: &Arc<str>,
         now_ns: u64,
     ) -> Option<FlowRecord> {
-        let ends = |flow: &Flow| -> (Identity<'_>, Identity<'_>) {
-            (
-                inventory.lookup(flow.local().ip()),
-                inventory.lookup(flow.remote().ip()),
-            )
-        };
         match update {
             Update::Evidence(key) => {
                 let flow = table.get(key).filter(|f| f.published.is_none())?;
-                let (decision, owner, awaiting) = self.judge(flow, inventory, policy, now_ns);
-                if awaiting.is_some() {
+                let judged = self.judge(flow, inventory, policy, now_ns);
+                if judged.awaiting.is_some() {
                     table.wait(key);
                     return None;
                 }
-                let record = flow.record(
-                    node,
-                    Change::Classified,
-                    ends(flow),
-                    &owner,
-                    decision.clone(),
-                );
-                table.published(key, &decision);
+                let record = flow.record(node, Change::Classified, judged);
+                table.published(key, (record.verdict, record.reason));
                 Some(record)
             }
             Update::Closed(flow) => {
-                let (decision, owner, _) = self.judge(&flow, inventory, policy, now_ns);
-                Some(flow.record(node, Change::Closed, ends(&flow), &owner, decision))
+                let judged = self.judge(&flow, inventory, policy, now_ns);
+                Some(flow.record(node, Change::Closed, judged))
             }
         }
     }
+}
+
+/// A flow judged: the decision, the owner and the two ends it rests on, and the evidence it
+/// still waits for.
+pub struct Judged<'a> {
+    pub decision: Decision,
+    pub owner: Owner<'a>,
+    pub ends: (Identity<'a>, Identity<'a>),
+    pub awaiting: Option<Awaiting>,
 }
 
 /// The records a sequence of raw kernel events makes, judged with no wait: for tests.

@@ -12,7 +12,7 @@
 //! Each socket is judged on its own evidence, so that a bypass is caught at whichever end of a
 //! connection runs meshguard. The rules, in order:
 //! 1. no payload yet: `pending`;
-//! 2. delivered over the loopback device (or redirected to loopback): `in-pod`;
+//! 2. delivered over the loopback device only (a redirect into the sidecar among them): `in-pod`;
 //! 3. plaintext the policy allows, to the destinations it names (kubelet probes, DNS servers,
 //!    the proxies' metrics, the control plane): `expected`;
 //! 4. a mesh proxy's own socket (its container; a sidecar's or a gateway's): `mtls` for TLS with
@@ -88,8 +88,8 @@ impl Encryption {
         matches!(self, Self::Tls | Self::Dtls | Self::Quic | Self::Ssh)
     }
 
-    /// How the detail sentence names it.
-    fn word(self) -> &'static str {
+    /// How a sentence names it.
+    pub fn word(self) -> &'static str {
         match self {
             Self::Tls => "TLS",
             Self::Dtls => "DTLS",
@@ -424,7 +424,7 @@ fn decision(verdict: Verdict, reason: &'static str, path: Path, detail: String) 
 }
 
 /// How a person would name one end.
-pub fn name(id: Identity, addr: SocketAddr) -> String {
+fn name(id: Identity, addr: SocketAddr) -> String {
     match id {
         Identity::Pod(p) => format!("{}/{}", p.namespace, p.name),
         Identity::Node => format!("the node ({})", addr.ip()),
@@ -516,18 +516,17 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
     )
 }
 
-/// Rule 2: the socket's packets never left its network namespace.
+/// Rule 2: the socket's packets never left its network namespace: the loopback device is the
+/// evidence, whatever the addresses; a redirect, ports and the owner only name the hop.
 fn in_pod(ev: &Evidence, local: Identity, policy: &Policy, enc: &str) -> Option<Decision> {
-    if let Some(to) = ev.redirect.filter(|r| r.ip().is_loopback()) {
+    if !ev.loopback {
+        return None;
+    }
+    if let Some(to) = ev.redirect {
         let me = name(local, ev.local);
         let peer = ev.remote;
         return Some(decision(Verdict::InPod, "app-to-sidecar", Path::InPod, format!("{me}'s application connected to {peer}; netfilter redirected it to its sidecar on {to}")));
     }
-    let loopback_address = ev.local.ip().is_loopback() || ev.remote.ip().is_loopback();
-    if !ev.loopback && !loopback_address {
-        return None;
-    }
-    // The device is the evidence; ports, addresses and the owner only name the hop.
     let by_proxy = proxy_owned(ev, local, policy).is_some();
     let reason =
         if ev.direction == Direction::Ingress && ev.local.port() == policy.outbound_capture_port {
@@ -748,6 +747,15 @@ fn app_socket(
     )
 }
 
+/// What reached or left an end outside the mesh: `unmeshed` when encrypted, `plaintext` not.
+fn outside_mesh(ev: &Evidence) -> Verdict {
+    if ev.encryption.is_encrypted() {
+        Verdict::Unmeshed
+    } else {
+        Verdict::Plaintext
+    }
+}
+
 /// Rule 6: this end is not in the mesh; its peer is.
 fn facing_meshed(
     ev: &Evidence,
@@ -758,11 +766,7 @@ fn facing_meshed(
     enc: &str,
 ) -> Decision {
     if ev.direction == Direction::Egress {
-        let verdict = if ev.encryption.is_encrypted() {
-            Verdict::Unmeshed
-        } else {
-            Verdict::Plaintext
-        };
+        let verdict = outside_mesh(ev);
         return decision(
             verdict,
             "unmeshed-client",
@@ -797,11 +801,7 @@ fn facing_meshed(
             )
         }
         None => {
-            let verdict = if ev.encryption.is_encrypted() {
-                Verdict::Unmeshed
-            } else {
-                Verdict::Plaintext
-            };
+            let verdict = outside_mesh(ev);
             decision(verdict, "unmeshed-server", Path::Direct, format!("meshed {peer} sent {enc} to {me}, which is not in the mesh (through its sidecar's passthrough, or past it: its own node's record says which)"))
         }
     }
