@@ -36,6 +36,7 @@ METRICS = {
     "meshguard_map_capacity": {"map"},
     "meshguard_flows_tracked": set(),
     "meshguard_flows_recovered_total": set(),
+    "meshguard_store_evicted_total": {"store"},
     "meshguard_programs_attached": set(),
     "meshguard_degraded": set(),
     "meshguard_inventory_age_seconds": set(),
@@ -48,6 +49,7 @@ LABEL_VALUES = {
     "source": {"ringbuf_full", "flow_map_full", "flow_evicted", "flow_evicted_unseen",
                "undecodable", "agent_table_evicted"},
     "map": {"flows"},
+    "store": {"recent", "flagged", "bypass"},
 }
 # Labels that Prometheus and the ServiceMonitor (its node relabeling) add to every series.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container",

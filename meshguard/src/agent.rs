@@ -55,9 +55,10 @@ pub struct Options {
     pub api_socket: Option<PathBuf>,
     /// The API on TCP too, with the bearer token read from a file.
     pub api_tcp: Option<(SocketAddr, PathBuf)>,
-    /// Records kept for queries: recent flows, and flagged ones apart.
+    /// Records kept for queries: recent flows, and apart from them bypasses and other flagged.
     pub store_flows: usize,
     pub store_flagged: usize,
+    pub store_bypass: usize,
     /// Where the kernel side is pinned (bpffs) so that it outlives the agent; `None`: not pinned,
     /// detached on exit.
     pub pin_root: Option<PathBuf>,
@@ -124,7 +125,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let inventory = start_inventory(&options).await?;
     let state = Arc::new(AgentState::new(
         Metrics::new(options.max_series),
-        FlowStore::new(options.store_flows, options.store_flagged),
+        FlowStore::new(
+            options.store_flows,
+            options.store_flagged,
+            options.store_bypass,
+        ),
         Arc::clone(&inventory),
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),

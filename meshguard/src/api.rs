@@ -102,9 +102,13 @@ async fn status(State(state): State<Arc<AgentState>>) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let (stored, flagged) = state.store.lock().unwrap_or_else(|e| e.into_inner()).len();
-    status.flows_stored = stored;
-    status.flagged_stored = flagged;
+    let store = state.store.lock().unwrap_or_else(|e| e.into_inner());
+    let stored = store.len();
+    status.flows_stored = stored.recent;
+    status.flagged_stored = stored.flagged;
+    status.bypass_stored = stored.bypass;
+    status.store_evicted = store.evicted();
+    drop(store);
     Json(status).into_response()
 }
 

@@ -405,9 +405,13 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
     )?;
     writeln!(
         out,
-        "Flows:       {} tracked, {} stored ({} flagged)",
-        s["flows_tracked"], s["flows_stored"], s["flagged_stored"]
+        "Flows:       {} tracked, {} stored (apart: {} bypasses, {} other flagged)",
+        s["flows_tracked"],
+        s["flows_stored"],
+        s["bypass_stored"].as_u64().unwrap_or(0),
+        s["flagged_stored"]
     )?;
+    writeln!(out, "Evicted:     {}", store_evicted(&s["store_evicted"]))?;
     writeln!(
         out,
         "Kernel side: {}",
@@ -439,6 +443,21 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// What the stores evicted, as a person on call reads it: bypasses first, since an evicted
+/// bypass is an alarm no query will show.
+fn store_evicted(v: &Value) -> String {
+    let n = |store: &str| v[store].as_u64().unwrap_or(0);
+    let (bypass, flagged, recent) = (n("bypass"), n("flagged"), n("recent"));
+    if bypass + flagged + recent == 0 {
+        return "none".to_string();
+    }
+    let mut out = format!("{recent} recent, {flagged} flagged, {bypass} bypasses");
+    if bypass > 0 {
+        out += " (bypasses aged out of the agent's store: raise --store-bypass, and rely on the metrics and alerts for the count)";
+    }
+    out
 }
 
 /// One loss counter of `/v1/status` as a person on call reads it: what was lost, what it costs.
@@ -508,6 +527,32 @@ mod tests {
             let e = q.to_query().unwrap_err();
             assert!(e.to_string().starts_with(want), "{e}");
             assert_eq!(e.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn evictions_in_words() {
+        let cases = [
+            (serde_json::json!({}), "none"),
+            (
+                serde_json::json!({"recent": 0, "flagged": 0, "bypass": 0}),
+                "none",
+            ),
+            (
+                serde_json::json!({"recent": 900, "flagged": 12, "bypass": 0}),
+                "900 recent, 12 flagged, 0 bypasses",
+            ),
+            (
+                serde_json::json!({"recent": 900, "flagged": 0, "bypass": 3}),
+                "900 recent, 0 flagged, 3 bypasses (bypasses aged out",
+            ),
+        ];
+        for (v, want) in cases {
+            assert!(
+                store_evicted(&v).starts_with(want),
+                "{v}: {}",
+                store_evicted(&v)
+            );
         }
     }
 

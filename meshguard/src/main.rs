@@ -216,9 +216,13 @@ struct AgentArgs {
     /// Recent flow records kept for queries.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     store_flows: u64,
-    /// Flagged flow records (bypass-plaintext, bypass-tls, plaintext) kept apart from the rest.
+    /// Flagged flow records other than bypasses (plaintext) kept apart from the rest.
     #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     store_flagged: u64,
+    /// Bypass records (bypass-plaintext, bypass-tls) kept apart from all others: only newer
+    /// bypasses evict one.
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    store_bypass: u64,
     /// The host's cgroup v2 root, when the agent runs in a pod (e.g. /host/sys/fs/cgroup).
     #[arg(long, value_name = "DIR")]
     cgroup_root: Option<std::path::PathBuf>,
@@ -429,6 +433,7 @@ fn main() -> ExitCode {
                 api_tcp: args.api_addr.zip(args.api_token_file),
                 store_flows: args.store_flows as usize,
                 store_flagged: args.store_flagged as usize,
+                store_bypass: args.store_bypass as usize,
                 pin_root: (args.bpf_pin_dir != "off").then(|| args.bpf_pin_dir.into()),
                 on_exit: args.on_exit,
                 evidence: args.evidence,

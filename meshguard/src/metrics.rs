@@ -96,6 +96,8 @@ pub struct Metrics {
     pub flows_recovered: IntCounter,
     /// Records whose verdict differs from their flow's first record, by both verdicts.
     pub verdict_corrections: IntCounterVec,
+    /// Flow records the agent's stores evicted to make room, by store.
+    store_evicted: IntCounterVec,
     pub programs_attached: IntGauge,
     pub degraded: IntGauge,
     pub inventory_age: Gauge,
@@ -165,6 +167,17 @@ impl Metrics {
             &["from", "to"],
         )
         .expect("valid metric");
+        let store_evicted = IntCounterVec::new(
+            Opts::new(
+                "meshguard_store_evicted_total",
+                "Flow records evicted from the agent's query store to make room, by store (recent, flagged, bypass).",
+            ),
+            &["store"],
+        )
+        .expect("valid metric");
+        for (store, _) in crate::store::Evicted::default().by_store() {
+            store_evicted.with_label_values(&[store]);
+        }
         let programs_attached =
             IntGauge::new("meshguard_programs_attached", "Kernel programs attached.")
                 .expect("valid metric");
@@ -205,6 +218,7 @@ impl Metrics {
             Box::new(flows_tracked.clone()),
             Box::new(flows_recovered.clone()),
             Box::new(verdict_corrections.clone()),
+            Box::new(store_evicted.clone()),
             Box::new(programs_attached.clone()),
             Box::new(degraded.clone()),
             Box::new(inventory_age.clone()),
@@ -222,6 +236,7 @@ impl Metrics {
             flows_tracked,
             flows_recovered,
             verdict_corrections,
+            store_evicted,
             programs_attached,
             degraded,
             inventory_age,
@@ -248,6 +263,15 @@ impl Metrics {
             tracked
                 .bytes
                 .inc_by(record.bytes_sent + record.bytes_received);
+        }
+    }
+
+    /// Counts what one store insert evicted.
+    pub fn store_evicted(&self, evicted: &crate::store::Evicted) {
+        for (store, n) in evicted.by_store() {
+            if n > 0 {
+                self.store_evicted.with_label_values(&[store]).inc_by(n);
+            }
         }
     }
 
@@ -320,7 +344,7 @@ impl Metrics {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{
         event::tests::{flow_event, sample_event},
@@ -343,7 +367,8 @@ mod tests {
         Inventory::new("test", parsed.pods)
     }
 
-    fn records(cookie: u64, remote_port: u16) -> Vec<FlowRecord> {
+    /// A flow's records as judged: port 5000 is a plaintext bypass (an excluded port).
+    pub(crate) fn records(cookie: u64, remote_port: u16) -> Vec<FlowRecord> {
         let state = FlowState {
             tuple: FlowTuple {
                 local_addr: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],

@@ -9,7 +9,12 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::{flow::FlowRecord, inventory, metrics::Metrics, store::FlowStore};
+use crate::{
+    flow::FlowRecord,
+    inventory,
+    metrics::Metrics,
+    store::{Evicted, FlowStore},
+};
 
 /// New records waiting for slow stream clients; beyond this a client skips ahead (and is told).
 pub const STREAM_BACKLOG: usize = 4096;
@@ -45,10 +50,12 @@ impl AgentState {
     pub fn publish(&self, record: FlowRecord) {
         self.metrics.observe(&record);
         let record = Arc::new(record);
-        self.store
+        let evicted = self
+            .store
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(Arc::clone(&record));
+        self.metrics.store_evicted(&evicted);
         // No follower is fine; a lagging one skips ahead on its own.
         let _ = self.live.send(record);
     }
@@ -77,8 +84,13 @@ pub struct Status {
     pub flows_recovered: u64,
     /// The kernel side was taken over from an earlier agent (pinned), not attached anew.
     pub adopted: bool,
+    /// Records held by each store: the recent, the flagged (not bypasses), the bypasses.
     pub flows_stored: usize,
     pub flagged_stored: usize,
+    pub bypass_stored: usize,
+    /// Records each store evicted to make room since start: a growing count means its flag
+    /// (--store-flows, --store-flagged, --store-bypass) is too small for the node's traffic.
+    pub store_evicted: Evicted,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -99,4 +111,33 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Inventory;
+
+    #[test]
+    fn evictions_are_counted_by_store_in_the_metrics() {
+        let state = AgentState::new(
+            Metrics::new(100),
+            FlowStore::new(1, 1, 1),
+            Arc::new(std::sync::RwLock::new(Arc::new(Inventory::empty("test")))),
+            Status::default(),
+        );
+        for cookie in 1..=3 {
+            for record in crate::metrics::tests::records(cookie, 5000) {
+                assert_eq!(record.verdict, crate::verdict::Verdict::BypassPlaintext);
+                state.publish(record);
+            }
+        }
+        let text = state.metrics.encode();
+        for (store, n) in [("recent", 2), ("flagged", 0), ("bypass", 2)] {
+            let line = format!("meshguard_store_evicted_total{{store=\"{store}\"}} {n}\n");
+            assert!(text.contains(&line), "{line}{text}");
+        }
+        let evicted = state.store.lock().unwrap().evicted();
+        assert_eq!((evicted.recent, evicted.flagged, evicted.bypass), (2, 0, 2));
+    }
 }

@@ -1,7 +1,9 @@
-//! The agent's memory of recent flows, for the API and CLI: the newest records, bounded, and
-//! the flagged ones (`bypass-plaintext`, `bypass-tls`, `plaintext`) in a bounded store of their
-//! own, so that a flood of ordinary flows cannot push an alarm out. One record per flow: a
-//! flow's later record (closed) replaces its earlier one (classified).
+//! The agent's memory of recent flows, for the API and CLI: the newest records, bounded; apart
+//! from them the bypasses (`bypass-plaintext`, `bypass-tls`) in a bounded store of their own;
+//! and the other flagged records (`plaintext`) in a third. A flood of ordinary flows cannot
+//! push an alarm out, and neither can a flood of `plaintext` from an unmeshed pod, which costs
+//! an attacker nothing: only newer bypasses evict a bypass. What each store evicts is counted.
+//! One record per flow: a flow's later record (closed) replaces its earlier one (classified).
 
 use std::{
     collections::VecDeque,
@@ -9,14 +11,59 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use serde::Serialize;
+
 use crate::{cookie::CookieMap, flow::FlowRecord, verdict::Verdict};
+
+/// The stores kept apart from the flood, by what they hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// `bypass-plaintext`, `bypass-tls`: the alarms.
+    Bypass,
+    /// `plaintext`: flagged, but cheap to produce in bulk.
+    Flagged,
+}
+
+/// Which store, besides the recent one, keeps a record of this verdict.
+pub fn kept(v: Verdict) -> Option<Kept> {
+    match v {
+        Verdict::BypassPlaintext | Verdict::BypassTls => Some(Kept::Bypass),
+        Verdict::Plaintext => Some(Kept::Flagged),
+        _ => None,
+    }
+}
 
 /// Verdicts that are kept apart from the flood.
 pub fn flagged(v: Verdict) -> bool {
-    matches!(
-        v,
-        Verdict::BypassPlaintext | Verdict::BypassTls | Verdict::Plaintext
-    )
+    kept(v).is_some()
+}
+
+/// Records each store pushed out to make room, since start (a record replaced by its flow's
+/// later one is not evicted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Evicted {
+    pub recent: u64,
+    pub flagged: u64,
+    pub bypass: u64,
+}
+
+impl Evicted {
+    /// By store, as `meshguard_store_evicted_total{store}` names them.
+    pub fn by_store(&self) -> [(&'static str, u64); 3] {
+        [
+            ("recent", self.recent),
+            ("flagged", self.flagged),
+            ("bypass", self.bypass),
+        ]
+    }
+}
+
+/// Records held, by store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub recent: usize,
+    pub flagged: usize,
+    pub bypass: usize,
 }
 
 /// One bounded set of records in arrival order, each with its number (`seq`, increasing). A
@@ -56,8 +103,9 @@ impl Ring {
         self.slots[i].2.as_ref()
     }
 
-    /// Stores record number `seq`, higher than any stored before.
-    fn put(&mut self, seq: u64, record: &Arc<FlowRecord>) {
+    /// Stores record number `seq`, higher than any stored before; returns how many records it
+    /// evicted to make room.
+    fn put(&mut self, seq: u64, record: &Arc<FlowRecord>) -> u64 {
         if let Some(old) = self.seq_of.insert(record.cookie, seq) {
             if let Some(i) = self.index(old) {
                 self.slots[i].2 = None;
@@ -65,11 +113,29 @@ impl Ring {
         }
         self.slots
             .push_back((seq, record.cookie, Some(Arc::clone(record))));
+        let mut evicted = 0;
         while self.seq_of.len() > self.capacity || matches!(self.slots.front(), Some((_, _, None)))
         {
             if let Some((_, cookie, Some(_))) = self.slots.pop_front() {
                 self.seq_of.remove(&cookie);
+                evicted += 1;
             }
+        }
+        evicted
+    }
+
+    /// Forgets flow `cookie`'s record (its later one went to another ring). Its slot stays a
+    /// hole; holes no later record of theirs will fill are swept once they are as many as
+    /// the ring's capacity, so that they cannot pile up behind an old live record.
+    fn remove(&mut self, cookie: u64) {
+        let Some(seq) = self.seq_of.remove(&cookie) else {
+            return;
+        };
+        if let Some(i) = self.index(seq) {
+            self.slots[i].2 = None;
+        }
+        if self.slots.len() > 2 * self.capacity {
+            self.slots.retain(|(_, _, r)| r.is_some());
         }
     }
 
@@ -85,28 +151,59 @@ impl Ring {
 pub struct FlowStore {
     recent: Ring,
     flagged: Ring,
+    bypass: Ring,
     next: u64,
+    evicted: Evicted,
 }
 
 impl FlowStore {
-    pub fn new(recent: usize, flagged: usize) -> Self {
+    pub fn new(recent: usize, flagged: usize, bypass: usize) -> Self {
         Self {
             recent: Ring::new(recent),
             flagged: Ring::new(flagged),
+            bypass: Ring::new(bypass),
             next: 0,
+            evicted: Evicted::default(),
         }
     }
 
-    pub fn insert(&mut self, record: Arc<FlowRecord>) {
+    /// Stores a record; returns what it evicted, by store (for the metrics).
+    pub fn insert(&mut self, record: Arc<FlowRecord>) -> Evicted {
         self.next += 1;
-        self.recent.put(self.next, &record);
-        if flagged(record.verdict) {
-            self.flagged.put(self.next, &record);
+        let mut evicted = Evicted {
+            recent: self.recent.put(self.next, &record),
+            ..Evicted::default()
+        };
+        // A flow's record lives in one kept ring at most: a corrected verdict moves it. One
+        // corrected to a verdict that is not kept stays where it was, the alarm it raised.
+        match kept(record.verdict) {
+            Some(Kept::Bypass) => {
+                evicted.bypass = self.bypass.put(self.next, &record);
+                self.flagged.remove(record.cookie);
+            }
+            Some(Kept::Flagged) => {
+                evicted.flagged = self.flagged.put(self.next, &record);
+                self.bypass.remove(record.cookie);
+            }
+            None => {}
+        }
+        self.evicted.recent += evicted.recent;
+        self.evicted.flagged += evicted.flagged;
+        self.evicted.bypass += evicted.bypass;
+        evicted
+    }
+
+    pub fn len(&self) -> Stored {
+        Stored {
+            recent: self.recent.len(),
+            flagged: self.flagged.len(),
+            bypass: self.bypass.len(),
         }
     }
 
-    pub fn len(&self) -> (usize, usize) {
-        (self.recent.len(), self.flagged.len())
+    /// Evicted since start, by store.
+    pub fn evicted(&self) -> Evicted {
+        self.evicted
     }
 
     /// The record of flow `id` (its cookie in hex, as records show it).
@@ -114,39 +211,44 @@ impl FlowStore {
         let cookie = u64::from_str_radix(id, 16).ok()?;
         self.recent
             .get(cookie)
+            .or_else(|| self.bypass.get(cookie))
             .or_else(|| self.flagged.get(cookie))
             .cloned()
     }
 
-    /// Records matching `filter`, newest first, at most `filter.limit`: the two rings merged by
-    /// number (a flagged record may be in both).
+    /// Records matching `filter`, newest first, at most `filter.limit`: the rings merged by
+    /// number (a kept record is also in the recent ring until it ages out of it).
     pub fn query(&self, filter: &Filter, now: SystemTime) -> Vec<Arc<FlowRecord>> {
-        let mut recent = self.recent.newest_first().peekable();
-        let mut flagged = self.flagged.newest_first().peekable();
-        let merged = std::iter::from_fn(|| {
-            let newer_recent = match (recent.peek(), flagged.peek()) {
-                (Some((a, _)), Some((b, _))) if a == b => {
-                    flagged.next();
-                    true
-                }
-                (Some((a, _)), Some((b, _))) => a > b,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => return None,
-            };
-            if newer_recent {
-                recent.next()
-            } else {
-                flagged.next()
-            }
-        });
-        merged
-            .map(|(_, r)| r)
-            .filter(|r| filter.matches(r, now))
-            .take(filter.limit)
-            .cloned()
-            .collect()
+        newest_first([
+            self.recent.newest_first(),
+            self.bypass.newest_first(),
+            self.flagged.newest_first(),
+        ])
+        .filter(|r| filter.matches(r, now))
+        .take(filter.limit)
+        .cloned()
+        .collect()
     }
+}
+
+/// Rings' records (each newest first) merged newest first, a record in several once.
+fn newest_first<'a, const N: usize>(
+    rings: [impl Iterator<Item = (u64, &'a Arc<FlowRecord>)>; N],
+) -> impl Iterator<Item = &'a Arc<FlowRecord>> {
+    let mut rings = rings.map(Iterator::peekable);
+    std::iter::from_fn(move || {
+        let newest = rings
+            .iter_mut()
+            .filter_map(|r| r.peek().map(|(seq, _)| *seq))
+            .max()?;
+        let mut record = None;
+        for ring in &mut rings {
+            if let Some((_, r)) = ring.next_if(|(seq, _)| *seq == newest) {
+                record = Some(r);
+            }
+        }
+        record
+    })
 }
 
 /// What `/v1/flows` and `meshguard flows` select on. Every field narrows; unset fields don't.
@@ -293,6 +395,14 @@ mod tests {
         }
     }
 
+    fn stored(recent: usize, flagged: usize, bypass: usize) -> Stored {
+        Stored {
+            recent,
+            flagged,
+            bypass,
+        }
+    }
+
     fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
         Arc::new(FlowRecord {
             cookie: id,
@@ -390,12 +500,12 @@ mod tests {
     #[test]
     fn a_flood_cannot_evict_the_flagged() {
         let now = SystemTime::now();
-        let mut store = FlowStore::new(100, 10);
+        let mut store = FlowStore::new(100, 10, 10);
         store.insert(record(0, Verdict::BypassPlaintext, now));
         for id in 1..=10_000 {
             store.insert(record(id, Verdict::Mtls, now));
         }
-        assert_eq!(store.len(), (100, 1), "memory stays bounded");
+        assert_eq!(store.len(), stored(100, 0, 1), "memory stays bounded");
         assert!(
             store.get(&format!("{:016x}", 0)).is_some(),
             "the alarm survived the flood"
@@ -426,11 +536,11 @@ mod tests {
     #[test]
     fn a_later_record_replaces_the_earlier_one() {
         let now = SystemTime::now();
-        let mut store = FlowStore::new(10, 10);
+        let mut store = FlowStore::new(10, 10, 10);
         store.insert(record(7, Verdict::Pending, now));
         store.insert(record(8, Verdict::Mtls, now));
         store.insert(record(7, Verdict::BypassPlaintext, now));
-        assert_eq!(store.len(), (2, 1));
+        assert_eq!(store.len(), stored(2, 0, 1));
         let all = store.query(&Filter::default(), now);
         assert_eq!(
             all[0].verdict,
@@ -442,7 +552,7 @@ mod tests {
     #[test]
     fn replacements_leave_no_lasting_holes() {
         let now = SystemTime::now();
-        let mut store = FlowStore::new(50, 50);
+        let mut store = FlowStore::new(50, 50, 50);
         for cookie in 0..1000 {
             // Each flow as the agent publishes it: classified, then closed; a third flagged.
             let last = if cookie % 3 == 0 {
@@ -453,8 +563,8 @@ mod tests {
             store.insert(record(cookie, Verdict::Pending, now));
             store.insert(record(cookie, last, now));
         }
-        assert_eq!(store.len(), (50, 50));
-        for ring in [&store.recent, &store.flagged] {
+        assert_eq!(store.len(), stored(50, 0, 50));
+        for ring in [&store.recent, &store.bypass] {
             assert!(ring.slots.len() <= 100, "{} slots", ring.slots.len());
         }
         let all = store.query(
@@ -475,5 +585,113 @@ mod tests {
             "the recent 50 and the older flagged"
         );
         assert!(all.iter().all(|r| r.verdict != Verdict::Pending));
+    }
+
+    #[test]
+    fn a_flood_of_plaintext_cannot_evict_a_bypass() {
+        let now = SystemTime::now();
+        let mut store = FlowStore::new(100, 100, 100);
+        for id in 0..10 {
+            let v = [Verdict::BypassPlaintext, Verdict::BypassTls][id as usize % 2];
+            store.insert(record(id, v, now));
+        }
+        for id in 10..100_010 {
+            let v = [Verdict::Plaintext, Verdict::Unmeshed][id as usize % 2];
+            store.insert(record(id, v, now));
+        }
+        let bypasses = Filter {
+            verdicts: vec![Verdict::BypassPlaintext, Verdict::BypassTls],
+            ..Filter::default()
+        };
+        assert_eq!(
+            store.query(&bypasses, now).len(),
+            10,
+            "every alarm survived"
+        );
+        for id in 0..10 {
+            assert!(store.get(&format!("{id:016x}")).is_some(), "flow {id}");
+        }
+        assert_eq!(store.len(), stored(100, 100, 10));
+        assert_eq!(
+            store.evicted(),
+            Evicted {
+                recent: 100_010 - 100,
+                flagged: 50_000 - 100,
+                bypass: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn a_flood_of_bypasses_evicts_the_oldest_bypasses() {
+        let now = SystemTime::now();
+        let mut store = FlowStore::new(10, 10, 5);
+        let mut evicted = Evicted::default();
+        for id in 0..12 {
+            let e = store.insert(record(id, Verdict::BypassTls, now));
+            evicted.recent += e.recent;
+            evicted.bypass += e.bypass;
+        }
+        let want = Evicted {
+            recent: 2,
+            flagged: 0,
+            bypass: 7,
+        };
+        assert_eq!(store.evicted(), want);
+        assert_eq!(evicted, want, "what each insert evicted adds up");
+        assert!(
+            store.get(&format!("{:016x}", 1)).is_none(),
+            "aged out of both"
+        );
+        let all = store.query(&Filter::default(), now);
+        let cookies: Vec<u64> = all.iter().map(|r| r.cookie).collect();
+        assert_eq!(cookies, (2..12).rev().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_corrected_verdict_moves_between_stores() {
+        let now = SystemTime::now();
+        // (first verdict, corrected verdict, what each kept store holds after)
+        let cases = [
+            (
+                Verdict::Plaintext,
+                Verdict::BypassPlaintext,
+                stored(1, 0, 1),
+            ),
+            (Verdict::BypassTls, Verdict::Plaintext, stored(1, 1, 0)),
+            (Verdict::BypassTls, Verdict::Mtls, stored(1, 0, 1)),
+            (Verdict::Pending, Verdict::Mtls, stored(1, 0, 0)),
+        ];
+        for (first, then, want) in cases {
+            let mut store = FlowStore::new(10, 10, 10);
+            store.insert(record(1, first, now));
+            store.insert(record(1, then, now));
+            assert_eq!(store.len(), want, "{first:?} -> {then:?}");
+            assert_eq!(
+                store.evicted(),
+                Evicted::default(),
+                "a replacement is no eviction"
+            );
+            let got = store.get(&format!("{:016x}", 1)).unwrap();
+            assert_eq!(got.verdict, then, "the later record is the flow's");
+        }
+    }
+
+    #[test]
+    fn moved_records_leave_no_lasting_holes() {
+        let now = SystemTime::now();
+        let mut store = FlowStore::new(10, 10, 4);
+        store.insert(record(0, Verdict::BypassPlaintext, now));
+        for cookie in 1..1000 {
+            store.insert(record(cookie, Verdict::BypassTls, now));
+            store.insert(record(cookie, Verdict::Plaintext, now));
+        }
+        assert_eq!(store.len().bypass, 1, "only the first stayed a bypass");
+        assert!(
+            store.bypass.slots.len() <= 9,
+            "{} slots",
+            store.bypass.slots.len()
+        );
+        assert!(store.get(&format!("{:016x}", 0)).is_some());
     }
 }
