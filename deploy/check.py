@@ -10,6 +10,9 @@ passes, or prints what is wrong and exits 1.
   check.py consistency RENDERED     the objects agree with each other (selectors, ports,
                                     service account, SCC grants, the agent API's port, token
                                     Secret and viewer Role)
+  check.py privilege RENDERED       least privilege: no Secrets or wildcards in RBAC, the SCC's
+                                    volume types exactly the DaemonSet's, its host paths the
+                                    known ones, a NetworkPolicy on every agent port
   check.py groups RENDERED RULES    the PrometheusRule's groups equal the rules file's groups
   check.py promql RULES             the rules use only meshguard metrics, labels and values
                                     that the agent exports
@@ -307,7 +310,8 @@ VIEWER_ROLE = "meshguard-viewer"
 def api_access(docs, containers, volumes):
     """What `meshguard flows --cluster` relies on: the agent serves its TCP API on the container
     port named `api`, reads its token from a mounted Secret, and the meshguard-viewer Role grants
-    exactly `list` pods, `get` pods/proxy and `get` on that Secret."""
+    exactly `list` pods and `get` pods/proxy (the token reaches people by --token-file, not by
+    a Role that lets them read the Secret)."""
     problems, secrets = [], set()
     for c in containers:
         args = c.get("args", [])
@@ -336,8 +340,7 @@ def api_access(docs, containers, volumes):
                for r in roles[0].get("rules", []) if r.get("apiGroups") == [""]
                for res in r.get("resources", []) for verb in r.get("verbs", [])}
     others = [r for r in roles[0].get("rules", []) if r.get("apiGroups") != [""]]
-    wanted = {("pods", "list", ()), ("pods/proxy", "get", ()),
-              ("secrets", "get", tuple(sorted(secrets)))}
+    wanted = {("pods", "list", ()), ("pods/proxy", "get", ())}
     if granted != wanted or others:
         problems.append(f"Role {VIEWER_ROLE} must grant exactly {sorted(wanted)}; it grants "
                         f"{sorted(granted)}" + (f" and {others}" if others else ""))
@@ -401,6 +404,129 @@ def scc_admits(scc, docs, ds, ns, sa_name):
         if wanted and profiles and not ({"*", wanted} & profiles):
             problems.append(f"SCC {name}: seccomp profile {wanted} not in {sorted(profiles)}")
     return problems
+
+
+# --- privilege -----------------------------------------------------------------------------------
+
+# The host paths the agent mounts, and whether read-only. An SCC cannot restrict host paths (it
+# has no allowedHostPaths, unlike the PodSecurityPolicy it replaced): a new one must be added
+# here, reviewed, and named in the SCC's description.
+HOST_PATHS = {
+    "/sys/fs/cgroup": True,
+    "/sys/fs/bpf": False,
+    "/sys/kernel/btf": True,
+    "/sys/kernel/tracing": True,
+    "/run/meshguard": False,
+}
+# What the agent's own ClusterRole may grant: read, on what the inventory watches.
+AGENT_READS = {("pods", "get"), ("pods", "list"), ("pods", "watch"),
+               ("namespaces", "list"), ("namespaces", "watch")}
+
+
+def rbac_problems(docs):
+    """No rule grants Secrets or a wildcard; the agent's ClusterRole only reads pods and
+    namespaces."""
+    problems = []
+    for d in docs:
+        if d["kind"] not in ("Role", "ClusterRole"):
+            continue
+        for r in d.get("rules", []):
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                if any("*" in v for v in r.get(field, [])):
+                    problems.append(f"{name_of(d)}: wildcard in {field}: {r}")
+            if "secrets" in r.get("resources", []):
+                problems.append(f"{name_of(d)}: grants access to secrets: {r}")
+    crb = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    agent_roles = {b["roleRef"]["name"] for b in crb if b["roleRef"]["kind"] == "ClusterRole"}
+    for d in docs:
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] in agent_roles:
+            granted = {(res, verb) for r in d.get("rules", []) if r.get("apiGroups") == [""]
+                       for res in r.get("resources", []) for verb in r.get("verbs", [])}
+            others = [r for r in d.get("rules", []) if r.get("apiGroups") != [""]]
+            if not granted <= AGENT_READS or others:
+                problems.append(f"{name_of(d)} grants {sorted(granted - AGENT_READS)}"
+                                f"{f' and {others}' if others else ''} beyond what the "
+                                f"inventory reads ({sorted(AGENT_READS)})")
+    return problems
+
+
+def host_path_problems(spec):
+    """The DaemonSet's host paths are exactly HOST_PATHS, each mounted read-only as listed."""
+    problems = []
+    volumes = {v["name"]: v["hostPath"]["path"] for v in spec.get("volumes", []) if "hostPath" in v}
+    if set(volumes.values()) != set(HOST_PATHS):
+        problems.append(f"the DaemonSet's host paths {sorted(volumes.values())} are not exactly "
+                        f"the reviewed ones {sorted(HOST_PATHS)}")
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for m in c.get("volumeMounts", []):
+            path = volumes.get(m["name"])
+            if HOST_PATHS.get(path) and not m.get("readOnly"):
+                problems.append(f"{c['name']} mounts host path {path} writable; it must be "
+                                "read-only")
+    return problems
+
+
+def scc_problems(scc, spec, ns, sa_name):
+    """The SCC allows exactly the DaemonSet's volume types and no one but its service account."""
+    name = scc["metadata"]["name"]
+    problems = []
+    if "allowedHostPaths" in scc:
+        problems.append(f"SCC {name}: allowedHostPaths is not an SCC field (the API server "
+                        "drops it): it restricts nothing")
+    used = {"projected"} | {k for v in spec.get("volumes", []) for k in v if k != "name"}
+    allowed = set(scc.get("volumes") or [])
+    if allowed != used:
+        problems.append(f"SCC {name}: volumes {sorted(allowed)} are not exactly the DaemonSet's "
+                        f"{sorted(used)}")
+    if scc.get("users") != [f"system:serviceaccount:{ns}:{sa_name}"] or scc.get("groups"):
+        problems.append(f"SCC {name}: granted to {scc.get('users')} and groups "
+                        f"{scc.get('groups')}, not to the agent's service account alone")
+    description = scc["metadata"].get("annotations", {}).get("kubernetes.io/description", "")
+    missing = [p for p in HOST_PATHS if p not in description]
+    if missing:
+        problems.append(f"SCC {name}: its description does not name the host paths {missing}")
+    return problems
+
+
+def network_policy_problems(docs, spec, pod_labels):
+    """Some NetworkPolicy selects the agent's pods and limits every port they serve: each
+    ingress rule names its ports and its sources."""
+    problems = []
+    if spec.get("hostNetwork"):
+        problems.append("the agent runs in the host network, where NetworkPolicy does not apply")
+    ports = {(p.get("name"), p["containerPort"]) for c in spec["containers"]
+             for p in c.get("ports", [])}
+    covered = set()
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"
+                and subset(d["spec"]["podSelector"].get("matchLabels"), pod_labels)]
+    for np in policies:
+        if "Ingress" not in np["spec"].get("policyTypes", ["Ingress"]):
+            continue
+        for rule in np["spec"].get("ingress", []):
+            if not rule.get("ports") or not rule.get("from"):
+                problems.append(f"{name_of(np)}: an ingress rule without ports or sources "
+                                f"allows everyone or every port: {rule}")
+                continue
+            for p in rule["ports"]:
+                covered |= {(n, num) for n, num in ports if p.get("port") in (n, num)}
+    if ports - covered:
+        problems.append(f"no NetworkPolicy limits who reaches the agent's ports "
+                        f"{sorted(num for _, num in ports - covered)}")
+    return problems
+
+
+def cmd_privilege(rendered):
+    docs = load_all(rendered)
+    ds = [d for d in docs if d["kind"] == "DaemonSet"]
+    if len(ds) != 1:
+        return fail([f"expected one DaemonSet, found {len(ds)}"])
+    pod = ds[0]["spec"]["template"]
+    spec, ns = pod["spec"], ds[0]["metadata"]["namespace"]
+    problems = rbac_problems(docs) + host_path_problems(spec)
+    for scc in (d for d in docs if d["kind"] == "SecurityContextConstraints"):
+        problems += scc_problems(scc, spec, ns, spec.get("serviceAccountName", "default"))
+    problems += network_policy_problems(docs, spec, pod["metadata"].get("labels", {}))
+    return fail(problems)
 
 
 # --- groups --------------------------------------------------------------------------------------
@@ -561,6 +687,7 @@ def cmd_uninstall(rendered):
 COMMANDS = {
     "uninstall": (cmd_uninstall, 1),
     "builtin": (cmd_builtin, 2), "crds": (cmd_crds, 1), "consistency": (cmd_consistency, 1),
+    "privilege": (cmd_privilege, 1),
     "groups": (cmd_groups, 2), "promql": (cmd_promql, 1), "dashboard": (cmd_dashboard, 1),
 }
 

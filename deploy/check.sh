@@ -17,6 +17,10 @@
 #   - the rendered objects agree with each other: selectors, ports, service account, SCC grants,
 #     and what `meshguard flows --cluster` relies on (the agent API's port named api, its token
 #     from a mounted Secret, the meshguard-viewer Role granting exactly the access it needs);
+#   - least privilege: no Role or ClusterRole grants Secrets or a wildcard, the agent's only reads
+#     pods and namespaces; the SCC allows exactly the DaemonSet's volume types, to its service
+#     account alone; the host paths are the reviewed ones, read-only where they can be; a
+#     NetworkPolicy limits who reaches each of the agent's ports;
 #   - the PrometheusRule's groups equal deploy/prometheus/rules.yaml's;
 #   - promtool check rules and promtool test rules;
 #   - the rules and the Grafana dashboard use only metrics, labels and label values the agent
@@ -99,11 +103,12 @@ for target in base overlays/openshift; do
     validate="$target: built-in kinds valid (kubernetes-validate -k $KUBERNETES_VERSION --strict)"
     crds="$target: ServiceMonitor, PrometheusRule, SCC valid by structure"
     consistent="$target: objects consistent (selectors, ports, service account, SCC, API access)"
+    privilege="$target: least privilege (RBAC, SCC, host paths, NetworkPolicy)"
     groups="$target: PrometheusRule groups = prometheus/rules.yaml"
     run "$target: kubectl kustomize renders" sh -c 'kubectl kustomize "$1" >"$2"' \
         sh "$DEPLOY/$target" "$out"
     if [ ! -s "$out" ]; then
-        for c in "$validate" "$crds" "$consistent" "$groups"; do
+        for c in "$validate" "$crds" "$consistent" "$privilege" "$groups"; do
             skip "$c" "did not render"
         done
         continue
@@ -111,6 +116,7 @@ for target in base overlays/openshift; do
     run "$validate" validate_builtin "$out"
     run "$crds" python3 "$DEPLOY/check.py" crds "$out"
     run "$consistent" python3 "$DEPLOY/check.py" consistency "$out"
+    run "$privilege" python3 "$DEPLOY/check.py" privilege "$out"
     run "$groups" python3 "$DEPLOY/check.py" groups "$out" "$DEPLOY/prometheus/rules.yaml"
 done
 

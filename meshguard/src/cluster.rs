@@ -1,8 +1,9 @@
 //! `meshguard flows --cluster`: every node's agent at once. The agent pods are found through the
 //! Kubernetes API (a label selector in the agents' namespace) and asked through the API
-//! server's pod proxy, so that access is plain Kubernetes RBAC: list pods, get pods/proxy, and
-//! get the one Secret holding the agents' API token. The API server strips `Authorization`
-//! before proxying, so the token travels in `X-Meshguard-Token`.
+//! server's pod proxy, so that access is plain Kubernetes RBAC: list pods and get pods/proxy. The
+//! agents' API token comes from `--token-file`, else from its Secret for those allowed to read
+//! it (the viewer Role is not). The API server strips `Authorization` before proxying, so the
+//! token travels in `X-Meshguard-Token`.
 //!
 //! Agents are asked concurrently, each within a timeout. The answers are merged newest first
 //! (`--last N` keeps the newest N of the merge); an agent that gives no answer is reported
@@ -312,7 +313,10 @@ async fn token(client: &Client, opts: &Options) -> Result<String, CliError> {
         .map_err(|e| {
             api_error(
                 &what,
-                &format!("`get` on secrets/{name} in {ns}; or pass --token-file"),
+                &format!(
+                    "`get` on secrets/{name} in {ns}, which the meshguard-viewer Role does not \
+                     grant; pass the token with --token-file"
+                ),
                 e,
             )
         })?;

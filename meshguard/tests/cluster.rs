@@ -521,7 +521,7 @@ fn a_secret_out_of_reach_says_what_access_is_needed() {
     );
     assert!(
         err.contains(
-            "(this needs `get` on secrets/other-token in meshguard; or pass --token-file)"
+            "(this needs `get` on secrets/other-token in meshguard, which the meshguard-viewer Role does not grant; pass the token with --token-file)"
         ),
         "{err}"
     );
