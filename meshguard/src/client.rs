@@ -66,6 +66,39 @@ impl std::fmt::Display for AgentAddr {
     }
 }
 
+/// The warning to give before sending the API token to `addr`: anyone on the path reads a token
+/// sent over plain http, unless it never leaves the machine (loopback).
+pub fn plain_http_token_warning(addr: &AgentAddr, sends_token: bool) -> Option<String> {
+    let AgentAddr::Http(authority) = addr else {
+        return None;
+    };
+    let host = host_of(authority);
+    (sends_token && !is_loopback(host)).then(|| {
+        format!(
+            "warning: sending the API token over plain http to {host}; use https:// or the pod \
+             proxy (meshguard flows --cluster)"
+        )
+    })
+}
+
+/// The host of `host:port` (`[v6]:port` too).
+fn host_of(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    }
+}
+
+/// A name or address that never leaves the machine: `localhost`, 127.0.0.0/8, ::1.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the agent at {addr}: {reason}. Is `meshguard agent` running there? (--agent names another socket or URL)")]
@@ -227,6 +260,53 @@ mod tests {
             "ftp://x",
         ] {
             assert!(bad.parse::<AgentAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_token_over_plain_http_is_warned_of() {
+        let warned = "warning: sending the API token over plain http to";
+        // (--agent, a token to send, warned)
+        let cases = [
+            ("http://10.0.0.5:9465", true, true),
+            ("http://node-1:9465", true, true),
+            ("http://[fd00::5]:9465", true, true),
+            ("http://127.0.0.1:9465", true, false),
+            ("http://127.8.0.1:9465", true, false),
+            ("http://localhost:9465", true, false),
+            ("http://LocalHost:9465", true, false),
+            ("http://[::1]:9465", true, false),
+            ("http://localhost.evil.example:9465", true, true),
+            ("http://10.0.0.5:9465", false, false),
+            ("https://10.0.0.5:9465", true, false),
+            ("/run/meshguard/meshguard.sock", true, false),
+        ];
+        for (agent, token, want) in cases {
+            let addr: AgentAddr = match agent.parse() {
+                Ok(a) => a,
+                Err(_) if cfg!(not(feature = "tls")) => continue,
+                Err(e) => panic!("{agent}: {e}"),
+            };
+            let warning = plain_http_token_warning(&addr, token);
+            assert_eq!(
+                warning.is_some(),
+                want,
+                "{agent} token={token}: {warning:?}"
+            );
+            if let Some(w) = warning {
+                assert!(w.starts_with(warned), "{w}");
+                assert!(
+                    w.contains(
+                        agent
+                            .trim_start_matches("http://")
+                            .split(':')
+                            .next()
+                            .unwrap()
+                            .trim_start_matches('[')
+                    ),
+                    "{w}"
+                );
+            }
         }
     }
 }

@@ -77,6 +77,9 @@ impl AgentConn {
             ),
             None => None,
         };
+        if let Some(warning) = client::plain_http_token_warning(&self.agent, token.is_some()) {
+            eprintln!("{warning}");
+        }
         // A CA file that cannot be used is bad usage, not an unreachable agent.
         #[cfg(feature = "tls")]
         if let (client::AgentAddr::Https(_), Some(path)) = (&self.agent, &self.ca_file) {
