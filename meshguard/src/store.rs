@@ -272,7 +272,7 @@ impl Filter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
@@ -293,7 +293,7 @@ mod tests {
         }
     }
 
-    fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
+    pub(crate) fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
         Arc::new(FlowRecord {
             cookie: id,
             id: crate::flow::FlowId(id),
