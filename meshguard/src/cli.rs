@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::{
     client::{Client, ClientError},
+    display::{printable, printable_json},
     store::{parse_verdict, MAX_LIMIT},
 };
 
@@ -34,6 +35,17 @@ pub enum CliError {
     Failed(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The stderr line for a verb that failed.
+pub fn error_line(e: &CliError) -> String {
+    // It may quote the agent's error text, or a name from the cluster.
+    format!("error: {}", printable(&e.to_string()))
+}
+
+/// The stderr line for an agent's warning to a follower.
+fn warning_line(warning: &str) -> String {
+    format!("warning: {}", printable(warning))
 }
 
 impl CliError {
@@ -161,7 +173,7 @@ pub async fn flows(
                 continue;
             };
             if let Some(w) = v["warning"].as_str() {
-                eprintln!("warning: {w}");
+                eprintln!("{}", warning_line(w));
                 continue;
             }
             match output {
@@ -242,6 +254,7 @@ fn paint(verdict: &str, color: bool) -> String {
 
 /// One flow as a table row, in the columns of [`header`].
 pub(crate) fn row(f: &Value, output: Output, color: bool, node_column: bool) -> String {
+    let f = &printable_json(f);
     let (src, dst) = if f["direction"] == "egress" {
         (&f["local"], &f["remote"])
     } else {
@@ -306,30 +319,38 @@ pub async fn explain(client: &Client, id: &str) -> Result<(), CliError> {
         )));
     }
     let v = client.get_json(&format!("/v1/flows/{id}")).await?;
-    let f = &v["flow"];
     let mut out = std::io::stdout().lock();
-    writeln!(
+    out.write_all(explain_text(id, &v).as_bytes())?;
+    Ok(())
+}
+
+/// What `meshguard explain` prints of the agent's `/v1/flows/{id}` answer.
+pub(crate) fn explain_text(id: &str, v: &Value) -> String {
+    let v = &printable_json(v);
+    let f = &v["flow"];
+    let mut out = String::new();
+    let _ = writeln!(
         out,
         "Flow {id} on node {}",
         f["node"].as_str().unwrap_or("?")
-    )?;
-    writeln!(
+    );
+    let _ = writeln!(
         out,
         "  first seen {}, last seen {}, {}",
         f["first_seen"].as_str().unwrap_or("?"),
         f["last_seen"].as_str().unwrap_or("?"),
         f["state"].as_str().unwrap_or("?")
-    )?;
-    writeln!(out, "Evidence:")?;
+    );
+    let _ = writeln!(out, "Evidence:");
     for line in v["evidence"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_str)
     {
-        writeln!(out, "  {line}")?;
+        let _ = writeln!(out, "  {line}");
     }
-    Ok(())
+    out
 }
 
 pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
@@ -343,6 +364,14 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         )?;
         return Ok(());
     }
+    out.write_all(status_text(&s).as_bytes())?;
+    Ok(())
+}
+
+/// What `meshguard status` prints of the agent's `/v1/status` answer.
+pub(crate) fn status_text(s: &Value) -> String {
+    let s = &printable_json(s);
+    let mut out = String::new();
     let list = |v: &Value| {
         v.as_array()
             .map(|a| {
@@ -354,19 +383,19 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
             .unwrap_or_default()
     };
     let degraded = list(&s["degraded"]);
-    writeln!(
+    let _ = writeln!(
         out,
         "Node:        {} (kernel {})",
         s["node"].as_str().unwrap_or("?"),
         s["kernel"].as_str().unwrap_or("?")
-    )?;
-    writeln!(
+    );
+    let _ = writeln!(
         out,
         "Agent:       meshguard {}, up since {}",
         s["version"].as_str().unwrap_or("?"),
         s["started_at"].as_str().unwrap_or("?")
-    )?;
-    writeln!(
+    );
+    let _ = writeln!(
         out,
         "Health:      {}",
         if degraded.is_empty() {
@@ -374,20 +403,20 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         } else {
             format!("DEGRADED: {degraded}")
         }
-    )?;
-    writeln!(out, "Programs:    {}", list(&s["programs_attached"]))?;
+    );
+    let _ = writeln!(out, "Programs:    {}", list(&s["programs_attached"]));
     let inv = &s["inventory"];
     let age = inv["age_seconds"]
         .as_u64()
         .map_or("never loaded".to_string(), |a| format!("updated {a}s ago"));
-    writeln!(
+    let _ = writeln!(
         out,
         "Inventory:   {} pods from {}, {age}",
         inv["pods"],
         inv["source"].as_str().unwrap_or("?")
-    )?;
+    );
     let containers = s["container_cgroups"].as_u64().unwrap_or(0);
-    writeln!(
+    let _ = writeln!(
         out,
         "Owners:      {}",
         if containers > 0 {
@@ -395,24 +424,24 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         } else {
             "no container cgroups found (--cgroup-root): the proxy is recognised by uid and process name only".to_string()
         }
-    )?;
+    );
     let capacity = s["flow_map"]["capacity"].as_u64().unwrap_or(0);
     let entries = s["flow_map"]["entries"].as_u64().unwrap_or(0);
-    writeln!(
+    let _ = writeln!(
         out,
         "Flow map:    {entries} of {capacity} entries ({:.1}% full)",
         100.0 * entries as f64 / capacity.max(1) as f64
-    )?;
-    writeln!(
+    );
+    let _ = writeln!(
         out,
         "Flows:       {} tracked, {} stored (apart: {} bypasses, {} other flagged)",
         s["flows_tracked"],
         s["flows_stored"],
         s["bypass_stored"].as_u64().unwrap_or(0),
         s["flagged_stored"]
-    )?;
-    writeln!(out, "Evicted:     {}", store_evicted(&s["store_evicted"]))?;
-    writeln!(
+    );
+    let _ = writeln!(out, "Evicted:     {}", store_evicted(&s["store_evicted"]));
+    let _ = writeln!(
         out,
         "Kernel side: {}",
         if s["adopted"] == true {
@@ -420,13 +449,13 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         } else {
             "attached by this agent"
         }
-    )?;
+    );
     let recovered = s["flows_recovered"].as_u64().unwrap_or(0);
     if recovered > 0 {
-        writeln!(
+        let _ = writeln!(
             out,
             "Recovered:   {recovered} flows reported from the kernel's flow map after their events were lost"
-        )?;
+        );
     }
     let lost: Vec<String> = s["events_lost"]
         .as_object()
@@ -435,14 +464,14 @@ pub async fn status(client: &Client, output: Output) -> Result<(), CliError> {
         .filter_map(|(k, n)| Some(loss_in_words(k, n.as_u64().filter(|&n| n > 0)?)))
         .collect();
     if lost.is_empty() {
-        writeln!(out, "Losses:      none")?;
+        let _ = writeln!(out, "Losses:      none");
     } else {
-        writeln!(out, "Losses:")?;
+        let _ = writeln!(out, "Losses:");
         for line in lost {
-            writeln!(out, "  {line}")?;
+            let _ = writeln!(out, "  {line}");
         }
     }
-    Ok(())
+    out
 }
 
 /// What the stores evicted, as a person on call reads it: bypasses first, since an evicted
@@ -484,8 +513,9 @@ fn loss_in_words(source: &str, n: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::display::has_unsafe;
 
     #[test]
     fn queries() {
@@ -577,5 +607,136 @@ mod tests {
         assert!(line.trim_end().ends_with("150"), "{line}");
         assert!(!line.contains('\x1b'), "no colour off a terminal");
         assert!(row(&f, Output::Table, true, false).contains("\x1b[1;31m"));
+    }
+
+    /// What a pod can put in any name it controls to clear the screen and go back over a line.
+    pub(crate) const POISON: &str = "\x1b[2J\r";
+
+    /// `v` with [`POISON`] at the end of every string in it.
+    pub(crate) fn poisoned(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(format!("{s}{POISON}")),
+            Value::Array(a) => Value::Array(a.iter().map(poisoned).collect()),
+            Value::Object(o) => {
+                Value::Object(o.iter().map(|(k, v)| (k.clone(), poisoned(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// A record with [`POISON`] in every string the agent took from a pod or the wire.
+    pub(crate) fn poisoned_record() -> crate::flow::FlowRecord {
+        use crate::{
+            fingerprint::{TlsInfo, TlsVersion},
+            flow::{Comm, PlaintextRecord},
+            verdict::{Encryption, Verdict},
+        };
+        let p = |s: &str| format!("{s}{POISON}");
+        let mut r = (*crate::store::tests::record(
+            0xabc,
+            Verdict::BypassPlaintext,
+            std::time::SystemTime::now(),
+        ))
+        .clone();
+        r.node = p("node-1").into();
+        for end in [&mut r.local, &mut r.remote] {
+            end.namespace = Some(p("shop"));
+            end.pod = Some(p("web-1"));
+            end.workload = Some(p("web"));
+        }
+        r.process.comm = Some(Comm::new(&p("curl")));
+        r.process.pid = Some(7);
+        r.process.uid = Some(1000);
+        r.owner.container = Some(p("0123abcd"));
+        r.encryption = Encryption::Plaintext;
+        r.tls = Some(TlsInfo {
+            version: Some(TlsVersion(0x0304)),
+            sni: Some(p("api.shop")),
+            alpn: vec![p("h2"), p("http/1.1")],
+            handshake: None,
+            complete: true,
+            then_tls: Some(false),
+        });
+        r.plaintext = Some(PlaintextRecord {
+            protocol: "http/1",
+            method: Some("GET"),
+            path: Some(p("/orders")),
+        });
+        r.redacted_sample = Some(p("GET /orders HTTP/1.x\nCookie: <redacted>"));
+        r.detail = p("sent in plaintext");
+        r
+    }
+
+    /// `r` as the agent serves it for `explain` (evidence lines included), with [`POISON`] in
+    /// every other string too.
+    pub(crate) fn poisoned_answer(r: &crate::flow::FlowRecord) -> Value {
+        poisoned(&serde_json::json!({ "flow": r, "evidence": crate::api::evidence(r) }))
+    }
+
+    /// A `/v1/status` answer with [`POISON`] in every string, and a loss counter named by it.
+    pub(crate) fn poisoned_status() -> Value {
+        let mut s = serde_json::to_value(crate::state::Status::default()).unwrap();
+        s["programs_attached"] = serde_json::json!(["flow_lifecycle"]);
+        s["degraded"] = serde_json::json!(["no BTF"]);
+        s["events_lost"] = serde_json::json!({ POISON: 3, "ringbuf_full": 1 });
+        poisoned(&s)
+    }
+
+    #[test]
+    fn no_control_character_reaches_the_terminal() {
+        let answer = poisoned_answer(&poisoned_record());
+        let flow = &answer["flow"];
+        for output in [Output::Table, Output::Wide] {
+            for node_column in [false, true] {
+                let line = row(flow, output, false, node_column);
+                assert!(!has_unsafe(&line), "{output:?}: {line:?}");
+                assert!(line.contains("web-1\\x1b[2J\\x0d"), "{line:?}");
+            }
+        }
+        let wide = row(flow, Output::Wide, false, false);
+        for shown in ["api.shop\\x1b", "h2\\x1b", "curl\\x1b"] {
+            assert!(wide.contains(shown), "{shown} in {wide:?}");
+        }
+        let explained = explain_text("abc", &answer);
+        let status = status_text(&poisoned_status());
+        for (what, text) in [("explain", &explained), ("status", &status)] {
+            for line in text.lines() {
+                assert!(!has_unsafe(line), "{what}: {line:?}");
+            }
+            assert!(text.lines().count() > 5, "{what}: {text}");
+        }
+        for shown in [
+            "ALPN h2\\x1b[2J\\x0d",
+            "curl\\x1b",
+            "container 0123abcd\\x1b",
+        ] {
+            assert!(explained.contains(shown), "{shown} in {explained}");
+        }
+        assert!(status.contains("3 \\x1b[2J\\x0d"), "{status}");
+
+        // The payload line of a plaintext request, and of TLS.
+        let mut plain = poisoned_record();
+        plain.tls = None;
+        let mut tls = poisoned_record();
+        tls.encryption = crate::verdict::Encryption::Tls;
+        tls.plaintext = None;
+        for (r, shown) in [(plain, "GET /orders\\x1b"), (tls, "SNI api.shop\\x1b")] {
+            let text = explain_text("abc", &poisoned_answer(&r));
+            assert!(text.lines().all(|l| !has_unsafe(l)), "{text:?}");
+            assert!(text.contains(shown), "{shown} in {text}");
+        }
+    }
+
+    #[test]
+    fn agent_errors_are_shown_escaped() {
+        let e = CliError::Agent(ClientError::Api {
+            addr: "http://node-1:9465".into(),
+            status: hyper::StatusCode::NOT_FOUND,
+            message: format!("no flow with id \"x{POISON}\""),
+        });
+        let line = error_line(&e);
+        assert!(!has_unsafe(&line), "{line:?}");
+        assert!(line.starts_with("error: the agent at http://node-1:9465 answered 404"));
+        assert!(!has_unsafe(&warning_line(POISON)));
     }
 }

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use crate::{
     api::TOKEN_HEADER,
     cli::{self, CliError, FlowQuery, Output},
+    display::printable,
 };
 
 /// The key of the token in that Secret.
@@ -234,12 +235,14 @@ pub fn render(
     out
 }
 
-/// The stderr line for an agent that gave no answer.
+/// The stderr line for an agent that gave no answer: its error may quote the agent or the API
+/// server, so it is made printable whole.
 pub fn failure_line(f: &Failure) -> String {
-    format!(
+    let line = format!(
         "warning: no answer from node {} (pod {}): {}",
         f.node, f.pod, f.error
-    )
+    );
+    printable(&line).into_owned()
 }
 
 /// A Kubernetes client from `--kubeconfig`/`--kube-context`, else the usual search (KUBECONFIG,
@@ -549,6 +552,35 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[1]["node"], "node-a");
         assert_eq!(lines[2]["failed_agent"]["node"], "node-b");
+    }
+
+    #[test]
+    fn no_control_character_reaches_the_terminal() {
+        use crate::{
+            cli::tests::{poisoned, poisoned_answer, poisoned_record, POISON},
+            display::has_unsafe,
+        };
+        let flows = vec![poisoned_answer(&poisoned_record())["flow"].clone()];
+        let merged = merge(vec![(format!("node-a{POISON}"), flows)], None);
+        let failed = [Failure {
+            node: format!("node-b{POISON}"),
+            pod: format!("meshguard-x{POISON}"),
+            error: failure_reason(
+                500,
+                poisoned(&json!({"error": "agent"})).to_string().as_bytes(),
+            ),
+        }];
+        for output in [Output::Table, Output::Wide] {
+            let text = render(&merged, &["node-a".into()], &failed, output, false);
+            assert!(text.lines().all(|l| !has_unsafe(l)), "{output:?}: {text:?}");
+            assert!(text.contains("web-1\\x1b[2J\\x0d"), "{text}");
+        }
+        let warning = failure_line(&failed[0]);
+        assert!(!has_unsafe(&warning), "{warning:?}");
+        assert!(
+            warning.contains("HTTP 500: agent\\x1b[2J\\x0d"),
+            "{warning}"
+        );
     }
 
     #[test]

@@ -5,8 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use meshguard_ebpf::{
-    EventHeader, EventKind, FlowEvent, FlowState, SampleEvent, LAYOUT_VERSION, SAMPLE_HEADER_LEN,
-    SAMPLE_MAX,
+    EventHeader, EventKind, FlowEvent, FlowState, SampleEvent, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    LAYOUT_VERSION, SAMPLE_HEADER_LEN, SAMPLE_MAX,
 };
 
 /// A decoded kernel event.
@@ -46,6 +46,8 @@ pub enum DecodeError {
     },
     #[error("sample claims {claimed} bytes, {present} are present (at most {SAMPLE_MAX})")]
     SampleLength { claimed: u32, present: usize },
+    #[error("sample of direction {0}, neither egress nor ingress")]
+    Direction(u32),
 }
 
 /// Reads a `T` from the front of `bytes`, which must be at least `size_of::<T>()` long.
@@ -93,9 +95,14 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             });
         }
         let direction: u32 = read(&bytes[offset_of!(SampleEvent, direction)..]);
+        // Anything else would be taken for one of them: a corrupted record.
+        let direction = u8::try_from(direction)
+            .ok()
+            .filter(|d| [DIRECTION_EGRESS, DIRECTION_INGRESS].contains(d))
+            .ok_or(DecodeError::Direction(direction))?;
         let offset: u32 = read(&bytes[offset_of!(SampleEvent, offset)..]);
         let sample = Sample {
-            direction: direction as u8,
+            direction,
             offset,
             bytes: bytes[SAMPLE_HEADER_LEN..SAMPLE_HEADER_LEN + len as usize].to_vec(),
         };
@@ -128,7 +135,7 @@ pub fn ip_addr(family: u16, words: [u32; 4]) -> IpAddr {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use meshguard_ebpf::{FlowTuple, DIRECTION_EGRESS};
+    use meshguard_ebpf::FlowTuple;
 
     use super::*;
 
@@ -241,8 +248,15 @@ pub(crate) mod tests {
         long_sample[len_at..len_at + 4].copy_from_slice(&(SAMPLE_MAX as u32 + 1).to_ne_bytes());
         let mut cut_sample = sample_event(1, flow, 1, b"abcd");
         cut_sample.truncate(cut_sample.len() - 1);
+        // Read as a u8, 0x101 would pass for egress.
+        let direction_at = std::mem::offset_of!(SampleEvent, direction);
+        let [no_way, third_way, wide_way] = [0u32, 3, 0x101].map(|d| {
+            let mut e = sample_event(1, flow, 1, b"x");
+            e[direction_at..direction_at + 4].copy_from_slice(&d.to_ne_bytes());
+            e
+        });
 
-        let cases: [(&[u8], DecodeError); 7] = [
+        let cases: [(&[u8], DecodeError); 10] = [
             (&[], DecodeError::Short(0)),
             (&good[..10], DecodeError::Short(10)),
             (&wrong_version, DecodeError::Version { found: 99 }),
@@ -269,6 +283,9 @@ pub(crate) mod tests {
                     present: 3,
                 },
             ),
+            (&no_way, DecodeError::Direction(0)),
+            (&third_way, DecodeError::Direction(3)),
+            (&wide_way, DecodeError::Direction(0x101)),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode(bytes), Err(want));

@@ -220,8 +220,9 @@ impl Serialize for TlsVersion {
 /// The application protocol a plaintext sample looks like.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PlaintextHint {
-    /// An HTTP/1 request with its method and path. The path never carries its query string or
-    /// fragment (they may hold tokens); `None` when the sample ends before the path does.
+    /// An HTTP/1 request with its method and path. The path never carries its query string,
+    /// fragment, path parameters or userinfo (they may hold tokens); `None` unless the sample
+    /// holds a whole, well-formed request line.
     HttpRequest {
         method: &'static str,
         path: Option<String>,
@@ -583,7 +584,7 @@ fn plaintext(sample: &[u8]) -> PlaintextHint {
         if sample.starts_with(method.as_bytes()) && sample.get(method.len()) == Some(&b' ') {
             return PlaintextHint::HttpRequest {
                 method,
-                path: request_path(&sample[method.len() + 1..]),
+                path: request_path(method, &sample[method.len() + 1..]),
             };
         }
     }
@@ -593,28 +594,68 @@ fn plaintext(sample: &[u8]) -> PlaintextHint {
 /// Longest path kept, in characters.
 const MAX_PATH: usize = 256;
 
-/// The request target's path, without query string or fragment, from the bytes after the
-/// method: only when its end is in the sample, and only printable ASCII (escaped otherwise).
-fn request_path(target: &[u8]) -> Option<String> {
-    let end = target.iter().position(|&b| b == b' ' || b == b'\r')?;
-    let target = &target[..end];
-    let path_end = target
-        .iter()
-        .position(|&b| b == b'?' || b == b'#')
-        .unwrap_or(target.len());
-    let mut path = String::new();
-    for &b in &target[..path_end] {
-        if path.len() >= MAX_PATH {
-            path.push('…');
-            break;
-        }
-        if b.is_ascii_graphic() {
-            path.push(char::from(b));
-        } else {
-            path.push_str(&format!("\\x{b:02x}"));
-        }
+/// The path of a well-formed request line, `METHOD SP request-target SP HTTP/1.x CRLF`
+/// (RFC 9112 3), from the bytes after the method and its space. None when the line's end is
+/// not in the sample or the line is anything else: with a bare LF or another protocol's inline
+/// command (Redis `GET key`), a header or a value would pass for the path.
+fn request_path(method: &str, rest: &[u8]) -> Option<String> {
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    let line = rest[..end].strip_suffix(b"\r")?;
+    let space = line.iter().position(|&b| b == b' ')?;
+    let (target, version) = (&line[..space], &line[space + 1..]);
+    let http1 =
+        version.len() == 8 && version.starts_with(b"HTTP/1.") && version[7].is_ascii_digit();
+    if !http1 || target.is_empty() || !target.iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    let mut path = request_target(method, std::str::from_utf8(target).ok()?)?;
+    if path.len() > MAX_PATH {
+        path.truncate(MAX_PATH);
+        path.push('…');
     }
     Some(path)
+}
+
+/// What a request target names (RFC 9112 3.2): origin-form `/path`, absolute-form
+/// `http(s)://host/path`, `*` for OPTIONS, authority-form `host:port` for CONNECT. Without
+/// what may hold a token or a password: the query and fragment, path parameters
+/// (`;jsessionid=...`) and userinfo (`user:pass@`).
+fn request_target(method: &str, target: &str) -> Option<String> {
+    if method == "CONNECT" {
+        let (host, port) = target.rsplit_once(':')?;
+        let port = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+        return (port && is_host(host)).then(|| target.to_string());
+    }
+    if target == "*" {
+        return (method == "OPTIONS").then(|| target.to_string());
+    }
+    let target = &target[..target.find(['?', '#']).unwrap_or(target.len())];
+    if target.starts_with('/') {
+        return Some(without_params(target));
+    }
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_userinfo, host)| host);
+    is_host(host).then(|| format!("{scheme}://{host}{}", without_params(path)))
+}
+
+/// A host (and port) as an authority names it, no userinfo or parameter in it.
+fn is_host(host: &str) -> bool {
+    !host.is_empty() && !host.contains(['@', ';', '/'])
+}
+
+/// `path` without the parameters of its segments (`/a;v=1/b` is `/a/b`).
+fn without_params(path: &str) -> String {
+    let segments: Vec<&str> = path
+        .split('/')
+        .map(|segment| segment.split(';').next().unwrap_or(""))
+        .collect();
+    segments.join("/")
 }
 
 /// The opt-in redacted evidence (`--evidence redacted`) of an HTTP/1 sample: its first line
@@ -1511,23 +1552,74 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn http_paths_lose_their_query_strings() {
-        let cases: [(&[u8], Option<&str>); 6] = [
+    fn http_paths_come_only_from_a_well_formed_request_line() {
+        let cases: [(&[u8], Option<&str>); 32] = [
+            (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Some("/")),
             (b"GET /orders?token=s3cret HTTP/1.1\r\n", Some("/orders")),
             (b"POST /pay#frag HTTP/1.1\r\n", Some("/pay")),
-            (b"GET /a%20b HTTP/1.1\r\n", Some("/a%20b")),
+            (b"GET /a%20b HTTP/1.0\r\n", Some("/a%20b")),
+            (b"GET /users/@me HTTP/1.1\r\n", Some("/users/@me")),
             (b"GET http://h/x?y HTTP/1.1\r\n", Some("http://h/x")),
+            (b"GET HTTPS://h:8443 HTTP/1.1\r\n", Some("HTTPS://h:8443")),
+            (b"OPTIONS * HTTP/1.1\r\n", Some("*")),
+            (b"CONNECT db.shop:5432 HTTP/1.1\r\n", Some("db.shop:5432")),
+            (b"CONNECT [::1]:443 HTTP/1.1\r\n", Some("[::1]:443")),
+            // Path parameters and userinfo may hold a session or a password.
+            (b"GET /a;jsessionid=s3cret/b;v=1 HTTP/1.1\r\n", Some("/a/b")),
+            (
+                b"GET http://user:s3cret@host/x;jsessionid=s3cret?q=1 HTTP/1.1\r\n",
+                Some("http://host/x"),
+            ),
+            (
+                b"GET https://s3cret@host HTTP/1.1\r\n",
+                Some("https://host"),
+            ),
+            (b"CONNECT user:s3cret@db:5432 HTTP/1.1\r\n", None),
+            // Cut short: the line's end is not in the sample.
             (b"GET /cut-before-its-end", None),
-            (b"GET /\x01 HTTP/1.1\r\n", Some("/\\x01")),
+            (b"GET / HTTP/1.1", None),
+            (b"GET / HTTP/1.1\r", None),
+            // Not a request line: a bare LF lets the next line pass for the path.
+            (b"GET /a\nCookie: sid=s3cret\r\n", None),
+            (b"GET /a HTTP/1.1\nCookie: sid=s3cret\r\n", None),
+            // Another protocol's inline command (Redis `GET key`, `DELETE key value`).
+            (b"GET s3cret\r\n", None),
+            (b"GET key s3cret\r\n", None),
+            (b"DELETE /key s3cret\r\n", None),
+            (b"GET /\x01 HTTP/1.1\r\n", None),
+            (b"GET /caf\xc3\xa9 HTTP/1.1\r\n", None),
+            (b"GET  / HTTP/1.1\r\n", None),
+            (b"GET / HTTP/1.1 s3cret\r\n", None),
+            (b"GET / HTTP/2.0\r\n", None),
+            (b"GET * HTTP/1.1\r\n", None),
+            (b"GET db:5432 HTTP/1.1\r\n", None),
+            (b"CONNECT /x HTTP/1.1\r\n", None),
+            (b"GET ftp://h/x HTTP/1.1\r\n", None),
+            (b"GET http:///x HTTP/1.1\r\n", None),
         ];
         for (sample, want) in cases {
+            // Every one still reads as an HTTP request, as before: only its path is in doubt.
             let Fingerprint::Plaintext(PlaintextHint::HttpRequest { path, .. }) =
                 fingerprint(sample, Transport::Tcp)
             else {
                 panic!("{sample:?}: not an HTTP request")
             };
-            assert_eq!(path.as_deref(), want, "{sample:?}");
+            let line = String::from_utf8_lossy(sample);
+            assert_eq!(path.as_deref(), want, "{line:?}");
+            assert!(!path.unwrap_or_default().contains("s3cret"), "{line:?}");
         }
+        assert_eq!(
+            fingerprint(b"SET key s3cret\r\n", Transport::Tcp),
+            Fingerprint::Plaintext(PlaintextHint::Unknown)
+        );
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(400));
+        let Fingerprint::Plaintext(PlaintextHint::HttpRequest {
+            path: Some(path), ..
+        }) = fingerprint(long.as_bytes(), Transport::Tcp)
+        else {
+            panic!("a long path")
+        };
+        assert_eq!(path, format!("/{}…", "a".repeat(MAX_PATH - 1)));
     }
 
     #[test]

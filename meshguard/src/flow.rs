@@ -871,7 +871,7 @@ pub struct Process {
 pub struct PlaintextRecord {
     pub protocol: &'static str,
     pub method: Option<&'static str>,
-    /// An HTTP request's path, without query string or fragment.
+    /// An HTTP request's path, without query string, fragment, path parameters or userinfo.
     pub path: Option<String>,
 }
 

@@ -15,6 +15,7 @@ pub mod client;
 #[cfg(feature = "kubernetes")]
 pub mod cluster;
 pub mod cookie;
+pub mod display;
 pub mod event;
 pub mod fingerprint;
 pub mod flow;

@@ -349,7 +349,7 @@ fn run_verb(verb: impl std::future::Future<Output = Result<(), cli::CliError>>) 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("{}", cli::error_line(&e));
             ExitCode::from(e.exit_code())
         }
     }
@@ -451,7 +451,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // It may name a pod or quote the API server.
+            eprintln!(
+                "error: {}",
+                meshguard::display::printable(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

@@ -350,6 +350,34 @@ impl Filter {
         Ok(f)
     }
 
+    /// The query string that asks for this filter: [`Filter::from_query`] gives it back.
+    pub fn to_query(&self) -> String {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if !self.verdicts.is_empty() {
+            let verdicts: Vec<&str> = self.verdicts.iter().map(|v| v.as_str()).collect();
+            q.push(("verdict", verdicts.join(",")));
+        }
+        for (key, value) in [
+            ("namespace", &self.namespace),
+            ("pod", &self.pod),
+            ("workload", &self.workload),
+        ] {
+            if let Some(v) = value {
+                q.push((key, v.clone()));
+            }
+        }
+        if let Some(port) = self.port {
+            q.push(("port", port.to_string()));
+        }
+        if let Some(since) = self.since {
+            q.push(("since", humantime::format_duration(since).to_string()));
+        }
+        if self.limit != DEFAULT_LIMIT {
+            q.push(("limit", self.limit.to_string()));
+        }
+        serde_urlencoded::to_string(&q).unwrap_or_default()
+    }
+
     pub fn matches(&self, r: &FlowRecord, now: SystemTime) -> bool {
         let either = |f: &dyn Fn(&crate::flow::Endpoint) -> bool| f(&r.local) || f(&r.remote);
         (self.verdicts.is_empty() || self.verdicts.contains(&r.verdict))
@@ -374,7 +402,7 @@ impl Filter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
@@ -403,7 +431,7 @@ mod tests {
         }
     }
 
-    fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
+    pub(crate) fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
         Arc::new(FlowRecord {
             cookie: id,
             id: crate::flow::FlowId(id),
@@ -494,6 +522,25 @@ mod tests {
         for (param, want) in cases {
             let e = Filter::from_params([param]).unwrap_err();
             assert!(e.starts_with(want), "{param:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_filter_round_trips_through_its_query_string() {
+        let cases = [
+            ("", ""),
+            ("limit=1000", ""),
+            (
+                "verdict=mtls, bypass-tls&namespace=shop&since=90m&port=80&limit=5",
+                "verdict=mtls%2Cbypass-tls&namespace=shop&port=80&since=1h+30m&limit=5",
+            ),
+            ("pod=a%26b%3Dc&workload=", "pod=a%26b%3Dc&workload="),
+            ("since=1y2M3d&verdict=", "since=1year+2months+3days"),
+        ];
+        for (query, canonical) in cases {
+            let filter = Filter::from_query(query).unwrap();
+            assert_eq!(filter.to_query(), canonical, "{query}");
+            assert_eq!(Filter::from_query(canonical), Ok(filter), "{query}");
         }
     }
 
