@@ -38,6 +38,7 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
+    pub const REPORTED: &str = "REPORTED";
 
     pub const SOCK_OPS: &str = "flow_lifecycle";
     pub const SKB_EGRESS: &str = "flow_egress";
@@ -215,6 +216,19 @@ pub struct FlowState {
     pub head: [[u8; HEAD_LEN]; 2],
 }
 
+/// The agent's own map (`names::REPORTED`), by flow key: the verdict it published for an open
+/// flow, judged on the flow's whole evidence. No program reads or writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// The agent's verdict, as its own small number (0: none).
+    pub verdict: u8,
+    /// Valid bytes of `reason`.
+    pub reason_len: u8,
+    pub _pad: [u8; 6],
+    pub reason: [u8; 24],
+}
+
 /// First bytes of every ring-buffer event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -290,6 +304,7 @@ const _: () = {
     assert!(SAMPLE_HEADER_LEN == 296);
     assert!(size_of::<SampleEvent>() == SAMPLE_HEADER_LEN + SAMPLE_MAX);
     // The kernel bounds lengths by masking: the sizes must be powers of two.
+    assert!(size_of::<Reported>() == 32);
     assert!(SAMPLE_MAX.is_power_of_two() && HELLO_MAX <= u16::MAX as usize);
 };
 
@@ -297,4 +312,6 @@ const _: () = {
 mod user {
     // SAFETY: plain-old-data: repr(C), Copy, no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Reported {}
 }

@@ -5,12 +5,18 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use meshguard_ebpf::{FlowState, SampleEvent, Stat};
+use meshguard_ebpf::{FlowState, Reported, SampleEvent, Stat};
 
 /// Flow state by socket cookie. LRU so that a flood can never wedge the map; an eviction of a
 /// flow that is still open shows up as `Stat::FlowEvicted` when it closes.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(1024, 0);
+
+/// Written by the agent only (no program touches it): the verdict it published for each flow
+/// still open, so that an agent that restarts, or replaces these programs, knows what was
+/// already reported, and on what evidence. Sized like `FLOWS` at load time.
+#[map(name = "REPORTED")]
+pub static REPORTED: LruHashMap<u64, Reported> = LruHashMap::with_max_entries(1024, 0);
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);

@@ -24,8 +24,18 @@ use crate::{
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u8 = 6;
 
+/// Read by the `variant` build only, so that its programs differ from the default's.
+#[cfg(feature = "variant")]
+#[no_mangle]
+static VARIANT: u32 = 0;
+
 #[sock_ops]
 pub fn flow_lifecycle(ctx: SockOpsContext) -> u32 {
+    // SAFETY: a global of this object; read volatile so that the compiler keeps the read.
+    #[cfg(feature = "variant")]
+    if unsafe { read_volatile(addr_of!(VARIANT)) } != 0 {
+        return 1;
+    }
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, DIRECTION_EGRESS),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, DIRECTION_INGRESS),

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     api,
     event::decode,
-    flow::{FlowTable, Update},
+    flow::{Change, FlowTable, Update},
     http,
     inventory::{self, source::Source, Inventory, Shared},
     judge::Judge,
@@ -32,7 +32,7 @@ use crate::{
     prereq,
     state::{kernel_release, AgentState, InventoryStatus, Status},
     store::FlowStore,
-    verdict::Policy,
+    verdict::{Policy, Verdict},
 };
 
 #[derive(Clone, Debug)]
@@ -139,14 +139,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             ..Status::default()
         },
     ));
-    let serving = serve(&options, &state).await?;
+    raise_fd_limit();
+    // Serving gets a runtime of its own: however many clients it holds, and however slowly they
+    // read, the event loop on this one never waits for them.
+    let serving_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("meshguard-serve")
+        .enable_all()
+        .build()
+        .context("starting the serving runtime")?;
+    let serving = serve(&options, &state, serving_runtime.handle()).await?;
 
-    let mut kernel = Kernel::start(
-        &node,
-        options.sizes,
-        options.process_attribution,
-        options.pin_root.as_deref(),
-    )?;
+    let start_kernel = || {
+        Kernel::start(
+            &node,
+            options.sizes,
+            options.process_attribution,
+            options.pin_root.as_deref(),
+        )
+    };
+    let mut kernel = start_kernel()?;
     let metrics = &state.metrics;
     metrics.programs_attached.set(kernel.attached.len() as i64);
     let degraded: Vec<String> = kernel.degraded.iter().chain(&serving).cloned().collect();
@@ -164,12 +176,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     state.attached.store(true, Ordering::Relaxed);
 
-    let events = kernel.take_events()?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
-    // that owns the ring buffer is dropped.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(std::io::Error::from)
-        .context("polling the ring buffer")?;
+    let mut events = poll_events(&mut kernel)?;
     let mut table = FlowTable::new(options.max_flows, boot_time());
     table.capture_redacted = options.evidence == Evidence::Redacted;
     let mut pipeline = Pipeline {
@@ -190,15 +197,43 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let mut ticks: u64 = 0;
     info!(node = %options.node_name, "watching flows");
 
+    // What a replaced generation still queued and kept, now that this one runs.
+    for old in kernel.take_retiring() {
+        pipeline.retire(old, &mut kernel, "upgrade")?;
+    }
     // Whatever the ring buffer held (events of flows seen while no agent ran), then the flow map
     // itself: flows whose events were lost, closed ones the kernel kept for us.
     let mut reconcile = Reconcile::default();
-    reconcile.run(events.get_mut(), &mut kernel, &mut pipeline)?;
+    reconcile.run("start", events.get_mut(), &mut kernel, &mut pipeline)?;
+    let mut reattach = false;
 
     // The kernel wakes the agent only when a backlog builds up; otherwise it drains on this tick.
     let mut drain = interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if std::mem::take(&mut reattach) {
+            // Programs found detached: attach a new generation, then drain the old one, as an
+            // upgrade does. Nothing the old one queued is lost; the gap is the check interval.
+            let old = kernel.into_old(Some(events.into_inner()));
+            kernel = start_kernel()?;
+            events = poll_events(&mut kernel)?;
+            pipeline.retire(old, &mut kernel, "reattach")?;
+            for old in kernel.take_retiring() {
+                pipeline.retire(old, &mut kernel, "upgrade")?;
+            }
+            metrics
+                .kernel_repairs
+                .with_label_values(&["reattached"])
+                .inc();
+            metrics.programs_attached.set(kernel.attached.len() as i64);
+            metrics.degraded.set(i64::from(
+                !kernel.degraded.is_empty() || !serving.is_empty(),
+            ));
+            state.note_repair(
+                "programs found detached; a new generation was attached and the old one drained",
+            );
+            state.attached.store(true, Ordering::Relaxed);
+        }
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("polling the ring buffer")?;
@@ -212,8 +247,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 ticks += 1;
                 let table = pipeline.table.stats();
                 pipeline.losses.report(&kernel, table, metrics);
-                if reconcile.due(&pipeline.losses) {
-                    reconcile.run(events.get_mut(), &mut kernel, &mut pipeline)?;
+                if let Some(trigger) = reconcile.due(&pipeline.losses) {
+                    reconcile.run(trigger, events.get_mut(), &mut kernel, &mut pipeline)?;
+                }
+                if ticks.is_multiple_of(HEALTH_EVERY_TICKS) {
+                    reattach = check_kernel(&mut kernel, &state);
                 }
                 metrics.flows_tracked.set(table.tracked as i64);
                 let pods = Arc::clone(&inventory.read().unwrap_or_else(|e| e.into_inner()));
@@ -230,6 +268,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 status.inventory = InventoryStatus { source: pods.source.clone(), pods: pods.len(), age_seconds: age.map(|d| d.as_secs()) };
                 status.container_cgroups = pipeline.judge.containers_known();
                 status.events_lost = pipeline.losses.by_source();
+                status.reconcile.duplicates_dropped = pipeline.table.repeats();
+                status.connections_refused = metrics.connections_refused_total();
                 if let Some(n) = entries {
                     status.flow_map.entries = n;
                 }
@@ -244,6 +284,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let tracked = pipeline.table.stats().tracked;
     let pinned = options.pin_root.is_some();
+    serving_runtime.shutdown_background();
     match options.on_exit {
         OnExit::Detach => kernel.detach(),
         OnExit::Keep => drop(kernel),
@@ -270,46 +311,50 @@ struct Reconcile {
     ringbuf_full_seen: u64,
     /// The last pass left recent entries for later.
     deferred: bool,
+    last: Option<std::time::Instant>,
 }
 
+/// The least time between two passes: a ring buffer that overflows again and again must not
+/// turn the event loop into a loop of map walks, which would overflow it more.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// How often (in health ticks of a second) the agent checks that its programs are attached
+/// and pinned.
+const HEALTH_EVERY_TICKS: u64 = 2;
+
 impl Reconcile {
-    fn due(&self, losses: &Losses) -> bool {
-        self.deferred || losses.kernel[Stat::RingbufFull as usize] > self.ringbuf_full_seen
+    /// Why a pass is due now, if one is.
+    fn due(&self, losses: &Losses) -> Option<&'static str> {
+        if self.last.is_some_and(|t| t.elapsed() < RECONCILE_EVERY) {
+            return None;
+        }
+        if losses.kernel[Stat::RingbufFull as usize] > self.ringbuf_full_seen {
+            Some("overflow")
+        } else {
+            self.deferred.then_some("deferred")
+        }
     }
 
     /// Drains the ring buffer first: what it still holds must not be taken for lost.
     fn run(
         &mut self,
+        trigger: &'static str,
         ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
         kernel: &mut Kernel,
         pipeline: &mut Pipeline,
     ) -> anyhow::Result<()> {
+        self.last = Some(std::time::Instant::now());
         pipeline.drain(ring, kernel)?;
         self.ringbuf_full_seen = kernel
             .stats()
             .map(|s| s[Stat::RingbufFull as usize])
             .unwrap_or(self.ringbuf_full_seen);
-        let now = crate::kernel::now_ns();
-        let entries = kernel.flow_map();
-        let scanned = entries.len();
-        let found = pipeline.table.reconcile(entries, now);
-        kernel.forget(&found.forget);
-        self.deferred = found.deferred > 0;
-        let recovered = found.updates.len();
-        pipeline.publish(found.updates)?;
-        pipeline
-            .state
-            .metrics
-            .flows_recovered
-            .inc_by(recovered as u64);
-        if recovered > 0 {
-            warn!(
-                recovered,
-                scanned, "flows reported from the kernel's flow map: their events were lost"
-            );
-        } else {
-            info!(scanned, deferred = found.deferred, "flow map reconciled");
+        let walk = kernel.flow_map();
+        if trigger == "start" {
+            pipeline.restore(kernel.reported(), &walk.entries, kernel);
         }
+        let found = pipeline.reconcile(trigger, walk, crate::kernel::now_ns(), kernel)?;
+        self.deferred = found > 0;
         Ok(())
     }
 }
@@ -358,7 +403,142 @@ impl Pipeline {
             }
         }
         kernel.forget(&forget);
-        self.publish(updates)
+        self.publish(updates, kernel)
+    }
+
+    /// Takes the judgements an earlier agent left in `REPORTED` for the open flows of `entries`,
+    /// and keeps them in this generation's map too.
+    fn restore(
+        &mut self,
+        reported: Vec<(u64, meshguard_ebpf::Reported)>,
+        entries: &[(u64, meshguard_ebpf::FlowState)],
+        kernel: &mut Kernel,
+    ) {
+        let states: std::collections::HashMap<u64, &meshguard_ebpf::FlowState> =
+            entries.iter().map(|(k, s)| (*k, s)).collect();
+        let mut restored = 0;
+        for (key, entry) in reported {
+            let (Some(state), Some(verdict)) =
+                (states.get(&key), Verdict::from_code(entry.verdict))
+            else {
+                continue;
+            };
+            let reason = &entry.reason[..usize::from(entry.reason_len).min(entry.reason.len())];
+            let Ok(reason) = std::str::from_utf8(reason) else {
+                continue;
+            };
+            self.table
+                .restore(key, state, verdict, crate::verdict::intern_reason(reason));
+            kernel.remember(key, entry);
+            restored += 1;
+        }
+        if restored > 0 {
+            info!(
+                restored,
+                "open flows already reported by the agent before this one: not reported again"
+            );
+        }
+    }
+
+    /// One reconciliation of a flow map walk with the table: publishes what its events never
+    /// told, counts what the walk met. Returns how many closed entries were left for later.
+    fn reconcile(
+        &mut self,
+        trigger: &'static str,
+        walk: crate::kernel::Walk,
+        now_ns: u64,
+        kernel: &mut Kernel,
+    ) -> anyhow::Result<usize> {
+        let metrics = &self.state.metrics;
+        metrics.reconcile_passes.with_label_values(&[trigger]).inc();
+        for (kind, n) in [
+            ("repeated", walk.repeats),
+            ("vanished", walk.vanished),
+            ("error", walk.errors),
+            ("cut", u64::from(walk.cut)),
+        ] {
+            metrics
+                .reconcile_anomalies
+                .with_label_values(&[kind])
+                .inc_by(n);
+        }
+        if walk.errors > 0 || walk.cut {
+            warn!(
+                errors = walk.errors,
+                cut = walk.cut,
+                "the flow map walk was incomplete; the next pass looks again"
+            );
+        }
+        let scanned = walk.entries.len();
+        {
+            let mut status = self.state.status.lock().unwrap_or_else(|e| e.into_inner());
+            let r = &mut status.reconcile;
+            r.passes += 1;
+            r.last_scanned = scanned;
+            r.repeated += walk.repeats;
+            r.vanished += walk.vanished;
+            r.errors += walk.errors;
+            r.cut += u64::from(walk.cut);
+        }
+        let found = self.table.reconcile(walk.entries, now_ns);
+        kernel.forget(&found.forget);
+        let recovered = found.updates.len();
+        self.publish(found.updates, kernel)?;
+        self.state.metrics.flows_recovered.inc_by(recovered as u64);
+        if recovered > 0 {
+            warn!(
+                recovered,
+                scanned,
+                trigger,
+                "flows reported from the kernel's flow map: their events were lost"
+            );
+        } else {
+            info!(
+                scanned,
+                trigger,
+                deferred = found.deferred,
+                "flow map reconciled"
+            );
+        }
+        Ok(found.deferred + usize::from(walk.errors > 0 || walk.cut))
+    }
+
+    /// Drains a replaced generation, already detached: its queued events, then its flow map
+    /// (with nothing more to come, no entry is left for later), then its record of what was
+    /// reported. Events of another layout cannot be read: they are counted as lost.
+    fn retire(
+        &mut self,
+        mut old: crate::kernel::OldGeneration,
+        kernel: &mut Kernel,
+        trigger: &'static str,
+    ) -> anyhow::Result<()> {
+        let mut unreadable = 0u64;
+        if let Some(ring) = old.events.as_mut() {
+            if old.same_layout {
+                self.drain(ring, kernel)?;
+            } else {
+                while ring.next().is_some() {
+                    unreadable += 1;
+                }
+            }
+        }
+        if unreadable > 0 {
+            warn!(unreadable, pins = %old.dir.display(), "events of a generation with another layout could not be read: counted as lost");
+            self.losses.undecodable += unreadable;
+            self.state
+                .metrics
+                .events_lost
+                .with_label_values(&["undecodable"])
+                .inc_by(unreadable);
+        }
+        let walk = old.flow_map();
+        let scanned = walk.entries.len();
+        self.restore(old.reported(), &walk.entries, kernel);
+        self.reconcile(trigger, walk, u64::MAX, kernel)?;
+        self.state.note_repair(&format!(
+            "drained a replaced generation ({trigger}): {scanned} flow map entries, {unreadable} events of another layout"
+        ));
+        Ok(())
     }
 
     /// Judges what changed against the inventory of now, with the flows held back for
@@ -367,7 +547,7 @@ impl Pipeline {
     /// classified and closed within one read (most short connections) is published once,
     /// closed; and an open flow is published once its evidence is whole or its wait is over,
     /// so that its first record is the one that stands.
-    fn publish(&mut self, updates: Vec<Update>) -> anyhow::Result<()> {
+    fn publish(&mut self, updates: Vec<Update>, kernel: &mut Kernel) -> anyhow::Result<()> {
         let waiting = self.table.take_waiting();
         if updates.is_empty() && waiting.is_empty() {
             return Ok(());
@@ -393,6 +573,12 @@ impl Pipeline {
                     .with_label_values(&[from.verdict.as_str(), record.verdict.as_str()])
                     .inc();
             }
+            match record.event {
+                // Kept in the kernel: an agent after this one will not report it again.
+                Change::Classified => kernel.remember(record.cookie, reported(&record)),
+                Change::Closed if !record.first_report => kernel.forget_reported(record.cookie),
+                Change::Closed => {}
+            }
             if self.log_flows {
                 serde_json::to_writer(&mut self.out, &record)?;
                 self.out.write_all(b"\n")?;
@@ -404,21 +590,104 @@ impl Pipeline {
     }
 }
 
-/// Starts the endpoints: metrics and health on TCP, the API on its unix socket and, if asked,
-/// on TCP with a token. Failing to bind is fatal: a DaemonSet pod should restart, loudly. A token
-/// file that does not exist (its Secret not created yet) only leaves the TCP API off: the node
-/// is still watched. Returns what is not served, in words.
-async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<Vec<String>> {
+/// The record an open flow's first publication leaves in the kernel's `REPORTED` map.
+fn reported(record: &crate::flow::FlowRecord) -> meshguard_ebpf::Reported {
+    let mut entry = meshguard_ebpf::Reported {
+        verdict: record.verdict.code(),
+        ..Default::default()
+    };
+    let reason = record.reason.as_bytes();
+    let n = reason.len().min(entry.reason.len());
+    entry.reason[..n].copy_from_slice(&reason[..n]);
+    entry.reason_len = n as u8;
+    entry
+}
+
+/// Checks the kernel side; says whether its programs must be attached again.
+fn check_kernel(kernel: &mut Kernel, state: &AgentState) -> bool {
+    let health = kernel.check();
+    let metrics = &state.metrics;
+    for e in &health.errors {
+        warn!(error = %e, "checking the kernel side");
+    }
+    if !health.repinned.is_empty() {
+        warn!(pins = ?health.repinned, "pins were removed behind the agent's back: pinned again");
+        metrics
+            .kernel_repairs
+            .with_label_values(&["repinned"])
+            .inc_by(health.repinned.len() as u64);
+        state.note_repair(&format!(
+            "pins removed behind the agent's back, pinned again: {}",
+            health.repinned.join(", ")
+        ));
+    }
+    if health.detached.is_empty() {
+        return false;
+    }
+    warn!(programs = ?health.detached, "programs detached behind the agent's back: attaching them again");
+    state.attached.store(false, Ordering::Relaxed);
+    metrics.degraded.set(1);
+    metrics
+        .programs_attached
+        .set((kernel.attached.len() - health.detached.len().min(kernel.attached.len())) as i64);
+    true
+}
+
+/// The ring buffer of `kernel`, polled by the event loop.
+fn poll_events(
+    kernel: &mut Kernel,
+) -> anyhow::Result<AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
+    let events = kernel.take_events()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
+    // that owns the ring buffer is dropped.
+    unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(std::io::Error::from)
+        .context("polling the ring buffer")
+}
+
+/// Raises the open-file limit to its hard limit: every client connection is a descriptor, and
+/// running out would also keep the agent from opening cgroups and maps.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// A listener bound now (so that a port in use fails the start), served on `runtime`.
+fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("serving {what} on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Starts the endpoints on the serving runtime: metrics and health on TCP, the API on its unix
+/// socket and, if asked, on TCP with a token. Failing to bind is fatal: a DaemonSet pod should
+/// restart, loudly. A token file that does not exist (its Secret not created yet) only leaves
+/// the TCP API off: the node is still watched. Returns what is not served, in words.
+async fn serve(
+    options: &Options,
+    state: &Arc<AgentState>,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Vec<String>> {
     let mut not_served = Vec::new();
     if let Some(addr) = options.metrics_addr {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("serving metrics on {addr}"))?;
+        let listener = bind_tcp(addr, "metrics")?;
         info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
         let state = Arc::clone(state);
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, state).await {
-                warn!(%e, "metrics server stopped");
+        runtime.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => http::serve(listener, state).await,
+                Err(e) => warn!(%e, "metrics server stopped"),
             }
         });
     }
@@ -426,7 +695,7 @@ async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<Vec
         // Bind now, so that a second agent on the node is refused before it attaches.
         let state = Arc::clone(state);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Err(e) = api::serve_unix(&path, state, ready_tx).await {
                 warn!(path = %path.display(), error = %format!("{e:#}"), "API socket stopped");
             }
@@ -454,14 +723,13 @@ async fn serve(options: &Options, state: &Arc<AgentState>) -> anyhow::Result<Vec
             "the API token in {} is shorter than 16 characters",
             token_file.display()
         );
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("serving the API on {addr}"))?;
+        let listener = bind_tcp(*addr, "the API")?;
         info!(addr = %listener.local_addr()?, "serving the API on TCP (bearer token required)");
         let state = Arc::clone(state);
-        tokio::spawn(async move {
-            if let Err(e) = api::serve_tcp(listener, token, state).await {
-                warn!(%e, "API listener stopped");
+        runtime.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => api::serve_tcp(listener, token, state).await,
+                Err(e) => warn!(%e, "API listener stopped"),
             }
         });
     }

@@ -55,7 +55,41 @@ async fn flows(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) 
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .query(&filter, SystemTime::now());
-    Json(json!({ "count": flows.len(), "flows": flows })).into_response()
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(flows_json(flows)))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "flows"))
+}
+
+/// Records per chunk of a `/v1/flows` answer.
+const CHUNK: usize = 256;
+
+/// `{"count": N, "flows": [...]}`, encoded a chunk at a time as the client reads it: a large
+/// answer never exists whole in memory, and a client that stops reading stops its encoding.
+fn flows_json(
+    flows: Vec<Arc<FlowRecord>>,
+) -> impl futures_util::Stream<Item = Result<String, std::convert::Infallible>> {
+    let head = format!("{{\"count\":{},\"flows\":[", flows.len());
+    let chunks: Vec<Vec<Arc<FlowRecord>>> = flows.chunks(CHUNK).map(<[_]>::to_vec).collect();
+    let body = futures_util::stream::iter(chunks)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut out = String::new();
+            for (j, record) in chunk.iter().enumerate() {
+                if i > 0 || j > 0 {
+                    out.push(',');
+                }
+                // A record always serialises (plain strings and numbers).
+                out.push_str(&serde_json::to_string(&**record).unwrap_or_else(|_| "null".into()));
+            }
+            out
+        });
+    futures_util::stream::once(std::future::ready(head))
+        .chain(body)
+        .chain(futures_util::stream::once(std::future::ready(
+            "]}".to_string(),
+        )))
+        .map(Ok)
 }
 
 async fn stream(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) -> Response {
@@ -244,7 +278,14 @@ pub async fn serve_unix(
         }
     };
     tracing::info!(path = %path.display(), "serving the API");
-    axum::serve(listener, router(state)).await?;
+    let refusals = crate::serve::Refusals::of(&state.metrics, "api-socket");
+    crate::serve::unix(
+        listener,
+        router(state),
+        crate::serve::Limits::default(),
+        refusals,
+    )
+    .await;
     Ok(())
 }
 
@@ -288,11 +329,8 @@ fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
 }
 
 /// Serves the API on TCP; every request must present the token (see [`authorized`]).
-pub async fn serve_tcp(
-    listener: TcpListener,
-    token: String,
-    state: Arc<AgentState>,
-) -> std::io::Result<()> {
+pub async fn serve_tcp(listener: TcpListener, token: String, state: Arc<AgentState>) {
+    let refusals = crate::serve::Refusals::of(&state.metrics, "api");
     let token = Arc::new(token);
     let app = router(state).layer(middleware::from_fn(move |req: Request, next: Next| {
         let token = Arc::clone(&token);
@@ -307,7 +345,7 @@ pub async fn serve_tcp(
             }
         }
     }));
-    axum::serve(listener, app).await
+    crate::serve::tcp(listener, app, crate::serve::Limits::default(), refusals).await
 }
 
 /// Compares without an early exit, so the time taken says nothing about where they differ.
@@ -322,6 +360,39 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flows_json_is_one_valid_document_at_any_size() {
+        use futures_util::StreamExt as _;
+        for n in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7] {
+            let records: Vec<Arc<FlowRecord>> = (0..n)
+                .map(|i| {
+                    crate::store::tests::record(
+                        i as u64 + 1,
+                        crate::verdict::Verdict::Mtls,
+                        SystemTime::UNIX_EPOCH,
+                    )
+                })
+                .collect();
+            let text: String = futures_executor_lite(flows_json(records).map(|c| c.unwrap()));
+            let value: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(value["count"], n, "{n}");
+            let flows = value["flows"].as_array().unwrap();
+            assert_eq!(flows.len(), n);
+            if n > 0 {
+                assert_eq!(flows[n - 1]["id"], format!("{:016x}", n));
+            }
+        }
+    }
+
+    /// Collects a stream of strings (no waker needed: every item is ready).
+    fn futures_executor_lite(stream: impl futures_util::Stream<Item = String> + Unpin) -> String {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(stream.collect::<Vec<_>>())
+            .concat()
+    }
 
     #[test]
     fn the_token_in_either_header() {

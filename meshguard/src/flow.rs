@@ -48,6 +48,9 @@ pub struct Flow {
     /// The verdict and reason of the flow's first published record: what metrics counted, and
     /// what a later record must either repeat or correct out loud.
     pub published: Option<(Verdict, &'static str)>,
+    /// `published` was restored from the kernel's `REPORTED` map: an agent before this one
+    /// judged the flow on the evidence it saw (this one may see only the map's first bytes).
+    pub restored: bool,
     /// Kernel time of its first payload sample: the evidence it still waits for is waited for
     /// from then, and for a bounded time only.
     pub sampled_ns: u64,
@@ -136,10 +139,16 @@ pub struct FlowTable {
     /// Cookies in arrival order; may hold cookies of flows already gone (skipped on eviction,
     /// compacted when it grows past twice the capacity).
     order: VecDeque<u64>,
+    /// Keys of flows published closed, the newest `capacity` of them: the kernel never reuses a
+    /// socket cookie, so a later event or map entry of one is a repeat (a close seen by two
+    /// generations of programs, a walk that returned a key twice) and is dropped.
+    closed: CookieMap<()>,
+    closed_order: VecDeque<u64>,
     capacity: usize,
     evicted: u64,
     lost_unseen: u64,
     recovered: u64,
+    repeats: u64,
     /// Wall-clock time at boot: kernel timestamps are nanoseconds since boot (CLOCK_MONOTONIC).
     boot: SystemTime,
     /// `--evidence redacted`: keep a redacted copy of each flow's HTTP/1 head.
@@ -156,10 +165,13 @@ impl FlowTable {
             peers: CookieMap::default(),
             waiting: CookieMap::default(),
             order: VecDeque::new(),
+            closed: CookieMap::default(),
+            closed_order: VecDeque::new(),
             capacity: capacity.max(1),
             evicted: 0,
             lost_unseen: 0,
             recovered: 0,
+            repeats: 0,
             boot,
             capture_redacted: false,
         }
@@ -201,6 +213,10 @@ impl FlowTable {
     pub fn apply(&mut self, event: &KernelEvent, out: &mut Vec<Update>, forget: &mut Vec<u64>) {
         let at = self.boot + Duration::from_nanos(event.ktime_ns);
         let key = event.cookie;
+        if self.closed.contains_key(&key) {
+            self.repeats += 1;
+            return;
+        }
         if event.flow.flags & flags::EVICTED != 0 && !self.flows.contains_key(&key) {
             self.lost_unseen += 1;
         }
@@ -260,12 +276,46 @@ impl FlowTable {
             return false;
         };
         self.assembling.remove(&key);
+        self.remember_closed(key);
         // Its samples were lost, or went to an agent since restarted: the map kept its head.
         flow.learn_from_head();
         flow.closed = true;
         flow.last_seen = flow.last_seen.max(at);
         out.push(Update::Closed(flow));
         true
+    }
+
+    /// Notes a key published closed, forgetting the oldest beyond the table's capacity.
+    fn remember_closed(&mut self, key: u64) {
+        if self.closed.insert(key, ()).is_none() {
+            self.closed_order.push_back(key);
+        }
+        while self.closed_order.len() > self.capacity {
+            if let Some(old) = self.closed_order.pop_front() {
+                self.closed.remove(&old);
+            }
+        }
+    }
+
+    /// Events and map entries of flows already published closed, dropped (see `closed`).
+    pub fn repeats(&self) -> u64 {
+        self.repeats
+    }
+
+    /// Takes an open flow's judgement from the kernel's `REPORTED` map: an earlier agent
+    /// published it, so it is not reported again as new, and its later records keep that
+    /// verdict unless this agent sees evidence of its own.
+    pub fn restore(&mut self, key: u64, state: &FlowState, verdict: Verdict, reason: &'static str) {
+        if self.closed.contains_key(&key) {
+            return;
+        }
+        let at = self.boot + Duration::from_nanos(state.opened_ns);
+        let flow = self.entry(key, state, at);
+        merge(&mut flow.kernel, state);
+        if flow.published.is_none() {
+            flow.published = Some((verdict, reason));
+            flow.restored = true;
+        }
     }
 
     /// The flow of `cookie`, created from `state` if the table does not know it yet.
@@ -285,6 +335,7 @@ impl FlowTable {
                 payload: None,
                 recovered: false,
                 published: None,
+                restored: false,
                 sampled_ns: 0,
             })
         })
@@ -309,6 +360,12 @@ impl FlowTable {
             .map(|(key, _)| *key)
             .collect();
         for (cookie, mut state) in entries {
+            if self.closed.contains_key(&cookie) {
+                // Published closed already; its entry is left over.
+                self.repeats += 1;
+                out.forget.push(cookie);
+                continue;
+            }
             // A UDP socket's later peer whose socket is gone from the map closed with it.
             let orphan =
                 state.socket != 0 && state.socket != cookie && !sockets.contains(&state.socket);
@@ -326,11 +383,10 @@ impl FlowTable {
                 out.deferred += usize::from(state.closed_ns != 0);
                 continue;
             }
-            if let Some(followed) = self
-                .flows
-                .get_mut(&cookie)
-                .filter(|f| state.closed_ns == 0 && f.encryption != Encryption::Unknown)
-            {
+            if let Some(followed) = self.flows.get_mut(&cookie).filter(|f| {
+                state.closed_ns == 0
+                    && (f.encryption != Encryption::Unknown || f.published.is_some())
+            }) {
                 // Followed through its events; only the counters may have moved on.
                 merge(&mut followed.kernel, &state);
                 continue;
@@ -349,6 +405,7 @@ impl FlowTable {
             if state.closed_ns != 0 {
                 let mut flow = self.flows.remove(&cookie).expect("just found");
                 self.assembling.remove(&cookie);
+                self.remember_closed(cookie);
                 flow.closed = true;
                 out.forget.push(cookie);
                 out.updates.push(Update::Closed(flow));
@@ -1347,6 +1404,69 @@ mod tests {
         let found = table.reconcile([(key, peer)], NOW);
         assert!(matches!(found.updates[..], [Update::Closed(_)]));
         assert_eq!(found.forget, [key]);
+    }
+
+    #[test]
+    fn a_flow_is_published_closed_once_however_often_it_is_seen_closed() {
+        // A close seen by two generations of programs, a walk that returns a key twice, an
+        // entry left over after its close was published: one closed record.
+        const NOW: u64 = 100 * 1_000_000_000;
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        let closed = entry(1, 2, b"GET / HTTP/1.1\r\n");
+        let found = table.reconcile([(7, closed), (7, closed)], NOW);
+        assert_eq!(found.updates.len(), 1, "one record for a key walked twice");
+        let again = table.reconcile([(7, closed)], NOW);
+        assert!(again.updates.is_empty(), "a second pass publishes nothing");
+        assert_eq!(again.forget, [7], "and removes the leftover entry");
+        let (mut out, mut forget) = (Vec::new(), Vec::new());
+        let event = decode(&flow_event(EventKind::Close, 7, closed)).unwrap();
+        table.apply(&event, &mut out, &mut forget);
+        assert!(out.is_empty(), "a late Close of the same flow is a repeat");
+        assert_eq!(table.repeats(), 3);
+        assert_eq!(table.stats().tracked, 0);
+    }
+
+    #[test]
+    fn a_restored_flow_is_not_reported_again_and_keeps_its_verdict() {
+        const NOW: u64 = 100 * 1_000_000_000;
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        // Open, its head a ClientHello's first bytes: alone, not enough for mesh mTLS.
+        let tls = [22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+        let open = entry(1, 0, &tls);
+        table.restore(7, &open, Verdict::Mtls, "istio-mtls");
+        let found = table.reconcile([(7, open)], NOW);
+        assert!(
+            found.updates.is_empty(),
+            "already reported: {:?}",
+            found.updates
+        );
+        let flow = table.get(7).unwrap();
+        assert_eq!(flow.published, Some((Verdict::Mtls, "istio-mtls")));
+        assert!(flow.restored);
+        // It closes while no agent sees its events: the close keeps the whole-evidence verdict.
+        let closed = entry(1, 2, &tls);
+        let found = table.reconcile([(7, closed)], NOW);
+        let [Update::Closed(flow)] = &found.updates[..] else {
+            panic!("{:?}", found.updates)
+        };
+        let (inv, policy) = none();
+        let mut judge = crate::judge::Judge::new(std::path::PathBuf::from("/nonexistent"));
+        let record = judge
+            .record(
+                &mut table,
+                Update::Closed(flow.clone()),
+                &inv,
+                &policy,
+                &"n".into(),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            (record.verdict, record.reason),
+            (Verdict::Mtls, "istio-mtls")
+        );
+        assert!(record.corrected_from.is_none());
+        assert!(!record.first_report, "metrics counted it before");
     }
 
     #[test]

@@ -8,13 +8,14 @@ use tokio::net::TcpListener;
 
 use crate::state::AgentState;
 
-pub async fn serve(listener: TcpListener, state: Arc<AgentState>) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+    let refusals = crate::serve::Refusals::of(&state.metrics, "metrics");
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state);
-    axum::serve(listener, app).await
+    crate::serve::tcp(listener, app, crate::serve::Limits::default(), refusals).await
 }
 
 async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
@@ -28,6 +29,9 @@ async fn ready(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     if state.attached.load(Ordering::Relaxed) {
         (StatusCode::OK, "attached\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not attached yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not attached (starting, or programs found detached and being attached again)\n",
+        )
     }
 }

@@ -195,11 +195,36 @@ impl Judge {
                 Some(record)
             }
             Update::Closed(flow) => {
-                let judged = self.judge(&flow, inventory, policy, now_ns);
+                let mut judged = self.judge(&flow, inventory, policy, now_ns);
+                keep_restored(&flow, &mut judged.decision);
                 Some(flow.record(node, Change::Closed, judged))
             }
         }
     }
+}
+
+/// A flow whose verdict an earlier agent published, and of which this agent saw no payload
+/// sample (only the first bytes the kernel's map keeps, no SNI or ALPN), keeps that verdict: a
+/// restart never judges a flow on less evidence than it was judged on.
+fn keep_restored(flow: &Flow, decision: &mut Decision) {
+    let Some((verdict, reason)) = flow.published.filter(|_| flow.restored) else {
+        return;
+    };
+    let seen_here = flow.payload.as_ref().is_some_and(|p| !p.head_only);
+    if seen_here || (decision.verdict, decision.reason) == (verdict, reason) {
+        return;
+    }
+    *decision = Decision {
+        verdict,
+        reason,
+        path: decision.path,
+        detail: format!(
+            "{} {reason} as the agent before this one judged it on the whole handshake; this agent saw only the first bytes the kernel keeps, which would have said {} ({})",
+            verdict.as_str(),
+            decision.verdict.as_str(),
+            decision.reason
+        ),
+    };
 }
 
 /// A flow judged: the decision, the owner and the two ends it rests on, and the evidence it

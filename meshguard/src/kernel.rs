@@ -3,6 +3,7 @@
 
 use std::{
     fs::File,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -15,10 +16,10 @@ use aya::{
     },
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
-use meshguard_ebpf::{names, FlowState, Stat, LAYOUT_VERSION};
+use meshguard_ebpf::{names, FlowState, Reported, Stat, LAYOUT_VERSION};
 use tracing::{info, warn};
 
-use crate::prereq::Node;
+use crate::{bpf_sys, prereq::Node};
 
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
@@ -74,10 +75,10 @@ pub enum KernelError {
     },
 }
 
-/// The kernel side as the agent holds it: maps it reads, and, unless pinned, the programs
-/// (dropping it then detaches them).
+/// The kernel side as the agent holds it: maps it reads, and every link it attached or adopted
+/// (held open, so that removing the pins cannot detach the programs while the agent runs).
 pub struct Kernel {
-    /// The loaded object, holding the links that are not pinned.
+    /// The loaded object, holding the links that are not fd links.
     ebpf: Option<Ebpf>,
     /// This generation's pins; `None`: the kernel side lives only as long as the agent.
     pins: Option<PathBuf>,
@@ -89,11 +90,185 @@ pub struct Kernel {
     pub adopted: bool,
     /// Entries the flow map holds at most (the pinned map's, when adopted).
     pub flow_map_capacity: u32,
-    /// Links attached by this agent and not pinned yet; dropping one detaches it.
-    links: Vec<(&'static str, FdLink)>,
+    /// Every fd link of this generation, held for the agent's lifetime.
+    links: Vec<HeldLink>,
+    /// Ids of the pinned maps, to pin them again if their pins are removed.
+    map_ids: Vec<(&'static str, u32)>,
+    /// The cgroup the programs are attached to, to check that they still are.
+    cgroup: Option<File>,
     events: Option<RingBuf<MapData>>,
     flows: aya::maps::HashMap<MapData, u64, FlowState>,
     stats: PerCpuArray<MapData, u64>,
+    /// The agent's record of what it reported (absent from generations older than the map).
+    reported: Option<aya::maps::HashMap<MapData, u64, Reported>>,
+    /// Generations this one replaced: detached, their maps still to be drained by the agent.
+    retiring: Vec<OldGeneration>,
+}
+
+/// A link the agent holds: while its fd is open the program stays attached, pinned or not.
+struct HeldLink {
+    name: &'static str,
+    program_id: u32,
+    fd: std::os::fd::OwnedFd,
+}
+
+/// A replaced generation, already detached (unpinned): what its ring buffer still queues and
+/// what its flow map still holds are the agent's to report before they are dropped.
+pub struct OldGeneration {
+    pub dir: PathBuf,
+    /// Its event layout is this agent's: its events can be decoded.
+    pub same_layout: bool,
+    pub events: Option<RingBuf<MapData>>,
+    pub flows: Option<aya::maps::HashMap<MapData, u64, FlowState>>,
+    pub reported: Option<aya::maps::HashMap<MapData, u64, Reported>>,
+}
+
+/// What a health check of the kernel side found and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Pins that were gone and are pinned again.
+    pub repinned: Vec<&'static str>,
+    /// Programs no longer attached to the cgroup.
+    pub detached: Vec<&'static str>,
+    /// Checks that could not be made, in words.
+    pub errors: Vec<String>,
+}
+
+/// One walk of a flow map: each entry once, however the walk went.
+#[derive(Debug, Default)]
+pub struct Walk {
+    pub entries: Vec<(u64, FlowState)>,
+    /// Keys the walk returned again (it restarts when a key it stands on is deleted).
+    pub repeats: u64,
+    /// Entries deleted between the walk of keys and their lookup.
+    pub vanished: u64,
+    /// Errors from the kernel, counted (the walk goes on without them).
+    pub errors: u64,
+    /// The walk stopped at its bound before the map's end.
+    pub cut: bool,
+}
+
+/// The attach type a cgroup program was attached with, by its name.
+fn cgroup_attach_type(name: &str) -> Option<u32> {
+    match name {
+        names::SOCK_OPS => Some(bpf_sys::ATTACH_CGROUP_SOCK_OPS),
+        names::SKB_EGRESS => Some(bpf_sys::ATTACH_CGROUP_INET_EGRESS),
+        names::SKB_INGRESS => Some(bpf_sys::ATTACH_CGROUP_INET_INGRESS),
+        names::SOCK_RELEASE => Some(bpf_sys::ATTACH_CGROUP_INET_SOCK_RELEASE),
+        _ => None,
+    }
+}
+
+/// A second fd for an fd link, the agent's own: the link lives while either is open.
+fn held(name: &'static str, link: &FdLink) -> Result<HeldLink, String> {
+    let info = link
+        .info()
+        .map_err(|e| format!("{name}: cannot read its link: {e}"))?;
+    let fd = bpf_sys::link_fd_by_id(info.id())
+        .map_err(|e| format!("{name}: cannot hold its link: {e}"))?;
+    Ok(HeldLink {
+        name,
+        program_id: info.program_id(),
+        fd,
+    })
+}
+
+fn map_data(map: &Map) -> Option<&MapData> {
+    match map {
+        Map::LruHashMap(m) | Map::RingBuf(m) | Map::PerCpuArray(m) | Map::HashMap(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// Walks a flow map's keys, then looks each up: every entry once.
+pub fn walk(map: &aya::maps::HashMap<MapData, u64, FlowState>, bound: usize) -> Walk {
+    let (keys, repeats, errors, cut) = distinct_keys(map.keys(), bound);
+    let mut out = Walk {
+        repeats,
+        errors,
+        cut,
+        ..Walk::default()
+    };
+    for key in keys {
+        match map.get(&key, 0) {
+            Ok(state) => out.entries.push((key, state)),
+            Err(aya::maps::MapError::KeyNotFound) => out.vanished += 1,
+            Err(_) => out.errors += 1,
+        }
+    }
+    out
+}
+
+/// The distinct keys of a walk, in walk order, at most `bound` of them visited: a map's key
+/// walk starts over when the key it stands on is deleted (entries then repeat), and ends at the
+/// first error. Returns the keys, repeats, errors, and whether the bound cut the walk.
+pub fn distinct_keys<E>(
+    keys: impl Iterator<Item = Result<u64, E>>,
+    bound: usize,
+) -> (Vec<u64>, u64, u64, bool) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut out, mut repeats, mut errors) = (Vec::new(), 0, 0);
+    for (visited, key) in keys.enumerate() {
+        if visited >= bound {
+            return (out, repeats, errors, true);
+        }
+        match key {
+            Ok(key) if seen.insert(key) => out.push(key),
+            Ok(_) => repeats += 1,
+            Err(_) => {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    (out, repeats, errors, false)
+}
+
+fn read_reported(map: Option<&aya::maps::HashMap<MapData, u64, Reported>>) -> Vec<(u64, Reported)> {
+    let Some(map) = map else {
+        return Vec::new();
+    };
+    let (keys, ..) = distinct_keys(map.keys(), 1 << 22);
+    keys.into_iter()
+        .filter_map(|key| Some((key, map.get(&key, 0).ok()?)))
+        .collect()
+}
+
+impl OldGeneration {
+    /// Opens what a replaced generation's pins hold, then removes the pins: its programs
+    /// detach (nothing else holds their links) while its maps stay open here.
+    fn open(dir: &Path) -> Self {
+        let open = |name: &str| MapData::from_pin(dir.join(name)).ok();
+        let same_layout = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("v{LAYOUT_VERSION}-")));
+        let old = Self {
+            dir: dir.to_path_buf(),
+            same_layout,
+            events: open(names::EVENTS).and_then(|m| RingBuf::try_from(Map::RingBuf(m)).ok()),
+            flows: open(names::FLOWS)
+                .filter(|_| same_layout)
+                .and_then(|m| aya::maps::HashMap::try_from(Map::LruHashMap(m)).ok()),
+            reported: open(names::REPORTED)
+                .filter(|_| same_layout)
+                .and_then(|m| aya::maps::HashMap::try_from(Map::LruHashMap(m)).ok()),
+        };
+        remove_pins(dir);
+        old
+    }
+
+    /// Its flow map, each entry once.
+    pub fn flow_map(&self) -> Walk {
+        self.flows
+            .as_ref()
+            .map(|m| walk(m, 1 << 22))
+            .unwrap_or_default()
+    }
+
+    pub fn reported(&self) -> Vec<(u64, Reported)> {
+        read_reported(self.reported.as_ref())
+    }
 }
 
 /// Links an adoptable generation must have pinned: the flow programs (process attribution is
@@ -123,10 +298,10 @@ impl Kernel {
         let generation = generation(sizes, attribution, &node.cgroup_root);
         let dir = root.join(&generation);
         if dir.is_dir() {
-            match Self::adopt(&dir) {
-                Ok(kernel) => {
+            match Self::adopt(&dir, node) {
+                Ok(mut kernel) => {
                     info!(pins = %dir.display(), programs = ?kernel.attached, "adopted the pinned kernel side");
-                    retire(root, &generation);
+                    kernel.retiring = retire(root, &generation);
                     return Ok(kernel);
                 }
                 Err(e) => {
@@ -149,12 +324,17 @@ impl Kernel {
                 kernel.pins = Some(dir);
                 Ok(kernel)
             });
-        match &result {
+        match result {
             // Only now: until the new generation runs, the old one keeps counting.
-            Ok(_) => retire(root, &generation),
-            Err(_) => remove_pins(&scratch),
+            Ok(mut kernel) => {
+                kernel.retiring = retire(root, &generation);
+                Ok(kernel)
+            }
+            Err(e) => {
+                remove_pins(&scratch);
+                Err(e)
+            }
         }
-        result
     }
 
     /// Loads and attaches; with `pins`, pins the maps there.
@@ -183,24 +363,32 @@ impl Kernel {
             .override_global(names::SK_COOKIE_OFFSET, &u64::from(cookie_offset), true)
             .map_max_entries(names::FLOWS, sizes.flow_map_entries)
             .map_max_entries(names::EVENTS, sizes.ringbuf_bytes)
+            .map_max_entries(names::REPORTED, sizes.flow_map_entries)
             .load(OBJECT)?;
         let cgroup = File::open(&node.cgroup_root).map_err(|source| KernelError::Cgroup {
             path: node.cgroup_root.display().to_string(),
             source,
         })?;
-        let (flows, events, stats) = (
+        let (flows, events, stats, reported) = (
             take_map(&mut ebpf, names::FLOWS)?,
             take_map(&mut ebpf, names::EVENTS)?,
             take_map(&mut ebpf, names::STATS)?,
+            take_map(&mut ebpf, names::REPORTED)?,
         );
-        if let Some(dir) = pins {
-            for (name, map) in [
-                (names::FLOWS, &flows),
-                (names::EVENTS, &events),
-                (names::STATS, &stats),
-            ] {
+        let mut map_ids = Vec::new();
+        for (name, map) in [
+            (names::FLOWS, &flows),
+            (names::EVENTS, &events),
+            (names::STATS, &stats),
+            (names::REPORTED, &reported),
+        ] {
+            let data = map_data(map);
+            if let Some(id) = data.and_then(|d| d.info().ok()).map(|i| i.id()) {
+                map_ids.push((name, id));
+            }
+            if let (Some(dir), Some(data)) = (pins, data) {
                 let path = dir.join(name);
-                map.pin(&path).map_err(|e| pin_error(&path, &e))?;
+                data.pin(&path).map_err(|e| pin_error(&path, &e))?;
             }
         }
         let mut kernel = Self {
@@ -211,9 +399,13 @@ impl Kernel {
             adopted: false,
             flow_map_capacity: sizes.flow_map_entries,
             links: Vec::new(),
+            map_ids,
+            cgroup: cgroup.try_clone().ok(),
             flows: typed(names::FLOWS, flows)?,
             events: Some(typed(names::EVENTS, events)?),
             stats: typed(names::STATS, stats)?,
+            reported: Some(typed(names::REPORTED, reported)?),
+            retiring: Vec::new(),
         };
 
         // Single: aya turns AllowMultiple into link flags that some kernels reject; links to a
@@ -272,18 +464,17 @@ impl Kernel {
         Ok(kernel)
     }
 
-    /// Pins the links taken at attachment into `dir`.
+    /// Pins the links this agent holds into `dir`: they stay attached when it exits.
     fn pin_links(&mut self, dir: &Path) -> Result<(), KernelError> {
-        for (name, link) in std::mem::take(&mut self.links) {
-            let path = dir.join(name);
-            // Dropping the pinned link closes our fd; the pin keeps it attached.
-            link.pin(&path).map_err(|e| pin_error(&path, &e))?;
+        for link in &self.links {
+            let path = dir.join(link.name);
+            bpf_sys::pin(link.fd.as_fd(), &path).map_err(|e| pin_error(&path, &e))?;
         }
         Ok(())
     }
 
     /// Takes over a pinned generation: its maps, and the links it lists.
-    fn adopt(dir: &Path) -> Result<Self, KernelError> {
+    fn adopt(dir: &Path, node: &Node) -> Result<Self, KernelError> {
         let open = |name: &'static str| {
             MapData::from_pin(dir.join(name)).map_err(|source| KernelError::Map { name, source })
         };
@@ -296,10 +487,28 @@ impl Kernel {
             })?
             .max_entries();
         let (events, stats) = (open(names::EVENTS)?, open(names::STATS)?);
+        let reported = open(names::REPORTED).ok();
+        let map_ids = [
+            (names::FLOWS, Some(&flows)),
+            (names::EVENTS, Some(&events)),
+            (names::STATS, Some(&stats)),
+            (names::REPORTED, reported.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, map)| Some((name, map?.info().ok()?.id())))
+        .collect();
         let mut attached = Vec::new();
+        let mut links = Vec::new();
+        let mut degraded = Vec::new();
         for name in REQUIRED_LINKS.into_iter().chain(SENDER_LINKS) {
             match PinnedLink::from_pin(dir.join(name)) {
-                Ok(_) => attached.push(name),
+                Ok(pinned) => {
+                    attached.push(name);
+                    match held(name, &FdLink::from(pinned)) {
+                        Ok(link) => links.push(link),
+                        Err(why) => degraded.push(why),
+                    }
+                }
                 Err(e) if REQUIRED_LINKS.contains(&name) => {
                     return Err(KernelError::Pin {
                         path: dir.join(name).display().to_string(),
@@ -309,7 +518,6 @@ impl Kernel {
                 Err(_) => {}
             }
         }
-        let mut degraded = Vec::new();
         if !attached.iter().any(|name| SENDER_LINKS.contains(name)) {
             degraded.push(
                 "no process attribution: none could be attached when these programs were loaded"
@@ -323,10 +531,16 @@ impl Kernel {
             degraded,
             adopted: true,
             flow_map_capacity: capacity,
-            links: Vec::new(),
+            links,
+            map_ids,
+            cgroup: File::open(&node.cgroup_root).ok(),
             flows: typed(names::FLOWS, Map::LruHashMap(flows))?,
             events: Some(typed(names::EVENTS, Map::RingBuf(events))?),
             stats: typed(names::STATS, Map::PerCpuArray(stats))?,
+            reported: reported
+                .map(|m| typed(names::REPORTED, Map::LruHashMap(m)))
+                .transpose()?,
+            retiring: Vec::new(),
         })
     }
 
@@ -334,12 +548,108 @@ impl Kernel {
     /// the object, and is detached when the agent exits.
     fn hold(&mut self, name: &'static str, link: Result<FdLink, &'static str>) {
         self.attached.push(name);
-        match link {
-            Ok(link) => self.links.push((name, link)),
+        match link.map(|link| held(name, &link)) {
+            Ok(Ok(link)) => self.links.push(link),
+            Ok(Err(why)) => self.degraded.push(why),
             Err(name) => self.degraded.push(format!(
                 "{name} cannot be pinned on this kernel: it detaches when the agent exits"
             )),
         }
+    }
+
+    /// Checks that the pins and the attachments are still there: pins removed behind the
+    /// agent's back are pinned again (the agent holds every link and map, so nothing detached
+    /// meanwhile), and programs no longer attached to the cgroup are named.
+    pub fn check(&mut self) -> Health {
+        let mut health = Health::default();
+        if let Some(dir) = &self.pins {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                health
+                    .errors
+                    .push(format!("recreating {}: {e}", dir.display()));
+            }
+            for (name, id) in &self.map_ids {
+                let path = dir.join(name);
+                if path.exists() {
+                    continue;
+                }
+                match MapData::from_id(*id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|map| map.pin(&path).map_err(|e| e.to_string()))
+                {
+                    Ok(()) => health.repinned.push(*name),
+                    Err(e) => health
+                        .errors
+                        .push(format!("pinning {}: {e}", path.display())),
+                }
+            }
+            for link in &self.links {
+                let path = dir.join(link.name);
+                if path.exists() {
+                    continue;
+                }
+                match bpf_sys::pin(link.fd.as_fd(), &path) {
+                    Ok(()) => health.repinned.push(link.name),
+                    Err(e) => health
+                        .errors
+                        .push(format!("pinning {}: {e}", path.display())),
+                }
+            }
+        }
+        if let Some(cgroup) = &self.cgroup {
+            for link in &self.links {
+                let Some(attach_type) = cgroup_attach_type(link.name) else {
+                    continue;
+                };
+                match bpf_sys::cgroup_programs(cgroup.as_fd(), attach_type) {
+                    Ok(ids) if !ids.contains(&link.program_id) => health.detached.push(link.name),
+                    Ok(_) => {}
+                    Err(e) => health.errors.push(format!("querying {}: {e}", link.name)),
+                }
+            }
+        }
+        health
+    }
+
+    /// Generations this one replaced, detached and waiting to be drained (once).
+    pub fn take_retiring(&mut self) -> Vec<OldGeneration> {
+        std::mem::take(&mut self.retiring)
+    }
+
+    /// Gives this generation up to be drained like a replaced one: unpinned now, detached once
+    /// the returned value (the last holder of its links) is dropped. `events`: its ring buffer,
+    /// taken earlier.
+    pub fn into_old(self, events: Option<RingBuf<MapData>>) -> OldGeneration {
+        if let Some(dir) = &self.pins {
+            remove_pins(dir);
+        }
+        OldGeneration {
+            dir: self.pins.clone().unwrap_or_default(),
+            same_layout: true,
+            events: events.or(self.events),
+            flows: Some(self.flows),
+            reported: self.reported,
+        }
+    }
+
+    /// Notes that the agent published a verdict for this open flow.
+    pub fn remember(&mut self, key: u64, entry: Reported) {
+        if let Some(map) = &mut self.reported {
+            // Full (an LRU never is) or gone: a later restart re-judges the flow, no worse.
+            let _ = map.insert(key, entry, 0);
+        }
+    }
+
+    /// Drops a closed flow from the agent's record.
+    pub fn forget_reported(&mut self, key: u64) {
+        if let Some(map) = &mut self.reported {
+            let _ = map.remove(&key);
+        }
+    }
+
+    /// What the agent (this one or the one before it) reported of open flows.
+    pub fn reported(&self) -> Vec<(u64, Reported)> {
+        read_reported(self.reported.as_ref())
     }
 
     /// Detaches now: unpins this generation (the links go with the last reference to them).
@@ -434,19 +744,28 @@ impl Kernel {
 
     /// Entries in the kernel's flow map (a walk of its keys: call it now and then, not often).
     pub fn flow_map_entries(&self) -> usize {
-        self.flows.keys().count()
+        distinct_keys(self.flows.keys(), self.walk_bound()).0.len()
     }
 
-    /// Every entry of the flow map (a walk: for reconciliation, not for every tick).
-    pub fn flow_map(&self) -> Vec<(u64, FlowState)> {
-        self.flows.iter().filter_map(Result::ok).collect()
+    /// Every entry of the flow map, once (a walk: for reconciliation, not for every tick).
+    pub fn flow_map(&self) -> Walk {
+        walk(&self.flows, self.walk_bound())
     }
 
-    /// Removes entries the agent has reported (closed flows kept for reconciliation).
+    /// A walk visits at most this many keys: the map's size, with room for its restarts.
+    fn walk_bound(&self) -> usize {
+        2 * self.flow_map_capacity as usize + 64
+    }
+
+    /// Removes entries of flows the agent has reported closed, from the flow map and from its
+    /// own record.
     pub fn forget(&mut self, cookies: &[u64]) {
         for cookie in cookies {
             // Gone already (evicted) is fine.
             let _ = self.flows.remove(cookie);
+            if let Some(map) = &mut self.reported {
+                let _ = map.remove(cookie);
+            }
         }
     }
 
@@ -494,17 +813,20 @@ fn generation(sizes: Sizes, attribution: ProcessAttribution, cgroup_root: &Path)
     format!("v{LAYOUT_VERSION}-{hash:016x}")
 }
 
-/// Detaches every generation under `root` but `keep` (and scratch left by a crash).
-fn retire(root: &Path, keep: &str) {
+/// Detaches every generation under `root` but `keep` (and scratch left by a crash), keeping
+/// their maps open for the agent to drain: nothing they queued is lost to an upgrade.
+fn retire(root: &Path, keep: &str) -> Vec<OldGeneration> {
     let Ok(entries) = std::fs::read_dir(root) else {
-        return;
+        return Vec::new();
     };
+    let mut old = Vec::new();
     for entry in entries.flatten() {
         if entry.file_name() != keep {
             info!(pins = %entry.path().display(), "detaching an older generation of programs");
-            remove_pins(&entry.path());
+            old.push(OldGeneration::open(&entry.path()));
         }
     }
+    old
 }
 
 /// Unpins a generation: its links detach and its maps go once nothing else holds them.
@@ -551,4 +873,36 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     map: Map,
 ) -> Result<T, KernelError> {
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_walk_yields_each_key_once_within_its_bound() {
+        type Step = Result<u64, ()>;
+        // (what the kernel's walk returned, bound, keys, repeats, errors, cut)
+        let cases: [(&[Step], usize, &[u64], u64, u64, bool); 5] = [
+            (&[Ok(1), Ok(2), Ok(3)], 10, &[1, 2, 3], 0, 0, false),
+            // A key deleted under the walk: it starts over from the first bucket.
+            (
+                &[Ok(1), Ok(2), Ok(1), Ok(2), Ok(3)],
+                10,
+                &[1, 2, 3],
+                2,
+                0,
+                false,
+            ),
+            // An error ends the walk, counted.
+            (&[Ok(1), Err(()), Ok(2)], 10, &[1], 0, 1, false),
+            // A walk that keeps starting over stops at its bound.
+            (&[Ok(1), Ok(1), Ok(1), Ok(1), Ok(2)], 3, &[1], 2, 0, true),
+            (&[], 10, &[], 0, 0, false),
+        ];
+        for (walk, bound, keys, repeats, errors, cut) in cases {
+            let got = distinct_keys(walk.iter().cloned(), bound);
+            assert_eq!(got, (keys.to_vec(), repeats, errors, cut), "{walk:?}");
+        }
+    }
 }

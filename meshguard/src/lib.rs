@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bpf_sys;
 pub mod btf;
 pub mod cli;
 pub mod client;
@@ -25,6 +26,7 @@ pub mod judge;
 pub mod kernel;
 pub mod metrics;
 pub mod prereq;
+pub mod serve;
 pub mod state;
 pub mod store;
 #[cfg(feature = "tls")]

@@ -101,6 +101,15 @@ pub struct Metrics {
     pub programs_attached: IntGauge,
     pub degraded: IntGauge,
     pub inventory_age: Gauge,
+    /// Reconciliation passes over the kernel's flow map, by why they ran.
+    pub reconcile_passes: IntCounterVec,
+    /// What reconciliation walks met that a plain walk would have miscounted, by kind.
+    pub reconcile_anomalies: IntCounterVec,
+    /// Repairs of the kernel side the agent made, by what (pins recreated, programs attached
+    /// again).
+    pub kernel_repairs: IntCounterVec,
+    /// Connections the endpoints closed at once, by listener and why.
+    pub connections_refused: IntCounterVec,
     series: Mutex<Book>,
     max_series: usize,
 }
@@ -183,12 +192,50 @@ impl Metrics {
                 .expect("valid metric");
         let degraded = IntGauge::new(
             "meshguard_degraded",
-            "1 when an optional kernel program could not attach.",
+            "1 when the agent is degraded: an optional kernel program could not attach, an endpoint is not served, or its programs were found detached (see meshguard status).",
         )
         .expect("valid metric");
         let inventory_age = Gauge::new(
             "meshguard_inventory_age_seconds",
             "Seconds since the pod inventory last changed.",
+        )
+        .expect("valid metric");
+        let reconcile_passes = IntCounterVec::new(
+            Opts::new(
+                "meshguard_reconcile_passes_total",
+                "Walks of the kernel's flow map, by why (start, overflow, deferred, upgrade, reattach).",
+            ),
+            &["trigger"],
+        )
+        .expect("valid metric");
+        let reconcile_anomalies = IntCounterVec::new(
+            Opts::new(
+                "meshguard_reconcile_anomalies_total",
+                "What flow-map walks met: keys returned again (repeated), entries gone before their lookup (vanished), kernel errors (error), walks stopped at their bound (cut).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        for kind in ["repeated", "vanished", "error", "cut"] {
+            reconcile_anomalies.with_label_values(&[kind]);
+        }
+        let kernel_repairs = IntCounterVec::new(
+            Opts::new(
+                "meshguard_kernel_repairs_total",
+                "Repairs of the kernel side: pins removed behind the agent's back and pinned again (repinned), programs found detached and attached again (reattached).",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
+        for action in ["repinned", "reattached"] {
+            kernel_repairs.with_label_values(&[action]);
+        }
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "meshguard_connections_refused_total",
+                "Connections to the agent's endpoints closed at once, by listener (metrics, api, api-socket) and why (limit, peer_limit, accept_error).",
+            ),
+            &["listener", "reason"],
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
@@ -222,6 +269,10 @@ impl Metrics {
             Box::new(programs_attached.clone()),
             Box::new(degraded.clone()),
             Box::new(inventory_age.clone()),
+            Box::new(reconcile_passes.clone()),
+            Box::new(reconcile_anomalies.clone()),
+            Box::new(kernel_repairs.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -240,9 +291,24 @@ impl Metrics {
             programs_attached,
             degraded,
             inventory_age,
+            reconcile_passes,
+            reconcile_anomalies,
+            kernel_repairs,
+            connections_refused,
             series: Mutex::new(Book::default()),
             max_series: max_series.max(1),
         }
+    }
+
+    /// Connections refused by every endpoint since start.
+    pub fn connections_refused_total(&self) -> u64 {
+        use prometheus::core::Collector as _;
+        self.connections_refused
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
     }
 
     /// Counts a flow once, when its first verdict is known (or at close for one that never

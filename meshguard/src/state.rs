@@ -47,6 +47,15 @@ impl AgentState {
     }
 
     /// Publishes a judged record: stored for queries, sent to followers, counted.
+    /// Notes a repair of the kernel side in `meshguard status`, with its time.
+    pub fn note_repair(&self, what: &str) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        status.kernel_repairs.push(format!("{now} {what}"));
+        let excess = status.kernel_repairs.len().saturating_sub(REPAIRS_KEPT);
+        status.kernel_repairs.drain(..excess);
+    }
+
     pub fn publish(&self, record: FlowRecord) {
         self.metrics.observe(&record);
         let record = Arc::new(record);
@@ -91,6 +100,31 @@ pub struct Status {
     /// Records each store evicted to make room since start: a growing count means its flag
     /// (--store-flows, --store-flagged, --store-bypass) is too small for the node's traffic.
     pub store_evicted: Evicted,
+    /// Walks of the kernel's flow map since start, and what they met.
+    pub reconcile: ReconcileStatus,
+    /// Repairs of the kernel side, newest last (at most `REPAIRS_KEPT`): pins removed behind
+    /// the agent's back, programs found detached, generations drained on an upgrade.
+    pub kernel_repairs: Vec<String>,
+    /// Connections the endpoints closed at once because a limit was reached, since start.
+    pub connections_refused: u64,
+}
+
+/// Repairs `Status::kernel_repairs` keeps.
+pub const REPAIRS_KEPT: usize = 10;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReconcileStatus {
+    pub passes: u64,
+    /// Entries the last pass walked.
+    pub last_scanned: usize,
+    /// Keys walks returned twice (dropped), entries gone before their lookup, kernel errors,
+    /// walks stopped at their bound: since start.
+    pub repeated: u64,
+    pub vanished: u64,
+    pub errors: u64,
+    pub cut: u64,
+    /// Events and map entries of flows already published closed (dropped, not published again).
+    pub duplicates_dropped: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

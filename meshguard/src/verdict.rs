@@ -64,6 +64,42 @@ impl Verdict {
     pub fn is_bypass(self) -> bool {
         matches!(self, Verdict::BypassPlaintext | Verdict::BypassTls)
     }
+
+    pub const ALL: [Verdict; 8] = [
+        Verdict::Mtls,
+        Verdict::BypassPlaintext,
+        Verdict::BypassTls,
+        Verdict::Plaintext,
+        Verdict::Unmeshed,
+        Verdict::Expected,
+        Verdict::InPod,
+        Verdict::Pending,
+    ];
+
+    /// Its number in the kernel's `REPORTED` map (0 means none).
+    pub fn code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|v| *v == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+    }
+}
+
+/// A reason word read back from the kernel's `REPORTED` map, as the `&'static str` records
+/// carry. Reasons are a small fixed vocabulary, so each distinct one is allocated once.
+pub fn intern_reason(reason: &str) -> &'static str {
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = seen.iter().find(|r| **r == reason) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(reason.to_string().into_boxed_str());
+    seen.push(leaked);
+    leaked
 }
 
 /// What the wire showed of a flow's encryption: TLS, another encrypted protocol, or plaintext.
@@ -809,6 +845,19 @@ fn facing_meshed(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn verdict_codes_round_trip_and_reasons_intern_once() {
+        for v in Verdict::ALL {
+            assert_ne!(v.code(), 0);
+            assert_eq!(Verdict::from_code(v.code()), Some(v));
+        }
+        assert_eq!(Verdict::from_code(0), None);
+        assert_eq!(Verdict::from_code(200), None);
+        let a = intern_reason("istio-mtls");
+        assert!(std::ptr::eq(a, intern_reason("istio-mtls")));
+    }
+
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
