@@ -42,6 +42,10 @@ METRICS = {
     "meshguard_store_evicted_total": {"store"},
     "meshguard_programs_attached": set(),
     "meshguard_degraded": set(),
+    "meshguard_reconcile_passes_total": {"trigger"},
+    "meshguard_reconcile_anomalies_total": {"kind"},
+    "meshguard_kernel_repairs_total": {"action"},
+    "meshguard_connections_refused_total": {"listener", "reason"},
     "meshguard_inventory_age_seconds": set(),
     "meshguard_build_info": {"version"},
 }

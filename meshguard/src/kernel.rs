@@ -882,8 +882,9 @@ mod tests {
     #[test]
     fn a_key_walk_yields_each_key_once_within_its_bound() {
         type Step = Result<u64, ()>;
-        // (what the kernel's walk returned, bound, keys, repeats, errors, cut)
-        let cases: [(&[Step], usize, &[u64], u64, u64, bool); 5] = [
+        /// What the kernel's walk returned, the bound, then keys, repeats, errors, cut.
+        type Case<'a> = (&'a [Step], usize, &'a [u64], u64, u64, bool);
+        let cases: [Case; 5] = [
             (&[Ok(1), Ok(2), Ok(3)], 10, &[1, 2, 3], 0, 0, false),
             // A key deleted under the walk: it starts over from the first bucket.
             (

@@ -31,6 +31,27 @@ pub fn meshguard_bin() -> anyhow::Result<PathBuf> {
     Ok(workspace.join("target/debug/meshguard"))
 }
 
+/// A build of meshguard whose kernel programs differ from [`meshguard_bin`]'s (the eBPF
+/// crate's `variant` feature), to replace one with the other as an upgrade does:
+/// `MESHGUARD_VARIANT_BIN` (set by `cargo xtask test`), else built now under `target/variant`.
+pub fn variant_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("MESHGUARD_VARIANT_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?;
+    let target = workspace.join("target/variant");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", "meshguard", "--target-dir"])
+            .arg(&target)
+            .env("MESHGUARD_EBPF_VARIANT", "1")
+            .current_dir(workspace),
+    )?;
+    Ok(target.join("debug/meshguard"))
+}
+
 /// A bpffs directory of a test's own for the agent's pins (`--bpf-pin-dir`); dropping it runs
 /// `meshguard uninstall` on it, so that nothing stays attached after the test, even a failed one.
 pub struct Pins {
@@ -90,7 +111,12 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in `cgroup` and waits until it has attached.
     pub fn start(cgroup: &Cgroup, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(meshguard_bin()?);
+        Self::start_with(&meshguard_bin()?, cgroup, extra_args)
+    }
+
+    /// As [`Agent::start`], with another build of meshguard.
+    pub fn start_with(bin: &Path, cgroup: &Cgroup, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
         cmd.args(["agent", "--log-flows", "--node-name", "test-node"]);
         // Tests run beside each other and the demo: metrics on a free loopback port, the API
         // on a socket of the test's own.

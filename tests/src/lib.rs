@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, Context as _};
 
-pub use agent::{meshguard_bin, Agent, Pins, RecordExt};
+pub use agent::{meshguard_bin, variant_bin, Agent, Pins, RecordExt};
 pub use sys::{cgroup2_root, link, Cgroup, Netns, Service, TempDir};
 
 /// Whether privileged tests can run here. Panics in CI when they cannot: a CI run that skipped

@@ -64,6 +64,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         cargo().args(["build", "-p", "meshguard"]),
     )?;
     let bin = workspace_root().join("target/debug/meshguard");
+    // The upgrade test's other version: programs that differ (a target dir of its own, so that
+    // neither build overwrites the other).
+    let variant_dir = workspace_root().join("target/variant");
+    step(
+        "build meshguard with other kernel programs, for the upgrade test",
+        cargo()
+            .args(["build", "-p", "meshguard", "--target-dir"])
+            .arg(&variant_dir)
+            .env("MESHGUARD_EBPF_VARIANT", "1"),
+    )?;
     step(
         "bench smoke run (every figure produced; numbers not judged)",
         cargo()
@@ -82,7 +92,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 "--",
                 "--test-threads=1",
             ])
-            .env("MESHGUARD_BIN", bin),
+            .env("MESHGUARD_BIN", bin)
+            .env("MESHGUARD_VARIANT_BIN", variant_dir.join("debug/meshguard")),
     )
 }
 
