@@ -109,7 +109,30 @@ pub struct Kernel {
 struct HeldLink {
     name: &'static str,
     program_id: u32,
-    fd: std::os::fd::OwnedFd,
+    handle: Handle,
+}
+
+/// A second fd of our own (by link id), or, where that needs CAP_SYS_ADMIN the agent lacks,
+/// aya's link itself.
+enum Handle {
+    Fd(std::os::fd::OwnedFd),
+    Aya(Option<FdLink>),
+}
+
+impl HeldLink {
+    fn pin(&mut self, path: &Path) -> Result<(), String> {
+        match &mut self.handle {
+            Handle::Fd(fd) => bpf_sys::pin(fd.as_fd(), path).map_err(|e| e.to_string()),
+            Handle::Aya(link) => {
+                let Some(taken) = link.take() else {
+                    return Err("the link was lost to an earlier pinning error".into());
+                };
+                let pinned = taken.pin(path).map_err(|e| e.to_string())?;
+                *link = Some(FdLink::from(pinned));
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A replaced generation, already detached (unpinned): what its ring buffer still queues and
@@ -160,16 +183,23 @@ fn cgroup_attach_type(name: &str) -> Option<u32> {
 }
 
 /// A second fd for an fd link, the agent's own: the link lives while either is open.
-fn held(name: &'static str, link: &FdLink) -> Result<HeldLink, String> {
-    let info = link
-        .info()
-        .map_err(|e| format!("{name}: cannot read its link: {e}"))?;
-    let fd = bpf_sys::link_fd_by_id(info.id())
-        .map_err(|e| format!("{name}: cannot hold its link: {e}"))?;
+fn held(name: &'static str, link: FdLink) -> Result<HeldLink, String> {
+    let Ok(info) = link.info() else {
+        // Held all the same; its attachment cannot be checked (program id 0 is skipped).
+        return Ok(HeldLink {
+            name,
+            program_id: 0,
+            handle: Handle::Aya(Some(link)),
+        });
+    };
+    let handle = match bpf_sys::link_fd_by_id(info.id()) {
+        Ok(fd) => Handle::Fd(fd),
+        Err(_) => Handle::Aya(Some(link)),
+    };
     Ok(HeldLink {
         name,
         program_id: info.program_id(),
-        fd,
+        handle,
     })
 }
 
@@ -466,9 +496,9 @@ impl Kernel {
 
     /// Pins the links this agent holds into `dir`: they stay attached when it exits.
     fn pin_links(&mut self, dir: &Path) -> Result<(), KernelError> {
-        for link in &self.links {
+        for link in &mut self.links {
             let path = dir.join(link.name);
-            bpf_sys::pin(link.fd.as_fd(), &path).map_err(|e| pin_error(&path, &e))?;
+            link.pin(&path).map_err(|e| pin_error(&path, &e))?;
         }
         Ok(())
     }
@@ -504,7 +534,7 @@ impl Kernel {
             match PinnedLink::from_pin(dir.join(name)) {
                 Ok(pinned) => {
                     attached.push(name);
-                    match held(name, &FdLink::from(pinned)) {
+                    match held(name, FdLink::from(pinned)) {
                         Ok(link) => links.push(link),
                         Err(why) => degraded.push(why),
                     }
@@ -548,7 +578,7 @@ impl Kernel {
     /// the object, and is detached when the agent exits.
     fn hold(&mut self, name: &'static str, link: Result<FdLink, &'static str>) {
         self.attached.push(name);
-        match link.map(|link| held(name, &link)) {
+        match link.map(|link| held(name, link)) {
             Ok(Ok(link)) => self.links.push(link),
             Ok(Err(why)) => self.degraded.push(why),
             Err(name) => self.degraded.push(format!(
@@ -583,12 +613,12 @@ impl Kernel {
                         .push(format!("pinning {}: {e}", path.display())),
                 }
             }
-            for link in &self.links {
+            for link in &mut self.links {
                 let path = dir.join(link.name);
                 if path.exists() {
                     continue;
                 }
-                match bpf_sys::pin(link.fd.as_fd(), &path) {
+                match link.pin(&path) {
                     Ok(()) => health.repinned.push(link.name),
                     Err(e) => health
                         .errors
@@ -598,7 +628,9 @@ impl Kernel {
         }
         if let Some(cgroup) = &self.cgroup {
             for link in &self.links {
-                let Some(attach_type) = cgroup_attach_type(link.name) else {
+                let Some(attach_type) =
+                    cgroup_attach_type(link.name).filter(|_| link.program_id != 0)
+                else {
                     continue;
                 };
                 match bpf_sys::cgroup_programs(cgroup.as_fd(), attach_type) {
