@@ -283,23 +283,12 @@ impl Default for Filter {
     }
 }
 
-const VERDICTS: [Verdict; 8] = [
-    Verdict::Mtls,
-    Verdict::BypassPlaintext,
-    Verdict::BypassTls,
-    Verdict::Plaintext,
-    Verdict::Unmeshed,
-    Verdict::Expected,
-    Verdict::InPod,
-    Verdict::Pending,
-];
-
 pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
-    VERDICTS
+    Verdict::ALL
         .into_iter()
         .find(|v| v.as_str() == s)
         .ok_or_else(|| {
-            let known: Vec<&str> = VERDICTS.iter().map(|v| v.as_str()).collect();
+            let known: Vec<&str> = Verdict::ALL.iter().map(|v| v.as_str()).collect();
             format!("unknown verdict {s:?}; use one of {}", known.join(", "))
         })
 }

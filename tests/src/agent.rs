@@ -201,6 +201,17 @@ impl Agent {
         })
     }
 
+    /// `meshguard status -o json` of the agent, through its API socket.
+    pub fn status(&self) -> Value {
+        let out = Command::new(meshguard_bin().expect("meshguard"))
+            .args(["status", "-o", "json", "--agent"])
+            .arg(&self.socket)
+            .output()
+            .expect("meshguard status");
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
     /// The agent's `/metrics` page, read with curl.
     pub fn metrics_page(&self) -> String {
         let addr = self

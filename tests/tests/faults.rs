@@ -15,16 +15,6 @@ use meshguard_tests::{
 };
 use serde_json::Value;
 
-/// The scenarios with a bypass among their flows.
-fn bypass_scenarios() -> Vec<scenarios::Scenario> {
-    let all: Vec<_> = scenarios::all()
-        .into_iter()
-        .filter(|s| s.expect.iter().any(|e| e.verdict == "bypass-plaintext"))
-        .collect();
-    assert!(all.len() >= 3, "the testbed has its bypass scenarios");
-    all
-}
-
 /// Checks that every flow of `scenarios` was reported `rounds` times, closed, with its stated
 /// verdict; returns how many of those records came from reconciliation.
 fn assert_every_flow_reported(
@@ -59,27 +49,16 @@ fn assert_every_flow_reported(
     recovered
 }
 
-/// `meshguard status -o json` of an agent.
-fn status(agent: &Agent) -> Value {
-    let out = Command::new(meshguard_bin().unwrap())
-        .args(["status", "-o", "json", "--agent"])
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// Status once `ready` holds (or after 5 s, for the caller's assertion to fail on).
 fn status_when(agent: &Agent, ready: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..50 {
-        let s = status(agent);
+        let s = agent.status();
         if ready(&s) {
             return s;
         }
         thread::sleep(std::time::Duration::from_millis(100));
     }
-    status(agent)
+    agent.status()
 }
 
 #[test]
@@ -93,7 +72,7 @@ fn a_killed_agent_restarts_and_reports_every_bypass_of_the_meantime() {
     let inventory = format!("file:{}", node.dir.join("pods.json").display());
     let pin_dir = pins.path.to_string_lossy().into_owned();
     let args = ["--inventory", &inventory, "--bpf-pin-dir", &pin_dir];
-    let bypasses = bypass_scenarios();
+    let bypasses = scenarios::bypasses();
 
     let first = Agent::start(&cgroup, &args).unwrap();
     for s in &bypasses {
@@ -123,7 +102,7 @@ fn a_killed_agent_restarts_and_reports_every_bypass_of_the_meantime() {
         generations,
         "the same programs, not a second attachment"
     );
-    assert_eq!(status(&second)["adopted"], true);
+    assert_eq!(second.status()["adopted"], true);
     // Every flow of the meantime, exactly once each, with its verdict: 0 lost.
     assert_every_flow_reported(&second, &node, &bypasses, ROUNDS, 0);
     let flows: usize = bypasses.iter().map(|s| s.expect.len()).sum();
@@ -156,7 +135,7 @@ fn a_full_ring_buffer_loses_no_bypass_flow() {
         &["--inventory", &inventory, "--ringbuf-bytes", "4096"],
     )
     .unwrap();
-    let bypasses = bypass_scenarios();
+    let bypasses = scenarios::bypasses();
 
     // A burst: every bypass scenario from several clients at once.
     const CLIENTS: usize = 6;
@@ -360,7 +339,7 @@ fn a_missing_api_token_leaves_only_the_tcp_api_off() {
         ],
     )
     .unwrap();
-    let status = status(&agent);
+    let status = agent.status();
     let degraded = status["degraded"].to_string();
     assert!(
         degraded.contains("no API on 127.0.0.1:0") && degraded.contains("does not exist"),
@@ -422,7 +401,7 @@ for _ in range({FLOWS}):
     assert_eq!(clients.len(), FLOWS);
     // And the API still answers everyone else.
     assert_eq!(
-        status(&agent)["programs_attached"]
+        agent.status()["programs_attached"]
             .as_array()
             .unwrap()
             .len(),

@@ -14,20 +14,11 @@ use std::{
 };
 
 use meshguard_tests::{
-    meshguard_bin, privileged,
+    privileged,
     testbed::{scenarios, Node},
     variant_bin, Agent, Cgroup, Pins, RecordExt, TempDir,
 };
 use serde_json::Value;
-
-fn bypass_scenarios() -> Vec<scenarios::Scenario> {
-    let all: Vec<_> = scenarios::all()
-        .into_iter()
-        .filter(|s| s.expect.iter().any(|e| e.verdict == "bypass-plaintext"))
-        .collect();
-    assert!(all.len() >= 3, "the testbed has its bypass scenarios");
-    all
-}
 
 /// Checks that every flow of `scenarios` was reported closed exactly `rounds` times after the
 /// first `since`, with its stated verdict.
@@ -65,16 +56,6 @@ fn assert_every_flow_reported(
     }
 }
 
-fn status(agent: &Agent) -> Value {
-    let out = Command::new(meshguard_bin().unwrap())
-        .args(["status", "-o", "json", "--agent"])
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// A counter's value on the agent's `/metrics` page (summed over its series), if exported.
 fn metric(agent: &Agent, name: &str, labels: &str) -> Option<f64> {
     let page = agent.metrics_page();
@@ -107,7 +88,7 @@ fn an_upgrade_to_other_programs_reports_what_the_old_ones_queued() {
     let inventory = format!("file:{}", node.dir.join("pods.json").display());
     let pin_dir = pins.path.to_string_lossy().into_owned();
     let args = ["--inventory", &inventory, "--bpf-pin-dir", &pin_dir];
-    let bypasses = bypass_scenarios();
+    let bypasses = scenarios::bypasses();
 
     // The version before: a build whose programs differ.
     let before = Agent::start_with(&variant_bin().unwrap(), &cgroup, &args).unwrap();
@@ -137,7 +118,7 @@ fn an_upgrade_to_other_programs_reports_what_the_old_ones_queued() {
         after.log()
     );
     assert_every_flow_reported(&after, &node, &bypasses, ROUNDS, 0);
-    let s = status(&after);
+    let s = after.status();
     assert_eq!(s["events_lost"]["undecodable"], 0, "{s}");
     assert!(
         s["kernel_repairs"]
@@ -262,7 +243,7 @@ fn thousands_of_idle_and_slow_connections_do_not_stall_the_agent() {
     thread::sleep(Duration::from_secs(3));
 
     // Meanwhile: bypass traffic, and the on-call engineer's queries, each answered promptly.
-    let bypasses = bypass_scenarios();
+    let bypasses = scenarios::bypasses();
     let mut rounds = 0;
     let mut slowest = Duration::ZERO;
     while started.elapsed() < Duration::from_secs(SECONDS - 5) {
@@ -271,7 +252,7 @@ fn thousands_of_idle_and_slow_connections_do_not_stall_the_agent() {
         }
         rounds += 1;
         let asked = Instant::now();
-        let s = status(&agent);
+        let s = agent.status();
         assert!(s["flows_tracked"].is_number(), "{s}");
         let out = Command::new("curl")
             .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
@@ -290,7 +271,7 @@ fn thousands_of_idle_and_slow_connections_do_not_stall_the_agent() {
     let opened = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
     assert_every_flow_reported(&agent, &node, &bypasses, rounds, 0);
-    let s = status(&agent);
+    let s = agent.status();
     let lost: BTreeMap<String, u64> = serde_json::from_value(s["events_lost"].clone()).unwrap();
     assert!(lost.values().all(|n| *n == 0), "no loss: {lost:?}");
     let refused = metric(&agent, "meshguard_connections_refused_total", "").unwrap();
@@ -349,7 +330,7 @@ print(n)
     }
     let twice: Vec<_> = closed.iter().filter(|(_, n)| **n > 1).collect();
     let passes = metric(&agent, "meshguard_reconcile_passes_total", "").unwrap();
-    let s = status(&agent);
+    let s = agent.status();
     println!(
         "{} connections in bursts for {elapsed:?}: {} flows closed, {} published closed twice, {passes} reconciliation passes, ring buffer overflows {}, walks {}",
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -534,7 +515,7 @@ fn an_agent_whose_pins_are_removed_or_programs_detached_repairs_itself() {
         &["--inventory", &inventory, "--bpf-pin-dir", &pin_dir],
     )
     .unwrap();
-    let bypasses = bypass_scenarios();
+    let bypasses = scenarios::bypasses();
     let generation = pins.generations();
     assert_eq!(generation.len(), 1);
     let dir = pins.path.join(&generation[0]);
@@ -554,7 +535,7 @@ fn an_agent_whose_pins_are_removed_or_programs_detached_repairs_itself() {
         pinned.iter().all(|name| dir.join(name).exists())
     });
     assert!(metric(&agent, "meshguard_kernel_repairs_total", "repinned").unwrap() > 0.0);
-    assert!(status(&agent)["kernel_repairs"]
+    assert!(agent.status()["kernel_repairs"]
         .to_string()
         .contains("pinned again"));
 
@@ -573,7 +554,7 @@ fn an_agent_whose_pins_are_removed_or_programs_detached_repairs_itself() {
         s.run(&node).unwrap();
     }
     assert_every_flow_reported(&agent, &node, &bypasses, 1, 1);
-    let s = status(&agent);
+    let s = agent.status();
     println!(
         "pins removed, then a program detached: repairs {}",
         s["kernel_repairs"]

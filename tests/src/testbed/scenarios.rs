@@ -282,6 +282,16 @@ fn plain() -> Wire {
     Wire::PlaintextHttp
 }
 
+/// The scenarios with a bypass among their flows.
+pub fn bypasses() -> Vec<Scenario> {
+    let found: Vec<_> = all()
+        .into_iter()
+        .filter(|s| s.expect.iter().any(|e| e.verdict == "bypass-plaintext"))
+        .collect();
+    assert!(found.len() >= 3, "the testbed has its bypass scenarios");
+    found
+}
+
 pub fn all() -> Vec<Scenario> {
     let web = Party::Pod("web");
     let api_sni = istio_sni(&MeshPeer {
