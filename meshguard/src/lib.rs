@@ -9,12 +9,12 @@
 
 pub mod agent;
 pub mod api;
-pub mod bpf_sys;
-pub mod btf;
 pub mod cli;
 pub mod client;
+pub mod clock;
 #[cfg(feature = "kubernetes")]
 pub mod cluster;
+pub mod config;
 pub mod cookie;
 pub mod display;
 pub mod event;
@@ -24,8 +24,8 @@ pub mod http;
 pub mod inventory;
 pub mod judge;
 pub mod kernel;
+pub mod loss;
 pub mod metrics;
-pub mod prereq;
 pub mod serve;
 pub mod state;
 pub mod store;

@@ -3,7 +3,11 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use meshguard::{agent, cli, client, inventory, kernel};
+use meshguard::{
+    agent, cli, client,
+    config::{self, LogFormat, DEFAULT_PIN_DIR, DEFAULT_SOCKET},
+    kernel,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -16,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Attach the kernel programs on this node and watch every pod-to-pod flow.
-    Agent(AgentArgs),
+    Agent(config::AgentConfig),
     /// Show recent flows and their verdicts; -f follows new ones as they are judged.
     #[command(
         after_help = "Examples:\n  meshguard flows --verdict bypass-plaintext -A\n  meshguard flows -n shop --since 10m -o wide\n  meshguard flows -f --verdict bypass-plaintext,bypass-tls\n  meshguard flows --cluster --verdict bypass-plaintext,bypass-tls --last 50"
@@ -177,115 +181,6 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a duration like 5s or 1m"))
 }
 
-#[derive(clap::Args)]
-struct AgentArgs {
-    /// Write one JSON line per flow record to stdout: when a flow is classified and when it closes.
-    #[arg(long)]
-    log_flows: bool,
-    /// Name of this node in flow records.
-    #[arg(long, env = "NODE_NAME", default_value_t = agent::default_node_name(), hide_default_value = true)]
-    node_name: String,
-    /// Flows the kernel tracks at once (least recently used beyond that, and counted).
-    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
-    flow_map_size: u32,
-    /// Ring buffer size in bytes: a power of two, at least 4096.
-    #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf_bytes)]
-    ringbuf_bytes: u32,
-    /// Flows the agent keeps in memory at once.
-    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
-    max_flows: u64,
-    /// Where pods and their mesh intent come from: file:PATH (a `kubectl get pods -o json`
-    /// document, reloaded when it changes), kubernetes (the API server, this node's pods), or none.
-    #[arg(long, default_value = "none", value_parser = parse_inventory)]
-    inventory: inventory::source::Source,
-    /// Verdict policy, a JSON file (proxy process names, expected plaintext); defaults otherwise.
-    #[arg(long, value_name = "FILE")]
-    policy: Option<std::path::PathBuf>,
-    /// Where to serve /metrics, /healthz and /readyz; "off" serves nothing.
-    #[arg(long, default_value = "0.0.0.0:9464", value_parser = parse_metrics_addr)]
-    metrics_addr: MetricsAddr,
-    /// Flow label sets /metrics keeps before folding new ones into one `_overflow` series.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    max_series: u64,
-    /// The API's unix socket (mode 0600); "off" serves none.
-    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
-    api_socket: String,
-    /// Also serve the API on TCP at this address, requiring the bearer token in --api-token-file.
-    #[arg(long, requires = "api_token_file", value_name = "ADDR")]
-    api_addr: Option<std::net::SocketAddr>,
-    /// File holding the API's bearer token (16 characters or more).
-    #[arg(long, requires = "api_addr", value_name = "FILE")]
-    api_token_file: Option<std::path::PathBuf>,
-    /// Recent flow records kept for queries.
-    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    store_flows: u64,
-    /// Flagged flow records other than bypasses (plaintext) kept apart from the rest.
-    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    store_flagged: u64,
-    /// Bypass records (bypass-plaintext, bypass-tls) kept apart from all others: only newer
-    /// bypasses evict one.
-    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
-    store_bypass: u64,
-    /// The host's cgroup v2 root, when the agent runs in a pod (e.g. /host/sys/fs/cgroup).
-    #[arg(long, value_name = "DIR")]
-    cgroup_root: Option<std::path::PathBuf>,
-    /// Which kernel hook names the process behind each flow.
-    #[arg(long, value_enum, default_value_t = kernel::ProcessAttribution::Auto)]
-    process_attribution: kernel::ProcessAttribution,
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Where on bpffs to pin the kernel side so that it outlives the agent (a restarted agent
-    /// adopts it, and reports the flows of the meantime); "off": nothing pinned, detached on exit.
-    #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
-    bpf_pin_dir: String,
-    /// What records keep of the payload: the fingerprint (default), or also a redacted HTTP
-    /// head (header names, no values, no query string). Raw payload never leaves the agent.
-    #[arg(long, value_enum, default_value_t = agent::Evidence::Fingerprint)]
-    evidence: agent::Evidence,
-    /// On exit, keep the pinned kernel side attached (for the next agent) or detach it.
-    #[arg(long, value_enum, default_value_t = agent::OnExit::Keep)]
-    on_exit: agent::OnExit,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Where the agent serves its API and the CLI looks for it.
-const DEFAULT_SOCKET: &str = "/run/meshguard/meshguard.sock";
-/// Where the agent pins its programs and maps.
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshguard";
-
-#[derive(Clone, Copy, Debug)]
-struct MetricsAddr(Option<std::net::SocketAddr>);
-
-fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
-    if s == "off" {
-        return Ok(MetricsAddr(None));
-    }
-    s.parse()
-        .map(|a| MetricsAddr(Some(a)))
-        .map_err(|_| format!("{s:?} is not an address:port (e.g. 0.0.0.0:9464) or \"off\""))
-}
-
-fn parse_inventory(s: &str) -> Result<inventory::source::Source, String> {
-    s.parse()
-}
-
-fn parse_ringbuf_bytes(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if n < 4096 || !n.is_power_of_two() {
-        return Err(format!(
-            "{n} is not a power of two of at least 4096 (try {})",
-            n.max(4096).next_power_of_two()
-        ));
-    }
-    Ok(n)
-}
-
 #[cfg(feature = "kubernetes")]
 async fn cluster_flows(
     conn: &ClusterConn,
@@ -416,36 +311,13 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Command::Agent(args) => {
-            init_logging(args.log_format);
-            let options = agent::Options {
-                node_name: args.node_name.into(),
-                log_flows: args.log_flows,
-                sizes: kernel::Sizes {
-                    flow_map_entries: args.flow_map_size,
-                    ringbuf_bytes: args.ringbuf_bytes,
-                },
-                max_flows: args.max_flows as usize,
-                process_attribution: args.process_attribution,
-                inventory: args.inventory,
-                policy: args.policy,
-                metrics_addr: args.metrics_addr.0,
-                max_series: args.max_series as usize,
-                cgroup_root: args.cgroup_root,
-                api_socket: (args.api_socket != "off").then(|| args.api_socket.into()),
-                api_tcp: args.api_addr.zip(args.api_token_file),
-                store_flows: args.store_flows as usize,
-                store_flagged: args.store_flagged as usize,
-                store_bypass: args.store_bypass as usize,
-                pin_root: (args.bpf_pin_dir != "off").then(|| args.bpf_pin_dir.into()),
-                on_exit: args.on_exit,
-                evidence: args.evidence,
-            };
+        Command::Agent(config) => {
+            init_logging(config.node.log_format);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(agent::run(options)))
+                .and_then(|rt| rt.block_on(agent::run(config)))
         }
     };
     match result {
@@ -506,15 +378,5 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn ringbuf_size_must_be_a_power_of_two() {
-        assert_eq!(parse_ringbuf_bytes("65536"), Ok(65536));
-        assert!(parse_ringbuf_bytes("5000")
-            .unwrap_err()
-            .contains("try 8192"));
-        assert!(parse_ringbuf_bytes("1024").is_err());
-        assert!(parse_ringbuf_bytes("many").is_err());
     }
 }

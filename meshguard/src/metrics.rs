@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshguard_ebpf::Stat;
 use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -114,17 +113,14 @@ pub struct Metrics {
     max_series: usize,
 }
 
-/// Where a loss happened, as `meshguard_events_lost_total{source}` names it.
-pub fn loss_source(stat: Stat) -> Option<&'static str> {
-    match stat {
-        Stat::RingbufFull => Some("ringbuf_full"),
-        Stat::FlowMapFull => Some("flow_map_full"),
-        Stat::FlowEvicted => Some("flow_evicted"),
-        Stat::FlowMidstream | Stat::PacketUnreadable => None,
-    }
-}
-
 impl Metrics {
+    /// Counts `n` more lost to `source`.
+    pub fn count_loss(&self, source: crate::loss::LossSource, n: u64) {
+        self.events_lost
+            .with_label_values(&[source.as_str()])
+            .inc_by(n);
+    }
+
     pub fn new(max_series: usize) -> Self {
         let registry = Registry::new();
         let flows = IntCounterVec::new(
@@ -246,15 +242,8 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for source in [
-            "ringbuf_full",
-            "flow_map_full",
-            "flow_evicted",
-            "undecodable",
-            "agent_table_evicted",
-            "flow_evicted_unseen",
-        ] {
-            events_lost.with_label_values(&[source]);
+        for source in crate::loss::LossSource::ALL {
+            events_lost.with_label_values(&[source.as_str()]);
         }
         for c in [
             Box::new(flows.clone()) as Box<dyn prometheus::core::Collector>,

@@ -19,9 +19,12 @@ use aya::{
 use meshguard_ebpf::{names, FlowState, Reported, Stat, LAYOUT_VERSION};
 use tracing::{info, warn};
 
-use crate::{bpf_sys, prereq::Node};
+pub mod btf;
+pub mod prereq;
+pub mod sys;
 
-const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+use prereq::Node;
+
 
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshguard"));
@@ -122,7 +125,7 @@ enum Handle {
 impl HeldLink {
     fn pin(&mut self, path: &Path) -> Result<(), String> {
         match &mut self.handle {
-            Handle::Fd(fd) => bpf_sys::pin(fd.as_fd(), path).map_err(|e| e.to_string()),
+            Handle::Fd(fd) => sys::pin(fd.as_fd(), path).map_err(|e| e.to_string()),
             Handle::Aya(link) => {
                 let Some(taken) = link.take() else {
                     return Err("the link was lost to an earlier pinning error".into());
@@ -171,15 +174,42 @@ pub struct Walk {
     pub cut: bool,
 }
 
+/// How a flow program hooks into the cgroup.
+#[derive(Clone, Copy)]
+enum Hook {
+    SockOps,
+    Skb(CgroupSkbAttachType),
+    SockRelease,
+}
+
+/// The flow programs, attached at the cgroup root in this order: each with its hook and the
+/// attach type `BPF_PROG_QUERY` lists it under. An adoptable generation has pinned them all
+/// (process attribution, attached apart, is optional).
+const CGROUP_PROGRAMS: [(&str, Hook, u32); 4] = [
+    (names::SOCK_OPS, Hook::SockOps, sys::ATTACH_CGROUP_SOCK_OPS),
+    (
+        names::SKB_EGRESS,
+        Hook::Skb(CgroupSkbAttachType::Egress),
+        sys::ATTACH_CGROUP_INET_EGRESS,
+    ),
+    (
+        names::SKB_INGRESS,
+        Hook::Skb(CgroupSkbAttachType::Ingress),
+        sys::ATTACH_CGROUP_INET_INGRESS,
+    ),
+    (
+        names::SOCK_RELEASE,
+        Hook::SockRelease,
+        sys::ATTACH_CGROUP_INET_SOCK_RELEASE,
+    ),
+];
+
 /// The attach type a cgroup program was attached with, by its name.
 fn cgroup_attach_type(name: &str) -> Option<u32> {
-    match name {
-        names::SOCK_OPS => Some(bpf_sys::ATTACH_CGROUP_SOCK_OPS),
-        names::SKB_EGRESS => Some(bpf_sys::ATTACH_CGROUP_INET_EGRESS),
-        names::SKB_INGRESS => Some(bpf_sys::ATTACH_CGROUP_INET_INGRESS),
-        names::SOCK_RELEASE => Some(bpf_sys::ATTACH_CGROUP_INET_SOCK_RELEASE),
-        _ => None,
-    }
+    CGROUP_PROGRAMS
+        .iter()
+        .find(|(n, ..)| *n == name)
+        .map(|&(.., attach_type)| attach_type)
 }
 
 /// A second fd for an fd link, the agent's own: the link lives while either is open.
@@ -192,7 +222,7 @@ fn held(name: &'static str, link: FdLink) -> Result<HeldLink, String> {
             handle: Handle::Aya(Some(link)),
         });
     };
-    let handle = match bpf_sys::link_fd_by_id(info.id()) {
+    let handle = match sys::link_fd_by_id(info.id()) {
         Ok(fd) => Handle::Fd(fd),
         Err(_) => Handle::Aya(Some(link)),
     };
@@ -301,14 +331,6 @@ impl OldGeneration {
     }
 }
 
-/// Links an adoptable generation must have pinned: the flow programs (process attribution is
-/// optional).
-const REQUIRED_LINKS: [&str; 4] = [
-    names::SOCK_OPS,
-    names::SKB_EGRESS,
-    names::SKB_INGRESS,
-    names::SOCK_RELEASE,
-];
 const SENDER_LINKS: [&str; 2] = [names::SEND_BTF, names::SEND_CLASSIC];
 
 impl Kernel {
@@ -384,9 +406,9 @@ impl Kernel {
         // For the classic tracepoint fallback: where the cookie is in `struct sock`.
         let cookie_offset = node
             .btf
-            .then(|| std::fs::read(BTF_PATH).ok())
+            .then(|| std::fs::read(btf::VMLINUX).ok())
             .flatten()
-            .and_then(|raw| crate::btf::socket_cookie_offset(&raw).ok().flatten())
+            .and_then(|raw| btf::socket_cookie_offset(&raw).ok().flatten())
             .unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
@@ -438,48 +460,10 @@ impl Kernel {
             retiring: Vec::new(),
         };
 
-        // Single: aya turns AllowMultiple into link flags that some kernels reject; links to a
-        // cgroup are always multi-attach anyway, so other tools' programs are unaffected.
-        let mode = CgroupAttachMode::Single;
-        let name = names::SOCK_OPS;
-        let prog: &mut SockOps = kernel.program(name)?;
-        prog.load()
-            .map_err(|source| KernelError::Program { name, source })?;
-        let id = prog
-            .attach(&cgroup, mode)
-            .map_err(|source| KernelError::Program { name, source })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| KernelError::Program { name, source })?;
-        kernel.hold(name, FdLink::try_from(link).map_err(|_| name));
-
-        for (name, direction) in [
-            (names::SKB_EGRESS, CgroupSkbAttachType::Egress),
-            (names::SKB_INGRESS, CgroupSkbAttachType::Ingress),
-        ] {
-            let prog: &mut CgroupSkb = kernel.program(name)?;
-            prog.load()
-                .map_err(|source| KernelError::Program { name, source })?;
-            let id = prog
-                .attach(&cgroup, direction, mode)
-                .map_err(|source| KernelError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| KernelError::Program { name, source })?;
-            kernel.hold(name, FdLink::try_from(link).map_err(|_| name));
+        for &(name, hook, _) in &CGROUP_PROGRAMS {
+            let link = kernel.attach_cgroup(name, hook, &cgroup)?;
+            kernel.hold(name, link);
         }
-
-        let name = names::SOCK_RELEASE;
-        let prog: &mut CgroupSock = kernel.program(name)?;
-        prog.load()
-            .map_err(|source| KernelError::Program { name, source })?;
-        let id = prog
-            .attach(&cgroup, mode)
-            .map_err(|source| KernelError::Program { name, source })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| KernelError::Program { name, source })?;
-        kernel.hold(name, FdLink::try_from(link).map_err(|_| name));
 
         // Process attribution is optional: without it flows still carry uid and verdict evidence.
         if let Err(why) = kernel.attach_sender(btf.as_ref(), node, attribution, cookie_offset) {
@@ -530,7 +514,8 @@ impl Kernel {
         let mut attached = Vec::new();
         let mut links = Vec::new();
         let mut degraded = Vec::new();
-        for name in REQUIRED_LINKS.into_iter().chain(SENDER_LINKS) {
+        let required = CGROUP_PROGRAMS.map(|(name, ..)| name);
+        for name in required.into_iter().chain(SENDER_LINKS) {
             match PinnedLink::from_pin(dir.join(name)) {
                 Ok(pinned) => {
                     attached.push(name);
@@ -539,7 +524,7 @@ impl Kernel {
                         Err(why) => degraded.push(why),
                     }
                 }
-                Err(e) if REQUIRED_LINKS.contains(&name) => {
+                Err(e) if required.contains(&name) => {
                     return Err(KernelError::Pin {
                         path: dir.join(name).display().to_string(),
                         why: e.to_string(),
@@ -576,6 +561,34 @@ impl Kernel {
 
     /// Records an attached program. A link that is not an fd link cannot be pinned: it stays in
     /// the object, and is detached when the agent exits.
+    /// Loads one flow program and attaches it at `cgroup`; its link as an fd link, or the
+    /// program's name where the kernel's link cannot be one (it cannot be pinned then).
+    fn attach_cgroup(
+        &mut self,
+        name: &'static str,
+        hook: Hook,
+        cgroup: &File,
+    ) -> Result<Result<FdLink, &'static str>, KernelError> {
+        let fail = |source| KernelError::Program { name, source };
+        // Single: aya turns AllowMultiple into link flags that some kernels reject; links to a
+        // cgroup are always multi-attach anyway, so other tools' programs are unaffected.
+        let mode = CgroupAttachMode::Single;
+        // Each program type has its own link type; the steps are the same.
+        macro_rules! attach {
+            ($program:ty $(, $arg:expr)*) => {{
+                let prog: &mut $program = self.program(name)?;
+                prog.load().map_err(fail)?;
+                let id = prog.attach(cgroup, $($arg,)* mode).map_err(fail)?;
+                FdLink::try_from(prog.take_link(id).map_err(fail)?).map_err(|_| name)
+            }};
+        }
+        Ok(match hook {
+            Hook::SockOps => attach!(SockOps),
+            Hook::Skb(direction) => attach!(CgroupSkb, direction),
+            Hook::SockRelease => attach!(CgroupSock),
+        })
+    }
+
     fn hold(&mut self, name: &'static str, link: Result<FdLink, &'static str>) {
         self.attached.push(name);
         match link.map(|link| held(name, link)) {
@@ -633,7 +646,7 @@ impl Kernel {
                 else {
                     continue;
                 };
-                match bpf_sys::cgroup_programs(cgroup.as_fd(), attach_type) {
+                match sys::cgroup_programs(cgroup.as_fd(), attach_type) {
                     Ok(ids) if !ids.contains(&link.program_id) => health.detached.push(link.name),
                     Ok(_) => {}
                     Err(e) => health.errors.push(format!("querying {}: {e}", link.name)),
@@ -814,17 +827,6 @@ impl Kernel {
         }
         Ok(out)
     }
-}
-
-/// Now, on the clock of kernel timestamps (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The generation directory's name: what must match for an agent to adopt pinned programs as

@@ -2,6 +2,9 @@
 //! fallback for process attribution needs the offset of the socket cookie in `struct sock`,
 //! and aya keeps its own BTF member lookups private.
 
+/// The running kernel's BTF.
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BtfError {
     #[error("not BTF (bad magic or header)")]

@@ -51,7 +51,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const TRACEFS_MAGIC: i64 = 0x7472_6163;
 const BPFFS_PATH: &str = "/sys/fs/bpf";
 const TRACEFS_PATH: &str = "/sys/kernel/tracing";
-const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// Checks the node. `cgroup_root` overrides the cgroup v2 root found in mountinfo: in a pod,
 /// the agent's own `/sys/fs/cgroup` is its container's, and the host's is mounted elsewhere.
@@ -68,10 +67,10 @@ pub fn check(cgroup_root: Option<&Path>) -> Result<Node, PrereqError> {
         None => find_mount(&mountinfo, "cgroup2").ok_or(PrereqError::NoCgroup2)?,
     };
     raise_memlock();
-    let btf = Path::new(BTF_PATH).exists();
+    let btf = Path::new(super::btf::VMLINUX).exists();
     if !btf {
         warn!(
-            path = BTF_PATH,
+            path = super::btf::VMLINUX,
             "kernel BTF not found: flows will have no process attribution"
         );
     }
