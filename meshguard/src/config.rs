@@ -250,7 +250,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.kernel.flow_map_size, DEFAULT_FLOW_MAP_SIZE);
         assert_eq!(c.kernel.ringbuf_bytes, DEFAULT_RINGBUF_BYTES);
-        assert_eq!(c.kernel.pin_root(), Some(std::path::Path::new(DEFAULT_PIN_DIR)));
+        assert_eq!(
+            c.kernel.pin_root(),
+            Some(std::path::Path::new(DEFAULT_PIN_DIR))
+        );
         assert_eq!(c.kernel.on_exit, OnExit::Keep);
         assert_eq!(c.flows.max_flows, DEFAULT_MAX_FLOWS);
         assert_eq!(c.flows.inventory, Source::None);

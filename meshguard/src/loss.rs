@@ -103,7 +103,10 @@ mod tests {
             assert_eq!(source.as_str().parse(), Ok(source));
             assert!(source.in_words(3).starts_with("3 "), "{source}");
         }
-        let kernel: Vec<_> = Stat::ALL.into_iter().filter_map(LossSource::of_stat).collect();
+        let kernel: Vec<_> = Stat::ALL
+            .into_iter()
+            .filter_map(LossSource::of_stat)
+            .collect();
         assert_eq!(
             kernel,
             [

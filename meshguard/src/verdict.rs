@@ -493,10 +493,23 @@ fn bypass(ev: &Evidence, cause: &'static str) -> (Verdict, &'static str) {
     }
 }
 
+/// How a decision's sentence names the socket's end, its peer and what crossed the wire.
+#[derive(Clone, Copy)]
+struct Words<'a> {
+    me: &'a str,
+    peer: &'a str,
+    enc: &'static str,
+}
+
 pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy) -> Decision {
     let me = name(local, ev.local);
     let peer = format!("{}:{}", name(remote, ev.remote), ev.remote.port());
     let enc = ev.encryption.word();
+    let words = Words {
+        me: &me,
+        peer: &peer,
+        enc,
+    };
 
     // 1. Nothing to judge yet.
     if ev.encryption == Encryption::Unknown {
@@ -515,19 +528,19 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
 
     // 3. Plaintext the policy expects, to where it expects it.
     if ev.encryption == Encryption::Plaintext {
-        if let Some(d) = expected(ev, local, remote, policy, &me, &peer) {
+        if let Some(d) = expected(ev, local, remote, policy, words) {
             return d;
         }
     }
 
     // 4. A mesh proxy's own socket.
     if let Some(how) = proxy_owned(ev, local, policy) {
-        return proxy_socket(ev, local, remote, policy, how, &me, &peer, enc);
+        return proxy_socket(ev, local, remote, policy, how, words);
     }
 
     // 5. An application's socket in a meshed pod.
     if let Some(pod) = meshed(local) {
-        return app_socket(ev, pod, policy, &me, &peer, enc);
+        return app_socket(ev, pod, policy, words);
     }
     if let Some(pod) = local.pod().filter(|p| p.mesh == MeshMode::Ambient) {
         return decision(Verdict::Plaintext, "ambient-unverified", Path::Direct, format!("{enc} from {}/{}'s application; in ambient mode its ztunnel carries it, which this socket cannot show", pod.namespace, pod.name));
@@ -535,7 +548,7 @@ pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy)
 
     // 6. An unmeshed end facing a meshed pod.
     if let Some(pod) = meshed(remote) {
-        return facing_meshed(ev, pod, policy, &me, &peer, enc);
+        return facing_meshed(ev, pod, policy, words);
     }
 
     // 7. Neither end in the mesh.
@@ -593,9 +606,9 @@ fn expected(
     local: Identity,
     remote: Identity,
     policy: &Policy,
-    me: &str,
-    peer: &str,
+    words: Words,
 ) -> Option<Decision> {
+    let Words { me, peer, .. } = words;
     let port = ev.service_port();
     if policy.probes {
         let probed = match ev.direction {
@@ -661,20 +674,15 @@ fn expected(
 
 /// Rule 4: the mesh proxy's own socket. mTLS is what it originates and terminates; anything
 /// else it carried is judged by what it was and who the peer is.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parts of one decision, named"
-)]
 fn proxy_socket(
     ev: &Evidence,
     local: Identity,
     remote: Identity,
     policy: &Policy,
     how: ProxyEvidence,
-    me: &str,
-    peer: &str,
-    enc: &str,
+    words: Words,
 ) -> Decision {
+    let Words { me, peer, enc } = words;
     let peer_meshed = meshed(remote).is_some();
     // A known pod outside the mesh: mesh mTLS never goes there, so a mesh ALPN toward it is an
     // application's handshake that the proxy passed through.
@@ -729,14 +737,8 @@ fn proxy_socket(
 
 /// Rule 5: an application's socket in a meshed pod: whatever it sent on the network, it sent
 /// past its proxy.
-fn app_socket(
-    ev: &Evidence,
-    pod: &PodInfo,
-    policy: &Policy,
-    me: &str,
-    peer: &str,
-    enc: &str,
-) -> Decision {
+fn app_socket(ev: &Evidence, pod: &PodInfo, policy: &Policy, words: Words) -> Decision {
+    let Words { me, peer, enc } = words;
     let process = match ev.comm {
         Some(c) if policy.is_proxy_process(c) => format!("a process calling itself {c:?}"),
         Some(c) => c.to_string(),
@@ -793,14 +795,8 @@ fn outside_mesh(ev: &Evidence) -> Verdict {
 }
 
 /// Rule 6: this end is not in the mesh; its peer is.
-fn facing_meshed(
-    ev: &Evidence,
-    pod: &PodInfo,
-    policy: &Policy,
-    me: &str,
-    peer: &str,
-    enc: &str,
-) -> Decision {
+fn facing_meshed(ev: &Evidence, pod: &PodInfo, policy: &Policy, words: Words) -> Decision {
+    let Words { me, peer, enc } = words;
     if ev.direction == Direction::Egress {
         let verdict = outside_mesh(ev);
         return decision(
@@ -935,18 +931,12 @@ mod tests {
         want: (Verdict, &'static str, Path),
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one table row, read left to right"
-    )]
+    /// One table row, read left to right: the flow's direction and ends, its socket's uid,
+    /// process name and owner, what crossed the wire, and the decision wanted.
     const fn case(
         name: &'static str,
-        direction: Direction,
-        local: (&'static str, u16),
-        remote: (&'static str, u16),
-        uid: u32,
-        comm: &'static str,
-        owner: Own,
+        (direction, local, remote): (Direction, (&'static str, u16), (&'static str, u16)),
+        (uid, comm, owner): (u32, &'static str, Own),
         encryption: Encryption,
         want: (Verdict, &'static str, Path),
     ) -> Case {
@@ -982,12 +972,8 @@ mod tests {
         vec![
             case(
                 "nothing sent yet",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 8080),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                (APP, "curl", App),
                 Unknown,
                 (Pending, "no-payload", Path::Direct),
             ),
@@ -996,12 +982,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "app to its sidecar",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.11", 8080),
-                    APP,
-                    "curl",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                    (APP, "curl", App),
                     Plain,
                     (InPod, "app-to-sidecar", Path::InPod),
                 )
@@ -1010,12 +992,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "sidecar accepting its app",
-                    Ingress,
-                    ("127.0.0.1", 15001),
-                    ("10.0.0.10", 40000),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Ingress, ("127.0.0.1", 15001), ("10.0.0.10", 40000)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Plain,
                     (InPod, "app-to-sidecar", Path::InPod),
                 )
@@ -1024,12 +1002,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "sidecar to its app",
-                    Egress,
-                    ("127.0.0.6", 41000),
-                    ("10.0.0.11", 8080),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("127.0.0.6", 41000), ("10.0.0.11", 8080)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Plain,
                     (InPod, "sidecar-to-app", Path::InPod),
                 )
@@ -1038,12 +1012,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "app accepting its sidecar",
-                    Ingress,
-                    ("10.0.0.11", 8080),
-                    ("127.0.0.6", 41000),
-                    APP,
-                    "python3",
-                    App,
+                    (Ingress, ("10.0.0.11", 8080), ("127.0.0.6", 41000)),
+                    (APP, "python3", App),
                     Plain,
                     (InPod, "sidecar-to-app", Path::InPod),
                 )
@@ -1052,12 +1022,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "sidecar to its app at the pod IP (no 127.0.0.6 bind)",
-                    Egress,
-                    ("10.0.0.11", 41000),
-                    ("10.0.0.11", 8080),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("10.0.0.11", 41000), ("10.0.0.11", 8080)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Plain,
                     (InPod, "sidecar-to-app", Path::InPod),
                 )
@@ -1066,12 +1032,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "app accepting its sidecar from the pod IP",
-                    Ingress,
-                    ("10.0.0.11", 8080),
-                    ("10.0.0.11", 41000),
-                    APP,
-                    "python3",
-                    App,
+                    (Ingress, ("10.0.0.11", 8080), ("10.0.0.11", 41000)),
+                    (APP, "python3", App),
                     Plain,
                     (InPod, "loopback", Path::InPod),
                 )
@@ -1080,12 +1042,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "app TLS inside mTLS, handed over at the pod IP",
-                    Ingress,
-                    ("10.0.0.11", 8443),
-                    ("10.0.0.11", 41000),
-                    APP,
-                    "openssl",
-                    App,
+                    (Ingress, ("10.0.0.11", 8443), ("10.0.0.11", 41000)),
+                    (APP, "openssl", App),
                     Tls,
                     (InPod, "loopback", Path::InPod),
                 )
@@ -1094,12 +1052,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "sidecar to its app over IPv6 from ::6",
-                    Egress,
-                    ("::6", 41000),
-                    ("fd00::11", 8080),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("::6", 41000), ("fd00::11", 8080)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Plain,
                     (InPod, "sidecar-to-app", Path::InPod),
                 )
@@ -1108,12 +1062,8 @@ mod tests {
                 loopback: true,
                 ..case(
                     "plain loopback",
-                    Egress,
-                    ("127.0.0.1", 41000),
-                    ("127.0.0.1", 9000),
-                    APP,
-                    "curl",
-                    App,
+                    (Egress, ("127.0.0.1", 41000), ("127.0.0.1", 9000)),
+                    (APP, "curl", App),
                     Plain,
                     (InPod, "loopback", Path::InPod),
                 )
@@ -1122,12 +1072,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "sidecar to sidecar",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.11", 8080),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Tls,
                     (Mtls, "istio-mtls", Path::Sidecar),
                 )
@@ -1136,12 +1082,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "sidecar to sidecar, by uid and process name (container unknown)",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.11", 8080),
-                    PROXY,
-                    "envoy",
-                    Own::Unknown,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                    (PROXY, "envoy", Own::Unknown),
                     Tls,
                     (Mtls, "istio-mtls", Path::Sidecar),
                 )
@@ -1150,12 +1092,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "mesh ALPN from the proxy's uid without a process name or container",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 5000),
-                    PROXY,
-                    "",
-                    Own::Unknown,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 5000)),
+                    (PROXY, "", Own::Unknown),
                     Tls,
                     (BypassTls, "spoofed-mesh-alpn", Path::Direct),
                 )
@@ -1164,12 +1102,8 @@ mod tests {
                 hello_complete: false,
                 ..case(
                     "sidecar to sidecar, ClientHello cut before its ALPN",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.11", 8080),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Tls,
                     (Mtls, "mtls-alpn-unseen", Path::Sidecar),
                 )
@@ -1178,12 +1112,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "sidecar accepting sidecar",
-                    Ingress,
-                    ("10.0.0.11", 15006),
-                    ("10.0.0.10", 40000),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Ingress, ("10.0.0.11", 15006), ("10.0.0.10", 40000)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Tls,
                     (Mtls, "istio-mtls", Path::Sidecar),
                 )
@@ -1192,35 +1122,23 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "gateway to a meshed pod",
-                    Egress,
-                    ("10.0.0.15", 40000),
-                    ("10.0.0.11", 8080),
-                    PROXY,
-                    "envoy",
-                    Proxy,
+                    (Egress, ("10.0.0.15", 40000), ("10.0.0.11", 8080)),
+                    (PROXY, "envoy", Proxy),
                     Tls,
                     (Mtls, "istio-mtls", Path::Sidecar),
                 )
             },
             case(
                 "gateway accepting an outside client",
-                Ingress,
-                ("10.0.0.15", 8080),
-                ("10.0.0.12", 40000),
-                PROXY,
-                "envoy",
-                Proxy,
+                (Ingress, ("10.0.0.15", 8080), ("10.0.0.12", 40000)),
+                (PROXY, "envoy", Proxy),
                 Plain,
                 (Plaintext, "gateway-inbound", Path::Sidecar),
             ),
             case(
                 "HBONE from ztunnel",
-                Egress,
-                ("10.0.0.13", 40000),
-                ("10.0.0.11", 15008),
-                0,
-                "ztunnel",
-                Own::Ztunnel,
+                (Egress, ("10.0.0.13", 40000), ("10.0.0.11", 15008)),
+                (0, "ztunnel", Own::Ztunnel),
                 Tls,
                 (Mtls, "hbone", Path::Sidecar),
             ),
@@ -1228,12 +1146,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "app offering the mesh's ALPN past its sidecar",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 5000),
-                    APP,
-                    "python3",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 5000)),
+                    (APP, "python3", App),
                     Tls,
                     (BypassTls, "spoofed-mesh-alpn", Path::Direct),
                 )
@@ -1242,12 +1156,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "app offering the mesh's ALPN, then plaintext",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 5000),
-                    APP,
-                    "python3",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 5000)),
+                    (APP, "python3", App),
                     Plain,
                     (BypassPlaintext, "spoofed-mesh-alpn", Path::Direct),
                 )
@@ -1256,35 +1166,23 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "app renamed envoy under the proxy's uid, mesh ALPN",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.11", 9080),
-                    PROXY,
-                    "envoy",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 9080)),
+                    (PROXY, "envoy", App),
                     Tls,
                     (BypassTls, "spoofed-mesh-alpn", Path::Direct),
                 )
             },
             case(
                 "app renamed envoy under the proxy's uid",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 9080),
-                PROXY,
-                "envoy",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 9080)),
+                (PROXY, "envoy", App),
                 Plain,
                 (BypassPlaintext, "proxy-uid-app", Path::Direct),
             ),
             case(
                 "app renamed as an Envoy worker under the proxy's uid",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 9080),
-                PROXY,
-                "wrk:worker_0",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 9080)),
+                (PROXY, "wrk:worker_0", App),
                 Plain,
                 (BypassPlaintext, "proxy-uid-app", Path::Direct),
             ),
@@ -1292,12 +1190,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "sidecar passing an app's mesh-ALPN handshake to an unmeshed pod",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 9000),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 9000)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Tls,
                     (BypassTls, "spoofed-mesh-alpn", Path::Sidecar),
                 )
@@ -1306,68 +1200,44 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "sidecar passing a fake mesh-ALPN hello then plaintext",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 9000),
-                    PROXY,
-                    "wrk:worker_0",
-                    Proxy,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 9000)),
+                    (PROXY, "wrk:worker_0", Proxy),
                     Plain,
                     (Plaintext, "passthrough", Path::Sidecar),
                 )
             },
             case(
                 "excluded outbound port",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 5000),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 5000)),
+                (APP, "curl", App),
                 Plain,
                 (BypassPlaintext, "excluded-port", Path::Direct),
             ),
             case(
                 "excluded outbound range",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("192.0.2.7", 80),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("192.0.2.7", 80)),
+                (APP, "curl", App),
                 Plain,
                 (BypassPlaintext, "excluded-ip-range", Path::Direct),
             ),
             case(
                 "capture missing",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 80),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 80)),
+                (APP, "curl", App),
                 Plain,
                 (BypassPlaintext, "no-capture", Path::Direct),
             ),
             case(
                 "app TLS past the sidecar",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 8443),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 8443)),
+                (APP, "curl", App),
                 Tls,
                 (BypassTls, "app-tls", Path::Direct),
             ),
             case(
                 "app SSH past the sidecar",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 2222),
-                APP,
-                "ssh",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 2222)),
+                (APP, "ssh", App),
                 Ssh,
                 (BypassTls, "app-ssh", Path::Direct),
             ),
@@ -1375,12 +1245,8 @@ mod tests {
                 udp: true,
                 ..case(
                     "app UDP past the sidecar",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 9999),
-                    APP,
-                    "python3",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 9999)),
+                    (APP, "python3", App),
                     Plain,
                     (BypassPlaintext, "udp", Path::Direct),
                 )
@@ -1389,12 +1255,8 @@ mod tests {
                 udp: true,
                 ..case(
                     "app QUIC past the sidecar",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("203.0.113.9", 443),
-                    APP,
-                    "curl",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("203.0.113.9", 443)),
+                    (APP, "curl", App),
                     Quic,
                     (BypassTls, "app-quic", Path::Direct),
                 )
@@ -1403,189 +1265,121 @@ mod tests {
                 udp: true,
                 ..case(
                     "app UDP to port 53 of a peer that serves no DNS",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.0.0.12", 53),
-                    APP,
-                    "python3",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 53)),
+                    (APP, "python3", App),
                     Plain,
                     (BypassPlaintext, "udp", Path::Direct),
                 )
             },
             case(
                 "app as the proxy's uid",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 9080),
-                PROXY,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 9080)),
+                (PROXY, "curl", App),
                 Plain,
                 (BypassPlaintext, "proxy-uid-app", Path::Direct),
             ),
             case(
                 "app as the proxy's uid, TLS",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 9080),
-                PROXY,
-                "openssl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 9080)),
+                (PROXY, "openssl", App),
                 Tls,
                 (BypassTls, "proxy-uid-app", Path::Direct),
             ),
             case(
                 "app as the proxy's uid to port 15020 of a pod outside the mesh",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 15020),
-                PROXY,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 15020)),
+                (PROXY, "curl", App),
                 Plain,
                 (BypassPlaintext, "proxy-uid-app", Path::Direct),
             ),
             case(
                 "app as the proxy's uid to port 53 over TCP, not a DNS server",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 53),
-                PROXY,
-                "curl",
-                App,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 53)),
+                (PROXY, "curl", App),
                 Plain,
                 (BypassPlaintext, "proxy-uid-app", Path::Direct),
             ),
             case(
                 "excluded inbound port",
-                Ingress,
-                ("10.0.0.11", 8081),
-                ("10.0.0.12", 40000),
-                APP,
-                "python3",
-                App,
+                (Ingress, ("10.0.0.11", 8081), ("10.0.0.12", 40000)),
+                (APP, "python3", App),
                 Plain,
                 (BypassPlaintext, "excluded-port", Path::Direct),
             ),
             case(
                 "inbound capture missing",
-                Ingress,
-                ("10.0.0.11", 8080),
-                ("10.0.0.12", 40000),
-                APP,
-                "python3",
-                App,
+                (Ingress, ("10.0.0.11", 8080), ("10.0.0.12", 40000)),
+                (APP, "python3", App),
                 Plain,
                 (BypassPlaintext, "no-capture", Path::Direct),
             ),
             case(
                 "PERMISSIVE sidecar, unmeshed client",
-                Ingress,
-                ("10.0.0.11", 15006),
-                ("10.0.0.12", 40000),
-                PROXY,
-                "wrk:worker_0",
-                Proxy,
+                (Ingress, ("10.0.0.11", 15006), ("10.0.0.12", 40000)),
+                (PROXY, "wrk:worker_0", Proxy),
                 Plain,
                 (Plaintext, "permissive-inbound", Path::Sidecar),
             ),
             case(
                 "PERMISSIVE sidecar, meshed client that bypassed",
-                Ingress,
-                ("10.0.0.11", 15006),
-                ("10.0.0.10", 40000),
-                PROXY,
-                "wrk:worker_0",
-                Proxy,
+                (Ingress, ("10.0.0.11", 15006), ("10.0.0.10", 40000)),
+                (PROXY, "wrk:worker_0", Proxy),
                 Plain,
                 (BypassPlaintext, "peer-bypass", Path::Sidecar),
             ),
             case(
                 "sidecar told not to use mTLS",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 8080),
-                PROXY,
-                "wrk:worker_0",
-                Proxy,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                (PROXY, "wrk:worker_0", Proxy),
                 Plain,
                 (Plaintext, "proxy-plaintext", Path::Sidecar),
             ),
             case(
                 "sidecar passthrough, plaintext",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.12", 80),
-                PROXY,
-                "wrk:worker_0",
-                Proxy,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 80)),
+                (PROXY, "wrk:worker_0", Proxy),
                 Plain,
                 (Plaintext, "passthrough", Path::Sidecar),
             ),
             case(
                 "sidecar passthrough, app TLS",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("203.0.113.9", 443),
-                PROXY,
-                "envoy",
-                Proxy,
+                (Egress, ("10.0.0.10", 40000), ("203.0.113.9", 443)),
+                (PROXY, "envoy", Proxy),
                 Tls,
                 (Unmeshed, "passthrough-tls", Path::Sidecar),
             ),
             case(
                 "sidecar passing app TLS to a meshed pod",
-                Egress,
-                ("10.0.0.10", 40000),
-                ("10.0.0.11", 9443),
-                PROXY,
-                "envoy",
-                Proxy,
+                (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 9443)),
+                (PROXY, "envoy", Proxy),
                 Tls,
                 (BypassTls, "app-tls", Path::Sidecar),
             ),
             case(
                 "unmeshed client to meshed",
-                Egress,
-                ("10.0.0.12", 40000),
-                ("10.0.0.11", 9080),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.12", 40000), ("10.0.0.11", 9080)),
+                (APP, "curl", App),
                 Plain,
                 (Plaintext, "unmeshed-client", Path::Direct),
             ),
             case(
                 "meshed client to unmeshed, excluded port",
-                Ingress,
-                ("10.0.0.12", 5000),
-                ("10.0.0.10", 40000),
-                APP,
-                "python3",
-                App,
+                (Ingress, ("10.0.0.12", 5000), ("10.0.0.10", 40000)),
+                (APP, "python3", App),
                 Plain,
                 (BypassPlaintext, "excluded-port", Path::Direct),
             ),
             case(
                 "meshed client to unmeshed, TLS on excluded port",
-                Ingress,
-                ("10.0.0.12", 8443),
-                ("10.0.0.10", 40000),
-                APP,
-                "openssl",
-                App,
+                (Ingress, ("10.0.0.12", 8443), ("10.0.0.10", 40000)),
+                (APP, "openssl", App),
                 Tls,
                 (BypassTls, "app-tls", Path::Direct),
             ),
             case(
                 "meshed client to unmeshed, SSH on excluded port",
-                Ingress,
-                ("10.0.0.12", 2222),
-                ("10.0.0.10", 40000),
-                0,
-                "sshd",
-                App,
+                (Ingress, ("10.0.0.12", 2222), ("10.0.0.10", 40000)),
+                (0, "sshd", App),
                 Ssh,
                 (BypassTls, "app-ssh", Path::Direct),
             ),
@@ -1593,12 +1387,8 @@ mod tests {
                 alpn: ISTIO,
                 ..case(
                     "meshed client's fake mesh hello on an excluded port, at the server",
-                    Ingress,
-                    ("10.0.0.12", 5000),
-                    ("10.0.0.10", 40000),
-                    APP,
-                    "python3",
-                    App,
+                    (Ingress, ("10.0.0.12", 5000), ("10.0.0.10", 40000)),
+                    (APP, "python3", App),
                     Plain,
                     (BypassPlaintext, "spoofed-mesh-alpn", Path::Direct),
                 )
@@ -1607,46 +1397,30 @@ mod tests {
                 udp: true,
                 ..case(
                     "meshed client's UDP at an unmeshed server",
-                    Ingress,
-                    ("10.0.0.12", 9999),
-                    ("10.0.0.10", 40000),
-                    APP,
-                    "python3",
-                    App,
+                    (Ingress, ("10.0.0.12", 9999), ("10.0.0.10", 40000)),
+                    (APP, "python3", App),
                     Plain,
                     (BypassPlaintext, "udp", Path::Direct),
                 )
             },
             case(
                 "meshed client to unmeshed",
-                Ingress,
-                ("10.0.0.12", 80),
-                ("10.0.0.10", 40000),
-                APP,
-                "python3",
-                App,
+                (Ingress, ("10.0.0.12", 80), ("10.0.0.10", 40000)),
+                (APP, "python3", App),
                 Plain,
                 (Plaintext, "unmeshed-server", Path::Direct),
             ),
             case(
                 "kubelet probe, node end",
-                Egress,
-                ("10.0.0.1", 40000),
-                ("10.0.0.11", 8081),
-                0,
-                "kubelet",
-                Own::Host,
+                (Egress, ("10.0.0.1", 40000), ("10.0.0.11", 8081)),
+                (0, "kubelet", Own::Host),
                 Plain,
                 (Expected, "probe", Path::Direct),
             ),
             case(
                 "kubelet probe, pod end",
-                Ingress,
-                ("10.0.0.11", 8081),
-                ("10.0.0.1", 40000),
-                APP,
-                "python3",
-                App,
+                (Ingress, ("10.0.0.11", 8081), ("10.0.0.1", 40000)),
+                (APP, "python3", App),
                 Plain,
                 (Expected, "probe", Path::Direct),
             ),
@@ -1654,12 +1428,8 @@ mod tests {
                 udp: true,
                 ..case(
                     "DNS to a CoreDNS pod",
-                    Egress,
-                    ("10.0.0.12", 40000),
-                    ("10.0.0.14", 53),
-                    APP,
-                    "curl",
-                    App,
+                    (Egress, ("10.0.0.12", 40000), ("10.0.0.14", 53)),
+                    (APP, "curl", App),
                     Plain,
                     (Expected, "dns", Path::Direct),
                 )
@@ -1668,12 +1438,8 @@ mod tests {
                 udp: true,
                 ..case(
                     "DNS at the CoreDNS pod",
-                    Ingress,
-                    ("10.0.0.14", 53),
-                    ("10.0.0.10", 40000),
-                    APP,
-                    "coredns",
-                    App,
+                    (Ingress, ("10.0.0.14", 53), ("10.0.0.10", 40000)),
+                    (APP, "coredns", App),
                     Plain,
                     (Expected, "dns", Path::Direct),
                 )
@@ -1682,12 +1448,8 @@ mod tests {
                 udp: true,
                 ..case(
                     "DNS from a meshed app to the cluster DNS service",
-                    Egress,
-                    ("10.0.0.10", 40000),
-                    ("10.96.0.10", 53),
-                    APP,
-                    "curl",
-                    App,
+                    (Egress, ("10.0.0.10", 40000), ("10.96.0.10", 53)),
+                    (APP, "curl", App),
                     Plain,
                     (Expected, "dns", Path::Direct),
                 )
@@ -1696,79 +1458,51 @@ mod tests {
                 udp: true,
                 ..case(
                     "port 53 to a host that is no DNS server",
-                    Egress,
-                    ("10.0.0.12", 40000),
-                    ("203.0.113.9", 53),
-                    APP,
-                    "curl",
-                    App,
+                    (Egress, ("10.0.0.12", 40000), ("203.0.113.9", 53)),
+                    (APP, "curl", App),
                     Plain,
                     (Unmeshed, "no-sidecar", Path::Direct),
                 )
             },
             case(
                 "metrics scrape of a meshed pod, scraper end",
-                Egress,
-                ("10.0.0.1", 40000),
-                ("10.0.0.11", 15020),
-                65534,
-                "prometheus",
-                Own::Host,
+                (Egress, ("10.0.0.1", 40000), ("10.0.0.11", 15020)),
+                (65534, "prometheus", Own::Host),
                 Plain,
                 (Expected, "metrics", Path::Direct),
             ),
             case(
                 "metrics scrape, the proxy's end",
-                Ingress,
-                ("10.0.0.11", 15020),
-                ("10.0.0.1", 40000),
-                PROXY,
-                "pilot-agent",
-                Proxy,
+                (Ingress, ("10.0.0.11", 15020), ("10.0.0.1", 40000)),
+                (PROXY, "pilot-agent", Proxy),
                 Plain,
                 (Expected, "metrics", Path::Direct),
             ),
             case(
                 "port 15020 served by an app, not the proxy",
-                Ingress,
-                ("10.0.0.11", 15020),
-                ("10.0.0.12", 40000),
-                APP,
-                "python3",
-                App,
+                (Ingress, ("10.0.0.11", 15020), ("10.0.0.12", 40000)),
+                (APP, "python3", App),
                 Plain,
                 (BypassPlaintext, "no-capture", Path::Direct),
             ),
             case(
                 "unmeshed both",
-                Egress,
-                ("10.0.0.12", 40000),
-                ("203.0.113.9", 80),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.12", 40000), ("203.0.113.9", 80)),
+                (APP, "curl", App),
                 Plain,
                 (Unmeshed, "no-sidecar", Path::Direct),
             ),
             case(
                 "host network",
-                Egress,
-                ("10.0.0.1", 40000),
-                ("203.0.113.9", 80),
-                0,
-                "curl",
-                Own::Host,
+                (Egress, ("10.0.0.1", 40000), ("203.0.113.9", 80)),
+                (0, "curl", Own::Host),
                 Plain,
                 (Unmeshed, "host-network", Path::Direct),
             ),
             case(
                 "ambient pod's application",
-                Egress,
-                ("10.0.0.13", 40000),
-                ("10.0.0.12", 80),
-                APP,
-                "curl",
-                App,
+                (Egress, ("10.0.0.13", 40000), ("10.0.0.12", 80)),
+                (APP, "curl", App),
                 Plain,
                 (Plaintext, "ambient-unverified", Path::Direct),
             ),

@@ -39,7 +39,10 @@ impl Serving {
 /// on TCP with a token. Failing to bind is fatal: a DaemonSet pod should restart, loudly. A
 /// token file that does not exist (its Secret not created yet) only leaves the TCP API off:
 /// the node is still watched.
-pub(super) async fn start(config: &ServeConfig, state: &Arc<AgentState>) -> anyhow::Result<Serving> {
+pub(super) async fn start(
+    config: &ServeConfig,
+    state: &Arc<AgentState>,
+) -> anyhow::Result<Serving> {
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -25,7 +25,6 @@ pub mod sys;
 
 use prereq::Node;
 
-
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshguard"));
 
