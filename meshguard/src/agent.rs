@@ -21,16 +21,23 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    api,
+    api::{
+        self,
+        types::{InventoryStatus, Status},
+    },
     event::decode,
-    flow::{Change, FlowTable, Update},
+    flow::{
+        record::Change,
+        table::{FlowTable, TableStats},
+        Update,
+    },
     http,
     inventory::{self, source::Source, Inventory, Shared},
     judge::Judge,
     kernel::{Kernel, ProcessAttribution, Sizes},
     metrics::{loss_source, Metrics},
     prereq,
-    state::{kernel_release, AgentState, InventoryStatus, Status},
+    state::{kernel_release, AgentState},
     store::FlowStore,
     verdict::{Policy, Verdict},
 };
@@ -565,8 +572,8 @@ impl Pipeline {
             ) else {
                 continue;
             };
-            if let Some(from) = record.corrected_from {
-                warn!(id = %record.id, from = from.verdict.as_str(), to = record.verdict.as_str(), reason = record.reason, "verdict corrected by later evidence");
+            if let Some(from) = &record.corrected_from {
+                warn!(id = %record.id, from = from.verdict.as_str(), to = record.verdict.as_str(), reason = &*record.reason, "verdict corrected by later evidence");
                 self.state
                     .metrics
                     .verdict_corrections
@@ -575,8 +582,8 @@ impl Pipeline {
             }
             match record.event {
                 // Kept in the kernel: an agent after this one will not report it again.
-                Change::Classified => kernel.remember(record.cookie, reported(&record)),
-                Change::Closed if !record.first_report => kernel.forget_reported(record.cookie),
+                Change::Classified => kernel.remember(record.cookie(), reported(&record)),
+                Change::Closed if !record.first_report => kernel.forget_reported(record.cookie()),
                 Change::Closed => {}
             }
             if self.log_flows {
@@ -591,7 +598,7 @@ impl Pipeline {
 }
 
 /// The record an open flow's first publication leaves in the kernel's `REPORTED` map.
-fn reported(record: &crate::flow::FlowRecord) -> meshguard_ebpf::Reported {
+fn reported(record: &crate::flow::record::FlowRecord) -> meshguard_ebpf::Reported {
     let mut entry = meshguard_ebpf::Reported {
         verdict: record.verdict.code(),
         ..Default::default()
@@ -785,7 +792,7 @@ impl Losses {
         out
     }
 
-    fn report(&mut self, kernel: &Kernel, table: crate::flow::TableStats, metrics: &Metrics) {
+    fn report(&mut self, kernel: &Kernel, table: TableStats, metrics: &Metrics) {
         match kernel.stats() {
             Ok(now) => {
                 for stat in Stat::ALL {
