@@ -137,7 +137,11 @@ async fn flow(State(state): State<Arc<AgentState>>, UrlPath(id): UrlPath<String>
         .unwrap_or_else(|e| e.into_inner())
         .get(&id);
     match found {
-        Some(record) => Json(Explanation::of(record)).into_response(),
+        // As a JSON value, whose keys are sorted: the bytes this answer has always had.
+        Some(record) => match serde_json::to_value(Explanation::of(record)) {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
         None => error(
             StatusCode::NOT_FOUND,
             format!("no flow with id {id:?} on this node (it may have aged out of the store)"),

@@ -30,8 +30,9 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// An agent's answer with [`printable`] applied to every string in it, keys included: what the
-/// tables, `explain` and `status` render from, so that no field they show can be forgotten.
+/// A JSON value with [`printable`] applied to every string in it, keys included, for showing
+/// a value whole. (The tables, `explain` and `status` render typed answers, and escape each
+/// string they show.)
 pub fn printable_json(v: &Value) -> Value {
     match v {
         Value::String(s) => Value::String(printable(s).into_owned()),
