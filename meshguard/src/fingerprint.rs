@@ -6,7 +6,9 @@
 
 use std::borrow::Cow;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::wire_enum;
 
 // The kernel's `skb.rs` applies the same sampling rule (`stream_want`) to the same first bytes,
 // with the same limits, shared through `meshguard-ebpf`.
@@ -145,6 +147,41 @@ pub enum Fingerprint {
     Plaintext(PlaintextHint),
 }
 
+wire_enum! {
+    /// What the wire showed of a flow's encryption: TLS, another encrypted protocol, or
+    /// plaintext.
+    pub enum Encryption ("encryption") {
+        Tls = "tls",
+        /// DTLS records (over UDP).
+        Dtls = "dtls",
+        /// QUIC long-header packets of a known version (over UDP).
+        Quic = "quic",
+        /// The SSH protocol: banner and key exchange, then encrypted.
+        Ssh = "ssh",
+        Plaintext = "plaintext",
+        /// No payload seen yet.
+        Unknown = "unknown",
+    }
+}
+
+impl Encryption {
+    /// Encrypted on the wire, whatever the protocol.
+    pub fn is_encrypted(self) -> bool {
+        matches!(self, Self::Tls | Self::Dtls | Self::Quic | Self::Ssh)
+    }
+
+    /// How a sentence names it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Tls => "TLS",
+            Self::Dtls => "DTLS",
+            Self::Quic => "QUIC",
+            Self::Ssh => "SSH",
+            Self::Plaintext | Self::Unknown => "plaintext",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EncryptedProtocol {
     /// Its identification string and key exchange go in the clear, everything after encrypted.
@@ -163,7 +200,7 @@ impl EncryptedProtocol {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsInfo {
     /// The negotiated version where the sample shows it (ServerHello), else the highest offered.
     pub version: Option<TlsVersion>,
@@ -193,16 +230,31 @@ pub enum Handshake {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TlsVersion(pub u16);
 
+/// The versions with a name, as records show them; any other is shown as its number in hex.
+const TLS_VERSION_NAMES: [(u16, &str); 5] = [
+    (0x0300, "SSL 3.0"),
+    (0x0301, "TLS 1.0"),
+    (0x0302, "TLS 1.1"),
+    (0x0303, "TLS 1.2"),
+    (0x0304, "TLS 1.3"),
+];
+
 impl TlsVersion {
     pub fn name(self) -> String {
-        match self.0 {
-            0x0300 => "SSL 3.0".into(),
-            0x0301 => "TLS 1.0".into(),
-            0x0302 => "TLS 1.1".into(),
-            0x0303 => "TLS 1.2".into(),
-            0x0304 => "TLS 1.3".into(),
-            other => format!("0x{other:04x}"),
+        match TLS_VERSION_NAMES.iter().find(|(v, _)| *v == self.0) {
+            Some((_, name)) => (*name).to_string(),
+            None => format!("0x{:04x}", self.0),
         }
+    }
+
+    /// The version [`TlsVersion::name`] names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let named = TLS_VERSION_NAMES.iter().find(|(_, n)| *n == name);
+        let number = || {
+            let hex = name.strip_prefix("0x").filter(|h| h.len() == 4)?;
+            u16::from_str_radix(hex, 16).ok()
+        };
+        named.map(|(v, _)| *v).or_else(number).map(Self)
     }
 
     /// GREASE values (RFC 8701) are offered to keep peers honest, never negotiated.
@@ -214,6 +266,25 @@ impl TlsVersion {
 impl Serialize for TlsVersion {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = Cow::<str>::deserialize(d)?;
+        Self::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("{name:?} is not a TLS version")))
+    }
+}
+
+wire_enum! {
+    /// The application protocol of plaintext, as records name it.
+    pub enum PlaintextProtocol ("plaintext protocol") {
+        /// HTTP/1, a request or a response.
+        Http1 = "http/1",
+        /// The HTTP/2 connection preface (h2c, prior knowledge).
+        H2c = "h2c",
+        Unknown = "unknown",
     }
 }
 
@@ -234,11 +305,11 @@ pub enum PlaintextHint {
 }
 
 impl PlaintextHint {
-    pub fn protocol(&self) -> &'static str {
+    pub fn protocol(&self) -> PlaintextProtocol {
         match self {
-            Self::HttpRequest { .. } | Self::HttpResponse => "http/1",
-            Self::Http2Preface => "h2c",
-            Self::Unknown => "unknown",
+            Self::HttpRequest { .. } | Self::HttpResponse => PlaintextProtocol::Http1,
+            Self::Http2Preface => PlaintextProtocol::H2c,
+            Self::Unknown => PlaintextProtocol::Unknown,
         }
     }
 }

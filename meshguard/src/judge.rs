@@ -2,7 +2,7 @@
 //! socket's owner resolved from its cgroup (the container that created it, which the
 //! application cannot choose), against the inventory and the policy, gives a decision; and
 //! says whether the flow should wait for evidence still on its way, so that the first record of
-//! a flow is the one that stands.
+//! a flow is the one that stands. The decision and the flow make the published record.
 
 use std::{
     path::PathBuf,
@@ -10,15 +10,25 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use meshguard_ebpf::flags;
 use tracing::{debug, warn};
 
 use crate::{
-    flow::{Change, Flow, FlowRecord, FlowTable, Update, EVIDENCE_WAIT_NS},
+    event::ip_addr,
+    fingerprint::{Encryption, PlaintextHint},
+    flow::{
+        record::{
+            Change, Comm, Corrected, Endpoint, FlowId, FlowRecord, OwnerRecord, PlaintextRecord,
+            Process, Protocol, RedirectRecord, State, Timestamp,
+        },
+        table::{FlowTable, EVIDENCE_WAIT_NS},
+        Flow, Update,
+    },
     inventory::{
         cgroups::{CgroupIndex, CgroupOwner},
         Identity, Inventory,
     },
-    verdict::{decide, Decision, Encryption, Owner, Policy},
+    verdict::{decide, Decision, Owner, Policy},
 };
 
 /// Evidence a flow's verdict may still change with, and which is on its way.
@@ -190,16 +200,105 @@ impl Judge {
                     table.wait(key);
                     return None;
                 }
-                let record = flow.record(node, Change::Classified, judged);
-                table.published(key, (record.verdict, record.reason));
+                let published = (judged.decision.verdict, judged.decision.reason);
+                let record = record_of(flow, node, Change::Classified, judged);
+                table.published(key, published);
                 Some(record)
             }
             Update::Closed(flow) => {
                 let mut judged = self.judge(&flow, inventory, policy, now_ns);
                 keep_restored(&flow, &mut judged.decision);
-                Some(flow.record(node, Change::Closed, judged))
+                Some(record_of(&flow, node, Change::Closed, judged))
             }
         }
+    }
+}
+
+/// The record of a flow, as judged.
+pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -> FlowRecord {
+    let Judged {
+        decision,
+        owner,
+        ends: (local, remote),
+        ..
+    } = judged;
+    let k = &flow.kernel;
+    let (local_addr, remote_addr) = (flow.local(), flow.remote());
+    let corrected_from = flow
+        .published
+        .filter(|&(v, r)| (v, r) != (decision.verdict, decision.reason))
+        .map(|(verdict, reason)| Corrected {
+            verdict,
+            reason: reason.into(),
+        });
+    FlowRecord {
+        id: FlowId(flow.cookie),
+        node: Arc::clone(node),
+        event: change,
+        first_seen: Timestamp(flow.first_seen),
+        last_seen: Timestamp(flow.last_seen),
+        state: if flow.closed {
+            State::Closed
+        } else {
+            State::Open
+        },
+        direction: flow.direction(),
+        protocol: if flow.udp() {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        },
+        local: Endpoint::new(local_addr, local.into()),
+        remote: Endpoint::new(remote_addr, remote.into()),
+        process: Process {
+            pid: (k.flags & flags::PROCESS != 0).then_some(k.pid),
+            comm: flow.comm().map(Comm::new),
+            uid: (k.flags & flags::UID != 0).then_some(k.uid),
+        },
+        owner: OwnerRecord {
+            kind: owner.kind(),
+            container: owner.container().map(str::to_string),
+        },
+        loopback: flow.loopback(),
+        encryption: flow.encryption,
+        tls: flow.tls().cloned(),
+        plaintext: flow
+            .payload
+            .as_ref()
+            .and_then(|p| p.plaintext.as_ref())
+            .map(|hint| {
+                let (method, path) = match hint {
+                    PlaintextHint::HttpRequest { method, path } => {
+                        (Some((*method).into()), path.clone())
+                    }
+                    _ => (None, None),
+                };
+                PlaintextRecord {
+                    protocol: hint.protocol(),
+                    method,
+                    path,
+                }
+            }),
+        redacted_sample: flow.payload.as_ref().and_then(|p| p.redacted.clone()),
+        path: decision.path,
+        redirect: (k.flags & flags::REDIRECTED != 0).then(|| RedirectRecord {
+            ip: ip_addr(k.tuple.family, k.redirect.addr),
+            port: k.redirect.port,
+            ifindex: k.redirect.ifindex,
+        }),
+        bytes_sent: k.counters.bytes_sent,
+        bytes_received: k.counters.bytes_received,
+        packets_sent: k.counters.packets_sent,
+        packets_received: k.counters.packets_received,
+        verdict: decision.verdict,
+        reason: decision.reason.into(),
+        detail: decision.detail,
+        corrected_from,
+        midstream: k.flags & flags::MIDSTREAM != 0,
+        recovered: flow.recovered,
+        first_report: flow.published.is_none(),
+        evicted: k.flags & flags::EVICTED != 0,
+        netns_cookie: k.netns,
     }
 }
 
@@ -302,7 +401,7 @@ mod tests {
     #[test]
     fn a_socket_s_cgroup_names_its_container() {
         let (inventory, mut judge) = node();
-        let name = |owner: Owner| (owner.kind(), owner.container().map(str::to_string));
+        let name = |owner: Owner| (owner.kind().as_str(), owner.container().map(str::to_string));
         assert_eq!(
             name(judge.owner(Some(11), &inventory)),
             ("proxy", Some("istio-proxy".into()))
@@ -388,7 +487,7 @@ mod tests {
         assert_eq!(records.len(), 1);
         let r = &records[0];
         assert_eq!(
-            (r.event, r.verdict, r.reason),
+            (r.event, r.verdict, &*r.reason),
             (Change::Classified, Verdict::Mtls, "istio-mtls")
         );
         assert_eq!(
@@ -428,5 +527,313 @@ mod tests {
             .collect::<Vec<_>>();
         assert_eq!(later.len(), 1);
         assert!(!later[0].verdict.is_bypass(), "{:?}", later[0]);
+    }
+}
+
+/// A flow from kernel events to its records: the flow table's updates, judged.
+#[cfg(test)]
+mod pipeline {
+    use meshguard_ebpf::{flags, EventKind, FlowState, DIRECTION_EGRESS, DIRECTION_INGRESS};
+
+    use super::*;
+    use crate::{
+        event::tests::{flow_event, sample_event},
+        fingerprint::tests::{client_hello, server_hello},
+        flow::table::tests::{apply, entry, state, NEXT_RECORD},
+        verdict::Verdict,
+    };
+
+    fn none() -> (Inventory, Policy) {
+        (Inventory::empty("none"), Policy::default())
+    }
+
+    #[test]
+    fn lifecycle_gives_evidence_then_a_close() {
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        let s = state(DIRECTION_EGRESS, 0, 0);
+        let mut ch = client_hello(Some("svc.test"), &["h2"], &[0x0304]);
+        ch.extend(NEXT_RECORD);
+        let steps: [(Vec<u8>, &str); 5] = [
+            (flow_event(EventKind::Open, 1, s), ""),
+            (
+                sample_event(1, state(DIRECTION_EGRESS, 300, 0), DIRECTION_EGRESS, &ch),
+                "E",
+            ),
+            (
+                flow_event(
+                    EventKind::Process,
+                    1,
+                    state(DIRECTION_EGRESS, 300, flags::PROCESS),
+                ),
+                "",
+            ),
+            (
+                sample_event(1, s, DIRECTION_INGRESS, &server_hello(Some(0x0304))),
+                "",
+            ),
+            (
+                flow_event(EventKind::Close, 1, state(DIRECTION_EGRESS, 900, 0)),
+                "C",
+            ),
+        ];
+        for (i, (bytes, want)) in steps.iter().enumerate() {
+            if i == 4 {
+                assert!(
+                    table.get(1).unwrap().hello_complete(),
+                    "the ClientHello and the record after it"
+                );
+            }
+            assert_eq!(apply(&mut table, bytes), *want, "step {i}");
+        }
+        assert_eq!(table.stats().tracked, 0, "closed flows leave the table");
+        let (inv, policy) = none();
+        let records = judge_events(&steps.map(|(b, _)| b), &inv, &policy);
+        let closed = records.last().unwrap();
+        assert_eq!(closed.event, Change::Closed);
+        assert_eq!(closed.encryption, Encryption::Tls);
+        let tls = closed.tls.as_ref().unwrap();
+        assert_eq!(tls.sni.as_deref(), Some("svc.test"));
+        assert_eq!(tls.alpn, ["h2"]);
+        assert_eq!(closed.bytes_sent, 900);
+        assert_eq!(closed.state, "closed");
+        assert!(
+            closed.process.pid.is_some(),
+            "the process learnt earlier is kept"
+        );
+    }
+
+    #[test]
+    fn classification_per_first_sample() {
+        let mut hello = client_hello(None, &[], &[0x0303]);
+        hello.extend(NEXT_RECORD);
+        let mut fake = client_hello(None, &["istio"], &[0x0304]);
+        fake.extend(b"GET /secret HTTP/1.1\r\n");
+        let cases: [(&[u8], Encryption, Option<&str>); 5] = [
+            (
+                b"GET / HTTP/1.1\r\n\r\n",
+                Encryption::Plaintext,
+                Some("http/1"),
+            ),
+            (&hello, Encryption::Tls, None),
+            (b"\x00\x01binary", Encryption::Plaintext, Some("unknown")),
+            (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", Encryption::Ssh, None),
+            (&fake, Encryption::Plaintext, None),
+        ];
+        let (inv, policy) = none();
+        for (bytes, encryption, protocol) in cases {
+            let records = judge_events(
+                &[sample_event(
+                    3,
+                    state(DIRECTION_EGRESS, 0, 0),
+                    DIRECTION_EGRESS,
+                    bytes,
+                )],
+                &inv,
+                &policy,
+            );
+            let record = &records[0];
+            assert_eq!(record.event, Change::Classified);
+            assert_eq!(record.encryption, encryption, "{bytes:?}");
+            assert_eq!(
+                record.plaintext.as_ref().map(|p| p.protocol.as_str()),
+                protocol,
+                "{bytes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flow_closed_without_payload_is_unknown() {
+        let (inv, policy) = none();
+        let records = judge_events(
+            &[flow_event(
+                EventKind::Close,
+                9,
+                state(DIRECTION_INGRESS, 0, 0),
+            )],
+            &inv,
+            &policy,
+        );
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].event, Change::Closed);
+        assert_eq!(records[0].encryption, Encryption::Unknown);
+    }
+
+    #[test]
+    fn reconciliation_reports_what_the_ring_buffer_lost() {
+        const NOW: u64 = 100 * 1_000_000_000;
+        let get = b"GET /orders?id=7 HTTP/1.1\r\nHost";
+        let tls = &[22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+        // (what, entry, the agent saw its events already, update, forgotten)
+        let cases: [(&str, FlowState, bool, &str, bool); 7] = [
+            (
+                "closed, all events lost",
+                entry(10, 20, get),
+                false,
+                "C",
+                true,
+            ),
+            (
+                "closed, only its close lost",
+                entry(10, 20, get),
+                true,
+                "C",
+                true,
+            ),
+            (
+                "open, all events lost",
+                entry(10, 0, tls),
+                false,
+                "E",
+                false,
+            ),
+            ("open, no payload yet", entry(10, 0, b""), false, "", false),
+            (
+                "open and already followed",
+                entry(10, 0, get),
+                true,
+                "",
+                false,
+            ),
+            (
+                "opened too recently to judge",
+                entry(99, 0, get),
+                false,
+                "",
+                false,
+            ),
+            (
+                "closed too recently to judge",
+                entry(10, 99, get),
+                false,
+                "",
+                false,
+            ),
+        ];
+        let (inv, policy) = none();
+        for (what, kernel, seen, want, forgotten) in cases {
+            let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+            if seen {
+                apply(&mut table, &sample_event(7, kernel, DIRECTION_EGRESS, get));
+            }
+            let found = table.reconcile([(7, kernel)], NOW);
+            let updates: String = found
+                .updates
+                .iter()
+                .map(|u| match u {
+                    Update::Evidence(_) => 'E',
+                    Update::Closed(_) => 'C',
+                })
+                .collect();
+            assert_eq!(updates, want, "{what}");
+            assert_eq!(found.forget == [7], forgotten, "{what}");
+            let deferred = usize::from(what == "closed too recently to judge");
+            assert_eq!(found.deferred, deferred, "{what}");
+            let flow = match found.updates.first() {
+                Some(Update::Closed(flow)) => flow.as_ref().clone(),
+                Some(Update::Evidence(key)) => table.get(*key).unwrap().clone(),
+                None => continue,
+            };
+            assert!(flow.recovered, "{what}");
+            let ev = flow.evidence(Owner::Unknown);
+            assert_eq!(
+                ev.hello_complete, seen,
+                "{what}: whole from a sample, never from a head"
+            );
+            let judged =
+                Judge::new("/nonexistent".into()).judge(&flow, &inv, &policy, u64::MAX / 2);
+            let record = record_of(&flow, &"n".into(), Change::Closed, judged);
+            assert!(record.recovered, "{what}");
+            let encryption = if kernel.head[0][0] == 22 {
+                Encryption::Tls
+            } else {
+                Encryption::Plaintext
+            };
+            assert_eq!(
+                record.encryption, encryption,
+                "{what}: from the head the map kept"
+            );
+            assert_eq!(
+                record.first_report,
+                !seen || flow.published.is_none(),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_restored_flow_is_not_reported_again_and_keeps_its_verdict() {
+        const NOW: u64 = 100 * 1_000_000_000;
+        let mut table = FlowTable::new(16, SystemTime::UNIX_EPOCH);
+        // Open, its head a ClientHello's first bytes: alone, not enough for mesh mTLS.
+        let tls = [22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+        let open = entry(1, 0, &tls);
+        table.restore(7, &open, Verdict::Mtls, "istio-mtls");
+        let found = table.reconcile([(7, open)], NOW);
+        assert!(
+            found.updates.is_empty(),
+            "already reported: {:?}",
+            found.updates
+        );
+        let flow = table.get(7).unwrap();
+        assert_eq!(flow.published, Some((Verdict::Mtls, "istio-mtls")));
+        assert!(flow.restored);
+        // It closes while no agent sees its events: the close keeps the whole-evidence verdict.
+        let closed = entry(1, 2, &tls);
+        let found = table.reconcile([(7, closed)], NOW);
+        let [Update::Closed(flow)] = &found.updates[..] else {
+            panic!("{:?}", found.updates)
+        };
+        let (inv, policy) = none();
+        let mut judge = Judge::new(PathBuf::from("/nonexistent"));
+        let record = judge
+            .record(
+                &mut table,
+                Update::Closed(flow.clone()),
+                &inv,
+                &policy,
+                &"n".into(),
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            (record.verdict, &*record.reason),
+            (Verdict::Mtls, "istio-mtls")
+        );
+        assert!(record.corrected_from.is_none());
+        assert!(!record.first_report, "metrics counted it before");
+    }
+
+    #[test]
+    fn a_close_after_restart_is_classified_from_the_map_head() {
+        // The sample went to an agent since restarted; the close carries the head.
+        let (inv, policy) = none();
+        let kernel = entry(1, 0, b"POST /pay HTTP/1.1\r\n");
+        let records = judge_events(&[flow_event(EventKind::Close, 3, kernel)], &inv, &policy);
+        let record = &records[0];
+        assert_eq!(record.encryption, Encryption::Plaintext);
+        assert_eq!(
+            record.plaintext.as_ref().unwrap().method.as_deref(),
+            Some("POST")
+        );
+        assert!(record.first_report);
+    }
+
+    #[test]
+    fn an_evicted_flow_the_agent_never_saw_is_counted() {
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let evicted = state(DIRECTION_EGRESS, 0, flags::EVICTED);
+        apply(
+            &mut table,
+            &flow_event(EventKind::Open, 1, state(DIRECTION_EGRESS, 0, 0)),
+        );
+        apply(&mut table, &flow_event(EventKind::Close, 1, evicted));
+        assert_eq!(table.stats().lost_unseen, 0, "seen before its eviction");
+        apply(&mut table, &flow_event(EventKind::Close, 2, evicted));
+        assert_eq!(table.stats().lost_unseen, 1);
+        let (inv, policy) = none();
+        let records = judge_events(&[flow_event(EventKind::Close, 2, evicted)], &inv, &policy);
+        assert!(records[0].evicted);
+        assert_eq!(records[0].state, "closed");
     }
 }

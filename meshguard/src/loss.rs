@@ -4,43 +4,26 @@
 
 use meshguard_ebpf::Stat;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LossSource {
-    /// Kernel events dropped by a full ring buffer.
-    RingbufFull,
-    /// Flows the kernel's flow map refused.
-    FlowMapFull,
-    /// Open flows evicted from the kernel's flow map.
-    FlowEvicted,
-    /// Kernel events the agent could not read.
-    Undecodable,
-    /// Open flows dropped from the agent's table to make room.
-    AgentTableEvicted,
-    /// Flows evicted from the kernel's map before the agent saw any of their events.
-    FlowEvictedUnseen,
+use crate::wire::wire_enum;
+
+wire_enum! {
+    pub enum LossSource("loss source") {
+        /// Kernel events dropped by a full ring buffer.
+        RingbufFull = "ringbuf_full",
+        /// Flows the kernel's flow map refused.
+        FlowMapFull = "flow_map_full",
+        /// Open flows evicted from the kernel's flow map.
+        FlowEvicted = "flow_evicted",
+        /// Kernel events the agent could not read.
+        Undecodable = "undecodable",
+        /// Open flows dropped from the agent's table to make room.
+        AgentTableEvicted = "agent_table_evicted",
+        /// Flows evicted from the kernel's map before the agent saw any of their events.
+        FlowEvictedUnseen = "flow_evicted_unseen",
+    }
 }
 
 impl LossSource {
-    pub const ALL: [LossSource; 6] = [
-        LossSource::RingbufFull,
-        LossSource::FlowMapFull,
-        LossSource::FlowEvicted,
-        LossSource::Undecodable,
-        LossSource::AgentTableEvicted,
-        LossSource::FlowEvictedUnseen,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossSource::RingbufFull => "ringbuf_full",
-            LossSource::FlowMapFull => "flow_map_full",
-            LossSource::FlowEvicted => "flow_evicted",
-            LossSource::Undecodable => "undecodable",
-            LossSource::AgentTableEvicted => "agent_table_evicted",
-            LossSource::FlowEvictedUnseen => "flow_evicted_unseen",
-        }
-    }
-
     /// The loss a kernel counter counts; `None` for counters of what is not a loss.
     pub fn of_stat(stat: Stat) -> Option<Self> {
         match stat {
@@ -73,23 +56,6 @@ impl LossSource {
                 "{n} open flows dropped from the agent's table to make room (raise --max-flows)"
             ),
         }
-    }
-}
-
-impl std::str::FromStr for LossSource {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        LossSource::ALL
-            .into_iter()
-            .find(|l| l.as_str() == s)
-            .ok_or_else(|| format!("{s:?} is not a loss source"))
-    }
-}
-
-impl std::fmt::Display for LossSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

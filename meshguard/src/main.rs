@@ -4,7 +4,11 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use meshguard::{
-    agent, cli, client,
+    agent,
+    cli::{
+        self,
+        args::{AgentConn, FlowsArgs},
+    },
     config::{self, LogFormat, DEFAULT_PIN_DIR, DEFAULT_SOCKET},
     kernel,
 };
@@ -53,175 +57,6 @@ enum Command {
     },
 }
 
-/// How the CLI reaches an agent.
-#[derive(clap::Args)]
-struct AgentConn {
-    /// The agent's unix socket, or http://HOST:PORT or https://HOST:PORT of its TCP API.
-    #[arg(long, env = "MESHGUARD_AGENT", default_value = DEFAULT_SOCKET, value_parser = parse_agent)]
-    agent: client::AgentAddr,
-    /// File holding the bearer token for an http(s):// agent.
-    #[arg(long, env = "MESHGUARD_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<std::path::PathBuf>,
-    /// PEM file of the CA that signed an https:// agent's certificate (instead of the system's
-    /// roots).
-    #[arg(long, env = "MESHGUARD_CA_FILE", value_name = "FILE")]
-    ca_file: Option<std::path::PathBuf>,
-}
-
-impl AgentConn {
-    fn client(&self) -> Result<client::Client, cli::CliError> {
-        let token = match &self.token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| {
-                        cli::CliError::Usage(format!("--token-file {}: {e}", path.display()))
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        };
-        if let Some(warning) = client::plain_http_token_warning(&self.agent, token.is_some()) {
-            eprintln!("{warning}");
-        }
-        // A CA file that cannot be used is bad usage, not an unreachable agent.
-        #[cfg(feature = "tls")]
-        if let (client::AgentAddr::Https(_), Some(path)) = (&self.agent, &self.ca_file) {
-            meshguard::tls::connector(Some(path)).map_err(cli::CliError::Usage)?;
-        }
-        Ok(client::Client {
-            addr: self.agent.clone(),
-            token,
-            ca_file: self.ca_file.clone(),
-        })
-    }
-}
-
-fn parse_agent(s: &str) -> Result<client::AgentAddr, String> {
-    s.parse()
-}
-
-#[derive(clap::Args)]
-struct FlowsArgs {
-    /// Only these verdicts (comma-separated): mtls, bypass-plaintext, bypass-tls, plaintext,
-    /// unmeshed, expected, in-pod, pending.
-    #[arg(long, value_delimiter = ',', value_name = "VERDICT[,VERDICT]")]
-    verdict: Vec<String>,
-    /// Only flows with an end in this namespace.
-    #[arg(short, long, conflicts_with = "all_namespaces")]
-    namespace: Option<String>,
-    /// Flows of every namespace (the default when -n is not given).
-    #[arg(short = 'A', long)]
-    all_namespaces: bool,
-    /// Only flows with an end in this pod.
-    #[arg(long)]
-    pod: Option<String>,
-    /// Only flows with an end in this workload (Deployment, StatefulSet, ...).
-    #[arg(long)]
-    workload: Option<String>,
-    /// Only flows with an end on this port.
-    #[arg(long)]
-    port: Option<u16>,
-    /// Only flows seen within this long (e.g. 30s, 10m, 2h).
-    #[arg(long)]
-    since: Option<String>,
-    /// At most this many flows (the newest).
-    #[arg(long, value_name = "N")]
-    last: Option<usize>,
-    /// Keep printing new flows as they are judged.
-    #[arg(short, long)]
-    follow: bool,
-    #[arg(short, long, value_enum, default_value_t = cli::Output::Table)]
-    output: cli::Output,
-    #[command(flatten)]
-    agent: AgentConn,
-    #[command(flatten)]
-    cluster: ClusterConn,
-}
-
-/// How `flows --cluster` finds every node's agent: through the Kubernetes API.
-#[derive(clap::Args)]
-struct ClusterConn {
-    /// Ask every node's agent, found through the Kubernetes API and reached through the API
-    /// server's pod proxy, and merge their answers (with a NODE column). Needs the
-    /// meshguard-viewer Role.
-    #[arg(long)]
-    cluster: bool,
-    /// The agents' namespace.
-    #[arg(long, default_value = DEFAULT_AGENT_NAMESPACE, requires = "cluster", value_name = "NS")]
-    agent_namespace: String,
-    /// The label selector of the agent pods.
-    #[arg(long, default_value = DEFAULT_AGENT_SELECTOR, requires = "cluster", value_name = "SELECTOR")]
-    agent_selector: String,
-    /// The Secret (in the agents' namespace) whose key `token` is the agents' API token;
-    /// --token-file overrides it.
-    #[arg(long, default_value = DEFAULT_TOKEN_SECRET, requires = "cluster", value_name = "NAME")]
-    token_secret: String,
-    /// How long to wait for each agent (and for each API server request).
-    #[arg(long, default_value = "10s", value_parser = parse_timeout, requires = "cluster", value_name = "DURATION")]
-    agent_timeout: std::time::Duration,
-    /// The kubeconfig file to use (default: KUBECONFIG, ~/.kube/config, or the pod's service
-    /// account).
-    #[arg(long, requires = "cluster", value_name = "FILE")]
-    kubeconfig: Option<std::path::PathBuf>,
-    /// The kubeconfig context to use (default: its current context).
-    #[arg(long, requires = "cluster", value_name = "CONTEXT")]
-    kube_context: Option<String>,
-}
-
-// The defaults of `flows --cluster`, as deploy/ names things.
-const DEFAULT_AGENT_NAMESPACE: &str = "meshguard";
-const DEFAULT_AGENT_SELECTOR: &str = "app.kubernetes.io/name=meshguard";
-const DEFAULT_TOKEN_SECRET: &str = "meshguard-api-token";
-
-fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("{s:?} is not a duration like 5s or 1m"))
-}
-
-#[cfg(feature = "kubernetes")]
-async fn cluster_flows(
-    conn: &ClusterConn,
-    agent: &AgentConn,
-    query: &cli::FlowQuery,
-    output: cli::Output,
-    follow: bool,
-) -> Result<(), cli::CliError> {
-    if follow {
-        return Err(cli::CliError::Usage(
-            "--follow does not go with --cluster: follow one node's agent (--agent, or `kubectl \
-             exec` into its pod), or repeat `meshguard flows --cluster --since 1m`"
-                .into(),
-        ));
-    }
-    let options = meshguard::cluster::Options {
-        namespace: conn.agent_namespace.clone(),
-        selector: conn.agent_selector.clone(),
-        token_secret: conn.token_secret.clone(),
-        token_file: agent.token_file.clone(),
-        kubeconfig: conn.kubeconfig.clone(),
-        kube_context: conn.kube_context.clone(),
-        timeout: conn.agent_timeout,
-    };
-    meshguard::cluster::flows(&options, query, output).await
-}
-
-#[cfg(not(feature = "kubernetes"))]
-async fn cluster_flows(
-    _: &ClusterConn,
-    _: &AgentConn,
-    _: &cli::FlowQuery,
-    _: cli::Output,
-    _: bool,
-) -> Result<(), cli::CliError> {
-    Err(cli::CliError::Usage(
-        "--cluster: this meshguard was built without Kubernetes support (feature `kubernetes`)"
-            .into(),
-    ))
-}
-
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -231,22 +66,6 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Runs a CLI verb on a small runtime; its error decides the exit code (2: bad usage, 1: other).
-fn run_verb(verb: impl std::future::Future<Output = Result<(), cli::CliError>>) -> ExitCode {
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(cli::CliError::from)
-        .and_then(|rt| rt.block_on(verb));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{}", cli::error_line(&e));
-            ExitCode::from(e.exit_code())
-        }
     }
 }
 
@@ -262,39 +81,13 @@ fn main() -> ExitCode {
         == Some(clap::parser::ValueSource::CommandLine);
     let result = match cli.command {
         Command::Flows(args) => {
-            let query = cli::FlowQuery {
-                verdicts: args.verdict,
-                namespace: args.namespace,
-                pod: args.pod,
-                workload: args.workload,
-                port: args.port,
-                since: args.since,
-                last: args.last,
-            };
-            let (output, follow) = (args.output, args.follow);
-            if args.cluster.cluster {
-                if agent_on_command_line {
-                    return run_verb(async {
-                        Err(cli::CliError::Usage(
-                            "--agent names one agent and --cluster asks every node's: give one \
-                             or the other"
-                                .into(),
-                        ))
-                    });
-                }
-                return run_verb(async move {
-                    cluster_flows(&args.cluster, &args.agent, &query, output, follow).await
-                });
-            }
-            return run_verb(async move {
-                cli::flows(&args.agent.client()?, &query, output, follow).await
-            });
+            return cli::run(cli::args::flows(args, agent_on_command_line));
         }
         Command::Explain { flow_id, agent } => {
-            return run_verb(async move { cli::explain(&agent.client()?, &flow_id).await });
+            return cli::run(async move { cli::explain(&agent.client()?, &flow_id).await });
         }
         Command::Status { output, agent } => {
-            return run_verb(async move { cli::status(&agent.client()?, output).await });
+            return cli::run(async move { cli::status(&agent.client()?, output).await });
         }
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -324,10 +117,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // It may name a pod or quote the API server.
-            eprintln!(
-                "error: {}",
-                meshguard::display::printable(&format!("{e:#}"))
-            );
+            eprintln!("error: {}", cli::display::printable(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -15,7 +15,7 @@ use prometheus::{
 };
 
 use crate::{
-    flow::{Change, FlowRecord},
+    flow::record::{Change, FlowRecord},
     inventory::Inventory,
 };
 
@@ -57,26 +57,13 @@ fn hash(labels: &[&str; 7]) -> u64 {
 }
 
 /// A record's label values, borrowed: source and destination by the flow's direction.
-fn end_labels(e: &crate::flow::Endpoint) -> (&str, &str) {
-    match (&e.namespace, &e.workload) {
-        (Some(ns), Some(w)) => (ns.as_str(), w.as_str()),
-        _ if e.node => ("", "node"),
-        _ => ("", "unknown"),
-    }
-}
-
 fn labels_of(record: &FlowRecord) -> [&str; 7] {
-    let end = end_labels;
-    let (local, remote) = (end(&record.local), end(&record.remote));
-    let (src, dst) = if record.direction == "egress" {
-        (local, remote)
-    } else {
-        (remote, local)
-    };
+    let (src, dst) = record.source_and_destination();
+    let (src, dst) = (src.workload_labels(), dst.workload_labels());
     [
         record.verdict.as_str(),
-        record.reason,
-        record.direction,
+        &record.reason,
+        record.direction.as_str(),
         src.0,
         src.1,
         dst.0,
@@ -180,7 +167,7 @@ impl Metrics {
             &["store"],
         )
         .expect("valid metric");
-        for (store, _) in crate::store::Evicted::default().by_store() {
+        for (store, _) in crate::api::types::Evicted::default().by_store() {
             store_evicted.with_label_values(&[store]);
         }
         let programs_attached =
@@ -322,7 +309,7 @@ impl Metrics {
     }
 
     /// Counts what one store insert evicted.
-    pub fn store_evicted(&self, evicted: &crate::store::Evicted) {
+    pub fn store_evicted(&self, evicted: &crate::api::types::Evicted) {
         for (store, n) in evicted.by_store() {
             if n > 0 {
                 self.store_evicted.with_label_values(&[store]).inc_by(n);

@@ -1,19 +1,12 @@
 //! What the agent's loop publishes for its HTTP endpoints to read: metrics, the flow store,
 //! the live stream of new records, and status.
 
-use std::{
-    collections::BTreeMap,
-    sync::{atomic::AtomicBool, Arc, Mutex},
-};
+use std::sync::{atomic::AtomicBool, Arc, Mutex};
 
-use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::{
-    flow::FlowRecord,
-    inventory,
-    metrics::Metrics,
-    store::{Evicted, FlowStore},
+    api::types::Status, flow::record::FlowRecord, inventory, metrics::Metrics, store::FlowStore,
 };
 
 /// New records waiting for slow stream clients; beyond this a client skips ahead (and is told).
@@ -70,76 +63,8 @@ impl AgentState {
     }
 }
 
-/// `GET /v1/status` and `meshguard status`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Status {
-    pub version: String,
-    pub node: String,
-    /// Kernel release.
-    pub kernel: String,
-    pub started_at: String,
-    pub programs_attached: Vec<String>,
-    /// What does not work and what it costs, in words.
-    pub degraded: Vec<String>,
-    pub inventory: InventoryStatus,
-    /// Container cgroups found on the node: how sockets are traced to the container that owns
-    /// them (0: by uid and process name only).
-    pub container_cgroups: usize,
-    pub flow_map: MapStatus,
-    /// Losses since start, by where.
-    pub events_lost: BTreeMap<String, u64>,
-    pub flows_tracked: usize,
-    /// Flows reported from the kernel's flow map because their events were lost.
-    pub flows_recovered: u64,
-    /// The kernel side was taken over from an earlier agent (pinned), not attached anew.
-    pub adopted: bool,
-    /// Records held by each store: the recent, the flagged (not bypasses), the bypasses.
-    pub flows_stored: usize,
-    pub flagged_stored: usize,
-    pub bypass_stored: usize,
-    /// Records each store evicted to make room since start: a growing count means its flag
-    /// (--store-flows, --store-flagged, --store-bypass) is too small for the node's traffic.
-    pub store_evicted: Evicted,
-    /// Walks of the kernel's flow map since start, and what they met.
-    pub reconcile: ReconcileStatus,
-    /// Repairs of the kernel side, newest last (at most `REPAIRS_KEPT`): pins removed behind
-    /// the agent's back, programs found detached, generations drained on an upgrade.
-    pub kernel_repairs: Vec<String>,
-    /// Connections the endpoints closed at once because a limit was reached, since start.
-    pub connections_refused: u64,
-}
-
 /// Repairs `Status::kernel_repairs` keeps.
 pub const REPAIRS_KEPT: usize = 10;
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ReconcileStatus {
-    pub passes: u64,
-    /// Entries the last pass walked.
-    pub last_scanned: usize,
-    /// Keys walks returned twice (dropped), entries gone before their lookup, kernel errors,
-    /// walks stopped at their bound: since start.
-    pub repeated: u64,
-    pub vanished: u64,
-    pub errors: u64,
-    pub cut: u64,
-    /// Events and map entries of flows already published closed (dropped, not published again).
-    pub duplicates_dropped: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct InventoryStatus {
-    pub source: String,
-    pub pods: usize,
-    /// Seconds since it last changed; `None` before the source delivered anything.
-    pub age_seconds: Option<u64>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct MapStatus {
-    pub entries: usize,
-    pub capacity: u32,
-}
 
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

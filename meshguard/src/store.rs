@@ -5,15 +5,14 @@
 //! an attacker nothing: only newer bypasses evict a bypass. What each store evicts is counted.
 //! One record per flow: a flow's later record (closed) replaces its earlier one (classified).
 
-use std::{
-    collections::VecDeque,
-    sync::Arc,
-    time::{Duration, SystemTime},
+use std::{collections::VecDeque, sync::Arc, time::SystemTime};
+
+use crate::{
+    api::types::{Evicted, FlowQuery},
+    cookie::CookieMap,
+    flow::record::{Endpoint, FlowRecord},
+    verdict::Verdict,
 };
-
-use serde::Serialize;
-
-use crate::{cookie::CookieMap, flow::FlowRecord, verdict::Verdict};
 
 /// The stores kept apart from the flood, by what they hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,37 +23,14 @@ pub enum Kept {
     Flagged,
 }
 
-/// Which store, besides the recent one, keeps a record of this verdict.
+/// Which store, besides the recent one, keeps a record of this verdict: every flagged one.
 pub fn kept(v: Verdict) -> Option<Kept> {
-    match v {
-        Verdict::BypassPlaintext | Verdict::BypassTls => Some(Kept::Bypass),
-        Verdict::Plaintext => Some(Kept::Flagged),
-        _ => None,
-    }
-}
-
-/// Verdicts that are kept apart from the flood.
-pub fn flagged(v: Verdict) -> bool {
-    kept(v).is_some()
-}
-
-/// Records each store pushed out to make room, since start (a record replaced by its flow's
-/// later one is not evicted).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Evicted {
-    pub recent: u64,
-    pub flagged: u64,
-    pub bypass: u64,
-}
-
-impl Evicted {
-    /// By store, as `meshguard_store_evicted_total{store}` names them.
-    pub fn by_store(&self) -> [(&'static str, u64); 3] {
-        [
-            ("recent", self.recent),
-            ("flagged", self.flagged),
-            ("bypass", self.bypass),
-        ]
+    if v.is_bypass() {
+        Some(Kept::Bypass)
+    } else if v.is_flagged() {
+        Some(Kept::Flagged)
+    } else {
+        None
     }
 }
 
@@ -106,13 +82,13 @@ impl Ring {
     /// Stores record number `seq`, higher than any stored before; returns how many records it
     /// evicted to make room.
     fn put(&mut self, seq: u64, record: &Arc<FlowRecord>) -> u64 {
-        if let Some(old) = self.seq_of.insert(record.cookie, seq) {
+        if let Some(old) = self.seq_of.insert(record.cookie(), seq) {
             if let Some(i) = self.index(old) {
                 self.slots[i].2 = None;
             }
         }
         self.slots
-            .push_back((seq, record.cookie, Some(Arc::clone(record))));
+            .push_back((seq, record.cookie(), Some(Arc::clone(record))));
         let mut evicted = 0;
         while self.seq_of.len() > self.capacity || matches!(self.slots.front(), Some((_, _, None)))
         {
@@ -179,11 +155,11 @@ impl FlowStore {
         match kept(record.verdict) {
             Some(Kept::Bypass) => {
                 evicted.bypass = self.bypass.put(self.next, &record);
-                self.flagged.remove(record.cookie);
+                self.flagged.remove(record.cookie());
             }
             Some(Kept::Flagged) => {
                 evicted.flagged = self.flagged.put(self.next, &record);
-                self.bypass.remove(record.cookie);
+                self.bypass.remove(record.cookie());
             }
             None => {}
         }
@@ -218,7 +194,7 @@ impl FlowStore {
 
     /// Records matching `filter`, newest first, at most `filter.limit`: the rings merged by
     /// number (a kept record is also in the recent ring until it ages out of it).
-    pub fn query(&self, filter: &Filter, now: SystemTime) -> Vec<Arc<FlowRecord>> {
+    pub fn query(&self, filter: &FlowQuery, now: SystemTime) -> Vec<Arc<FlowRecord>> {
         newest_first([
             self.recent.newest_first(),
             self.bypass.newest_first(),
@@ -251,124 +227,11 @@ fn newest_first<'a, const N: usize>(
     })
 }
 
-/// What `/v1/flows` and `meshguard flows` select on. Every field narrows; unset fields don't.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Filter {
-    pub verdicts: Vec<Verdict>,
-    /// Either end in this namespace.
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub workload: Option<String>,
-    /// Either end on this port.
-    pub port: Option<u16>,
-    /// Seen within this long.
-    pub since: Option<Duration>,
-    pub limit: usize,
-}
-
-pub const DEFAULT_LIMIT: usize = 1000;
-pub const MAX_LIMIT: usize = 100_000;
-
-impl Default for Filter {
-    fn default() -> Self {
-        Self {
-            verdicts: Vec::new(),
-            namespace: None,
-            pod: None,
-            workload: None,
-            port: None,
-            since: None,
-            limit: DEFAULT_LIMIT,
-        }
-    }
-}
-
-pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
-    Verdict::ALL
-        .into_iter()
-        .find(|v| v.as_str() == s)
-        .ok_or_else(|| {
-            let known: Vec<&str> = Verdict::ALL.iter().map(|v| v.as_str()).collect();
-            format!("unknown verdict {s:?}; use one of {}", known.join(", "))
-        })
-}
-
-impl Filter {
-    /// From a URL query string, as the API receives it.
-    pub fn from_query(query: &str) -> Result<Self, String> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
-            .map_err(|e| format!("malformed query string: {e}"))?;
-        Filter::from_params(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-    }
-
-    /// From URL query parameters (`verdict=a,b&namespace=x&since=10m&limit=50`).
-    pub fn from_params<'a>(
-        params: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, String> {
-        let mut f = Filter::default();
-        for (key, value) in params {
-            let value = value.trim();
-            match key {
-                "verdict" => {
-                    for v in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
-                        f.verdicts.push(parse_verdict(v)?);
-                    }
-                }
-                "namespace" => f.namespace = Some(value.to_string()),
-                "pod" => f.pod = Some(value.to_string()),
-                "workload" => f.workload = Some(value.to_string()),
-                "port" => f.port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port number (1-65535)"))?),
-                "since" => {
-                    let d = humantime::parse_duration(value).map_err(|e| format!("since {value:?} is not a duration like 10m or 1h30m: {e}"))?;
-                    f.since = Some(d);
-                }
-                "limit" => {
-                    f.limit = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_LIMIT).contains(n))
-                        .ok_or_else(|| format!("limit {value:?} is not a number from 1 to {MAX_LIMIT}"))?;
-                }
-                other => {
-                    return Err(format!(
-                        "unknown parameter {other:?}; use verdict, namespace, pod, workload, port, since, limit"
-                    ))
-                }
-            }
-        }
-        Ok(f)
-    }
-
-    /// The query string that asks for this filter: [`Filter::from_query`] gives it back.
-    pub fn to_query(&self) -> String {
-        let mut q: Vec<(&str, String)> = Vec::new();
-        if !self.verdicts.is_empty() {
-            let verdicts: Vec<&str> = self.verdicts.iter().map(|v| v.as_str()).collect();
-            q.push(("verdict", verdicts.join(",")));
-        }
-        for (key, value) in [
-            ("namespace", &self.namespace),
-            ("pod", &self.pod),
-            ("workload", &self.workload),
-        ] {
-            if let Some(v) = value {
-                q.push((key, v.clone()));
-            }
-        }
-        if let Some(port) = self.port {
-            q.push(("port", port.to_string()));
-        }
-        if let Some(since) = self.since {
-            q.push(("since", humantime::format_duration(since).to_string()));
-        }
-        if self.limit != DEFAULT_LIMIT {
-            q.push(("limit", self.limit.to_string()));
-        }
-        serde_urlencoded::to_string(&q).unwrap_or_default()
-    }
-
+/// Matching records against a query of the API: the store's part of it (the query itself is
+/// the API's, shared with the client).
+impl FlowQuery {
     pub fn matches(&self, r: &FlowRecord, now: SystemTime) -> bool {
-        let either = |f: &dyn Fn(&crate::flow::Endpoint) -> bool| f(&r.local) || f(&r.remote);
+        let either = |f: &dyn Fn(&Endpoint) -> bool| f(&r.local) || f(&r.remote);
         (self.verdicts.is_empty() || self.verdicts.contains(&r.verdict))
             && self
                 .namespace
@@ -391,26 +254,11 @@ impl Filter {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+mod tests {
+    use std::time::Duration;
 
     use super::*;
-    use crate::{
-        flow::{Change, Endpoint, Process},
-        verdict::{Encryption, Path},
-    };
-
-    fn endpoint(ns: &str, pod: &str, port: u16) -> Endpoint {
-        Endpoint {
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            port,
-            namespace: Some(ns.into()),
-            pod: Some(format!("{pod}-abc")),
-            workload: Some(pod.into()),
-            node: false,
-            meshed: true,
-        }
-    }
+    use crate::{api::types::MAX_LIMIT, flow::record::tests::record};
 
     fn stored(recent: usize, flagged: usize, bypass: usize) -> Stored {
         Stored {
@@ -418,51 +266,6 @@ pub(crate) mod tests {
             flagged,
             bypass,
         }
-    }
-
-    pub(crate) fn record(id: u64, verdict: Verdict, at: SystemTime) -> Arc<FlowRecord> {
-        Arc::new(FlowRecord {
-            cookie: id,
-            id: crate::flow::FlowId(id),
-            node: "n".into(),
-            event: Change::Closed,
-            first_seen: crate::flow::Timestamp(at),
-            last_seen: crate::flow::Timestamp(at),
-            state: "closed",
-            direction: "egress",
-            protocol: "tcp",
-            local: endpoint("shop", "web", 40000),
-            remote: endpoint("legacy", "catalog", 5000),
-            process: Process {
-                pid: None,
-                comm: None,
-                uid: None,
-            },
-            owner: crate::flow::OwnerRecord {
-                kind: "app",
-                container: None,
-            },
-            loopback: false,
-            encryption: Encryption::Plaintext,
-            tls: None,
-            plaintext: None,
-            redacted_sample: None,
-            path: Path::Direct,
-            redirect: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            packets_sent: 0,
-            packets_received: 0,
-            verdict,
-            reason: "r",
-            detail: String::new(),
-            corrected_from: None,
-            midstream: false,
-            recovered: false,
-            first_report: true,
-            evicted: false,
-            netns_cookie: 0,
-        })
     }
 
     #[test]
@@ -484,52 +287,8 @@ pub(crate) mod tests {
             (&[("since", "1m")], false),
         ];
         for (params, want) in cases {
-            let f = Filter::from_params(params.iter().copied()).unwrap();
+            let f = FlowQuery::from_params(params.iter().copied()).unwrap();
             assert_eq!(f.matches(&r, now), want, "{params:?}");
-        }
-    }
-
-    #[test]
-    fn bad_parameters_say_what_is_wrong() {
-        let cases = [
-            (
-                ("verdict", "bypass"),
-                "unknown verdict \"bypass\"; use one of mtls, bypass-plaintext",
-            ),
-            (("port", "http"), "port \"http\" is not a port number"),
-            (
-                ("since", "yesterday"),
-                "since \"yesterday\" is not a duration",
-            ),
-            (
-                ("limit", "0"),
-                "limit \"0\" is not a number from 1 to 100000",
-            ),
-            (("limit", "-5"), "limit \"-5\" is not a number"),
-            (("colour", "red"), "unknown parameter \"colour\""),
-        ];
-        for (param, want) in cases {
-            let e = Filter::from_params([param]).unwrap_err();
-            assert!(e.starts_with(want), "{param:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn a_filter_round_trips_through_its_query_string() {
-        let cases = [
-            ("", ""),
-            ("limit=1000", ""),
-            (
-                "verdict=mtls, bypass-tls&namespace=shop&since=90m&port=80&limit=5",
-                "verdict=mtls%2Cbypass-tls&namespace=shop&port=80&since=1h+30m&limit=5",
-            ),
-            ("pod=a%26b%3Dc&workload=", "pod=a%26b%3Dc&workload="),
-            ("since=1y2M3d&verdict=", "since=1year+2months+3days"),
-        ];
-        for (query, canonical) in cases {
-            let filter = Filter::from_query(query).unwrap();
-            assert_eq!(filter.to_query(), canonical, "{query}");
-            assert_eq!(Filter::from_query(canonical), Ok(filter), "{query}");
         }
     }
 
@@ -546,15 +305,15 @@ pub(crate) mod tests {
             store.get(&format!("{:016x}", 0)).is_some(),
             "the alarm survived the flood"
         );
-        let only = Filter {
+        let only = FlowQuery {
             verdicts: vec![Verdict::BypassPlaintext],
-            ..Filter::default()
+            ..FlowQuery::default()
         };
         assert_eq!(store.query(&only, now).len(), 1);
         let newest = store.query(
-            &Filter {
+            &FlowQuery {
                 limit: 3,
-                ..Filter::default()
+                ..FlowQuery::default()
             },
             now,
         );
@@ -577,7 +336,7 @@ pub(crate) mod tests {
         store.insert(record(8, Verdict::Mtls, now));
         store.insert(record(7, Verdict::BypassPlaintext, now));
         assert_eq!(store.len(), stored(2, 0, 1));
-        let all = store.query(&Filter::default(), now);
+        let all = store.query(&FlowQuery::default(), now);
         assert_eq!(
             all[0].verdict,
             Verdict::BypassPlaintext,
@@ -604,13 +363,13 @@ pub(crate) mod tests {
             assert!(ring.slots.len() <= 100, "{} slots", ring.slots.len());
         }
         let all = store.query(
-            &Filter {
+            &FlowQuery {
                 limit: MAX_LIMIT,
-                ..Filter::default()
+                ..FlowQuery::default()
             },
             now,
         );
-        let cookies: Vec<u64> = all.iter().map(|r| r.cookie).collect();
+        let cookies: Vec<u64> = all.iter().map(|r| r.cookie()).collect();
         let mut newest_first_once = cookies.clone();
         newest_first_once.sort_unstable_by(|a, b| b.cmp(a));
         newest_first_once.dedup();
@@ -635,9 +394,9 @@ pub(crate) mod tests {
             let v = [Verdict::Plaintext, Verdict::Unmeshed][id as usize % 2];
             store.insert(record(id, v, now));
         }
-        let bypasses = Filter {
+        let bypasses = FlowQuery {
             verdicts: vec![Verdict::BypassPlaintext, Verdict::BypassTls],
-            ..Filter::default()
+            ..FlowQuery::default()
         };
         assert_eq!(
             store.query(&bypasses, now).len(),
@@ -679,8 +438,8 @@ pub(crate) mod tests {
             store.get(&format!("{:016x}", 1)).is_none(),
             "aged out of both"
         );
-        let all = store.query(&Filter::default(), now);
-        let cookies: Vec<u64> = all.iter().map(|r| r.cookie).collect();
+        let all = store.query(&FlowQuery::default(), now);
+        let cookies: Vec<u64> = all.iter().map(|r| r.cookie()).collect();
         assert_eq!(cookies, (2..12).rev().collect::<Vec<_>>());
     }
 

@@ -32,49 +32,37 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::inventory::{ContainerInfo, Identity, MeshMode, PodInfo};
+use crate::{
+    fingerprint::Encryption,
+    inventory::{ContainerInfo, Identity, MeshMode, PodInfo},
+    wire::wire_enum,
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    Mtls,
-    BypassPlaintext,
-    BypassTls,
-    Plaintext,
-    Unmeshed,
-    Expected,
-    InPod,
-    Pending,
+wire_enum! {
+    /// What a flow's evidence says of it. Its place in `ALL` is its code in the kernel's
+    /// `REPORTED` map: add new verdicts at the end.
+    pub enum Verdict ("verdict") {
+        Mtls = "mtls",
+        BypassPlaintext = "bypass-plaintext",
+        BypassTls = "bypass-tls",
+        Plaintext = "plaintext",
+        Unmeshed = "unmeshed",
+        Expected = "expected",
+        InPod = "in-pod",
+        Pending = "pending",
+    }
 }
 
 impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Mtls => "mtls",
-            Verdict::BypassPlaintext => "bypass-plaintext",
-            Verdict::BypassTls => "bypass-tls",
-            Verdict::Plaintext => "plaintext",
-            Verdict::Unmeshed => "unmeshed",
-            Verdict::Expected => "expected",
-            Verdict::InPod => "in-pod",
-            Verdict::Pending => "pending",
-        }
-    }
-
     pub fn is_bypass(self) -> bool {
         matches!(self, Verdict::BypassPlaintext | Verdict::BypassTls)
     }
 
-    pub const ALL: [Verdict; 8] = [
-        Verdict::Mtls,
-        Verdict::BypassPlaintext,
-        Verdict::BypassTls,
-        Verdict::Plaintext,
-        Verdict::Unmeshed,
-        Verdict::Expected,
-        Verdict::InPod,
-        Verdict::Pending,
-    ];
+    /// Kept apart from the flood in the agent's store, and flagged to people: a bypass, or
+    /// plaintext.
+    pub fn is_flagged(self) -> bool {
+        self.is_bypass() || self == Verdict::Plaintext
+    }
 
     /// Its number in the kernel's `REPORTED` map (0 means none).
     pub fn code(self) -> u8 {
@@ -89,8 +77,8 @@ impl Verdict {
     }
 }
 
-/// A reason word read back from the kernel's `REPORTED` map, as the `&'static str` records
-/// carry. Reasons are a small fixed vocabulary, so each distinct one is allocated once.
+/// A reason word read back from the kernel's `REPORTED` map, as the `&'static str` the flow
+/// table keeps. Reasons are a small fixed vocabulary, so each distinct one is allocated once.
 pub fn intern_reason(reason: &str) -> &'static str {
     static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -102,58 +90,26 @@ pub fn intern_reason(reason: &str) -> &'static str {
     leaked
 }
 
-/// What the wire showed of a flow's encryption: TLS, another encrypted protocol, or plaintext.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Encryption {
-    Tls,
-    /// DTLS records (over UDP).
-    Dtls,
-    /// QUIC long-header packets of a known version (over UDP).
-    Quic,
-    /// The SSH protocol: banner and key exchange, then encrypted.
-    Ssh,
-    Plaintext,
-    /// No payload seen yet.
-    Unknown,
-}
-
-impl Encryption {
-    /// Encrypted on the wire, whatever the protocol.
-    pub fn is_encrypted(self) -> bool {
-        matches!(self, Self::Tls | Self::Dtls | Self::Quic | Self::Ssh)
-    }
-
-    /// How a sentence names it.
-    pub fn word(self) -> &'static str {
-        match self {
-            Self::Tls => "TLS",
-            Self::Dtls => "DTLS",
-            Self::Quic => "QUIC",
-            Self::Ssh => "SSH",
-            Self::Plaintext | Self::Unknown => "plaintext",
-        }
+wire_enum! {
+    /// How the flow's bytes travelled.
+    pub enum Path ("path") {
+        /// Through the pod's proxy.
+        Sidecar = "sidecar",
+        /// Straight between the application and the network.
+        Direct = "direct",
+        /// Inside one pod (application and its sidecar, over loopback).
+        InPod = "in-pod",
     }
 }
 
-/// How the flow's bytes travelled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Path {
-    /// Through the pod's proxy.
-    Sidecar,
-    /// Straight between the application and the network.
-    Direct,
-    /// Inside one pod (application and its sidecar, over loopback).
-    InPod,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// This socket opened the connection.
-    Egress,
-    /// This socket accepted it.
-    Ingress,
+wire_enum! {
+    /// Which end of the connection a socket is.
+    pub enum Direction ("direction") {
+        /// This socket opened the connection.
+        Egress = "egress",
+        /// This socket accepted it.
+        Ingress = "ingress",
+    }
 }
 
 /// Who owns a socket, from its cgroup: what the application cannot choose.
@@ -172,16 +128,30 @@ pub enum Owner<'a> {
     Unknown,
 }
 
+wire_enum! {
+    /// What kind of owner a socket has, as records name it.
+    pub enum OwnerKind ("owner kind") {
+        /// A mesh proxy's container.
+        Proxy = "proxy",
+        /// Any other container.
+        App = "app",
+        /// A pod's cgroup outside its containers.
+        Sandbox = "sandbox",
+        /// A process of the node.
+        Host = "host",
+        /// No cgroup evidence.
+        Unknown = "unknown",
+    }
+}
+
 impl Owner<'_> {
-    /// How records name it: `proxy` (a mesh proxy's container), `app` (any other container),
-    /// `sandbox`, `host` (a process of the node) or `unknown`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> OwnerKind {
         match self {
-            Owner::Container { container, .. } if container.proxy => "proxy",
-            Owner::Container { .. } => "app",
-            Owner::Pod(_) => "sandbox",
-            Owner::Host => "host",
-            Owner::Unknown => "unknown",
+            Owner::Container { container, .. } if container.proxy => OwnerKind::Proxy,
+            Owner::Container { .. } => OwnerKind::App,
+            Owner::Pod(_) => OwnerKind::Sandbox,
+            Owner::Host => OwnerKind::Host,
+            Owner::Unknown => OwnerKind::Unknown,
         }
     }
 
@@ -459,12 +429,87 @@ fn decision(verdict: Verdict, reason: &'static str, path: Path, detail: String) 
     }
 }
 
-/// How a person would name one end.
-fn name(id: Identity, addr: SocketAddr) -> String {
-    match id {
-        Identity::Pod(p) => format!("{}/{}", p.namespace, p.name),
-        Identity::Node => format!("the node ({})", addr.ip()),
-        Identity::Unknown => addr.ip().to_string(),
+/// Who is at one end of a flow, as far as the inventory knows: what every name of an end is
+/// made from (the detail sentences here, the CLI's tables, `explain`, the metrics' labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Party<'a> {
+    Pod {
+        namespace: &'a str,
+        pod: &'a str,
+        workload: &'a str,
+        meshed: bool,
+    },
+    /// The node itself (host network).
+    Node,
+    /// Not in the inventory.
+    Unknown,
+}
+
+impl<'a> From<Identity<'a>> for Party<'a> {
+    fn from(id: Identity<'a>) -> Self {
+        match id {
+            Identity::Pod(p) => Party::Pod {
+                namespace: &p.namespace,
+                pod: &p.name,
+                workload: &p.workload.name,
+                meshed: p.meshed(),
+            },
+            Identity::Node => Party::Node,
+            Identity::Unknown => Party::Unknown,
+        }
+    }
+}
+
+impl<'a> Party<'a> {
+    /// `namespace/pod`, the node as `{node} (IP)`, or the address of an end nobody knows.
+    fn named(self, ip: IpAddr, node: &str) -> String {
+        match self {
+            Party::Pod { namespace, pod, .. } => format!("{namespace}/{pod}"),
+            Party::Node => format!("{node} ({ip})"),
+            Party::Unknown => ip.to_string(),
+        }
+    }
+
+    /// How a table names the end at `ip`: `shop/web-1`, `node (10.0.0.1)`, `203.0.113.9`.
+    pub fn name(self, ip: IpAddr) -> String {
+        self.named(ip, "node")
+    }
+
+    /// How a sentence names the end at `ip`: `shop/web-1`, `the node (10.0.0.1)`,
+    /// `203.0.113.9`.
+    pub fn in_sentence(self, ip: IpAddr) -> String {
+        self.named(ip, "the node")
+    }
+
+    /// What `meshguard explain` says of it.
+    pub fn described(self) -> String {
+        match self {
+            Party::Pod {
+                namespace,
+                pod,
+                workload,
+                meshed,
+            } => format!(
+                "{namespace}/{pod} (workload {workload}, {})",
+                if meshed { "meshed" } else { "not meshed" }
+            ),
+            Party::Node => "the node itself (host network)".to_string(),
+            Party::Unknown => "not in the inventory".to_string(),
+        }
+    }
+
+    /// Its metric labels, namespace and workload: a pod's, else no namespace and `node` or
+    /// `unknown`.
+    pub fn labels(self) -> (&'a str, &'a str) {
+        match self {
+            Party::Pod {
+                namespace,
+                workload,
+                ..
+            } => (namespace, workload),
+            Party::Node => ("", "node"),
+            Party::Unknown => ("", "unknown"),
+        }
     }
 }
 
@@ -502,8 +547,12 @@ struct Words<'a> {
 }
 
 pub fn decide(ev: &Evidence, local: Identity, remote: Identity, policy: &Policy) -> Decision {
-    let me = name(local, ev.local);
-    let peer = format!("{}:{}", name(remote, ev.remote), ev.remote.port());
+    let me = Party::from(local).in_sentence(ev.local.ip());
+    let peer = format!(
+        "{}:{}",
+        Party::from(remote).in_sentence(ev.remote.ip()),
+        ev.remote.port()
+    );
     let enc = ev.encryption.word();
     let words = Words {
         me: &me,
@@ -572,7 +621,7 @@ fn in_pod(ev: &Evidence, local: Identity, policy: &Policy, enc: &str) -> Option<
         return None;
     }
     if let Some(to) = ev.redirect {
-        let me = name(local, ev.local);
+        let me = Party::from(local).in_sentence(ev.local.ip());
         let peer = ev.remote;
         return Some(decision(Verdict::InPod, "app-to-sidecar", Path::InPod, format!("{me}'s application connected to {peer}; netfilter redirected it to its sidecar on {to}")));
     }

@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshguard::{
-    display::{has_unsafe, printable},
+    cli::display::{has_unsafe, printable},
     fingerprint::{
         fingerprint, redacted, sample_want, Fingerprint, PlaintextHint, Reassembly, Transport,
         HELLO_MAX,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use meshguard_ebpf::Stat;
 use tracing::warn;
 
-use crate::{flow::TableStats, kernel::KernelError, loss::LossSource, metrics::Metrics};
+use crate::{flow::table::TableStats, kernel::KernelError, loss::LossSource, metrics::Metrics};
 
 #[derive(Default)]
 pub(super) struct Losses {

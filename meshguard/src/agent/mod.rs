@@ -24,11 +24,12 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    api::types::Status,
     config::{AgentConfig, OnExit},
     inventory::{self, source::Source, Inventory, Shared},
     kernel::prereq,
     metrics::Metrics,
-    state::{kernel_release, AgentState, Status},
+    state::{kernel_release, AgentState},
     store::FlowStore,
     verdict::Policy,
 };

@@ -19,14 +19,19 @@ use tracing::{info, warn};
 
 use super::losses::Losses;
 use crate::{
+    api::types::InventoryStatus,
     clock,
     config::{AgentConfig, Evidence},
     event::decode,
-    flow::{Change, FlowRecord, FlowTable, Update},
+    flow::{
+        record::{Change, FlowRecord},
+        table::FlowTable,
+        Update,
+    },
     inventory::Shared,
     judge::Judge,
     kernel::{prereq::Node, Kernel, KernelError, OldGeneration, ProcessAttribution, Sizes, Walk},
-    state::{AgentState, InventoryStatus},
+    state::AgentState,
     verdict::{intern_reason, Policy, Verdict},
 };
 
@@ -118,8 +123,8 @@ struct Publisher {
 
 impl Publisher {
     fn publish(&mut self, record: FlowRecord, kernel: &mut Kernel) -> anyhow::Result<()> {
-        if let Some(from) = record.corrected_from {
-            warn!(id = %record.id, from = from.verdict.as_str(), to = record.verdict.as_str(), reason = record.reason, "verdict corrected by later evidence");
+        if let Some(from) = &record.corrected_from {
+            warn!(id = %record.id, from = from.verdict.as_str(), to = record.verdict.as_str(), reason = &*record.reason, "verdict corrected by later evidence");
             self.state
                 .metrics
                 .verdict_corrections
@@ -128,8 +133,8 @@ impl Publisher {
         }
         match record.event {
             // Kept in the kernel: an agent after this one will not report it again.
-            Change::Classified => kernel.remember(record.cookie, reported(&record)),
-            Change::Closed if !record.first_report => kernel.forget_reported(record.cookie),
+            Change::Classified => kernel.remember(record.cookie(), reported(&record)),
+            Change::Closed if !record.first_report => kernel.forget_reported(record.cookie()),
             Change::Closed => {}
         }
         if let Some(out) = &mut self.log {

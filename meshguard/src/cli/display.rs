@@ -5,8 +5,6 @@
 
 use std::borrow::Cow;
 
-use serde_json::Value;
-
 /// A character a terminal would act on or reorder text by, rather than just show: C0, DEL and
 /// C1 controls, and the bidi embeddings, overrides and isolates ("Trojan Source").
 fn is_unsafe(c: char) -> bool {
@@ -28,21 +26,6 @@ pub fn printable(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
-}
-
-/// An agent's answer with [`printable`] applied to every string in it, keys included: what the
-/// tables, `explain` and `status` render from, so that no field they show can be forgotten.
-pub fn printable_json(v: &Value) -> Value {
-    match v {
-        Value::String(s) => Value::String(printable(s).into_owned()),
-        Value::Array(a) => Value::Array(a.iter().map(printable_json).collect()),
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .map(|(k, v)| (printable(k).into_owned(), printable_json(v)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
 }
 
 /// Whether `s` holds a character [`printable`] escapes: what tests and fuzz targets assert
@@ -87,24 +70,5 @@ mod tests {
                 "{raw:?}: borrowed only when unchanged"
             );
         }
-    }
-
-    #[test]
-    fn every_string_of_an_answer_keys_included() {
-        let v = serde_json::json!({
-            "sni\x1b": "a\x1b]0;owned\x07",
-            "alpn": ["h2", "\u{202e}x"],
-            "port": 80,
-            "tls": null,
-        });
-        assert_eq!(
-            printable_json(&v),
-            serde_json::json!({
-                "sni\\x1b": "a\\x1b]0;owned\\x07",
-                "alpn": ["h2", "\\u{202e}x"],
-                "port": 80,
-                "tls": null,
-            })
-        );
     }
 }

@@ -19,12 +19,16 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     Api, Client, Config,
 };
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::TOKEN_HEADER,
-    cli::{self, CliError, FlowQuery, Output},
-    display::printable,
+    api::types::{FlowQuery, FlowsAnswer, TOKEN_HEADER},
+    cli::{
+        display::printable,
+        render::{color, header, row},
+        CliError, Output,
+    },
+    flow::record::FlowRecord,
 };
 
 /// The key of the token in that Secret.
@@ -57,7 +61,7 @@ pub struct Target {
 }
 
 /// An agent that gave no answer, and why.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Failure {
     pub node: String,
     pub pod: String,
@@ -128,13 +132,15 @@ pub fn proxy_path(namespace: &str, target: &Target, query: &str) -> String {
 /// Why an answer holds no flows: the agent's `{"error"}`, the API server's `Status` message
 /// (an unreachable pod), or the start of whatever else came back.
 pub fn failure_reason(status: u16, body: &[u8]) -> String {
-    let parsed = serde_json::from_slice::<Value>(body).ok();
-    let said = parsed.as_ref().and_then(|v| {
-        v["error"]
-            .as_str()
-            .or_else(|| v["message"].as_str())
-            .map(str::to_string)
-    });
+    /// The agent's error body, or the API server's `Status`.
+    #[derive(Deserialize)]
+    struct Said {
+        error: Option<String>,
+        message: Option<String>,
+    }
+    let said = serde_json::from_slice::<Said>(body)
+        .ok()
+        .and_then(|s| s.error.or(s.message));
     let said = said.unwrap_or_else(|| {
         let text = String::from_utf8_lossy(body);
         let text = text.trim();
@@ -152,40 +158,30 @@ pub fn failure_reason(status: u16, body: &[u8]) -> String {
 }
 
 /// The flows of one agent's `/v1/flows` answer.
-pub fn answer_flows(body: &[u8]) -> Result<Vec<Value>, String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
-    match v.get("flows").and_then(Value::as_array) {
-        Some(flows) => Ok(flows.clone()),
-        None => Err("the answer has no \"flows\" list".into()),
+pub fn answer_flows(body: &[u8]) -> Result<Vec<FlowRecord>, String> {
+    match serde_json::from_slice::<FlowsAnswer>(body) {
+        Ok(answer) => Ok(answer.flows),
+        Err(e) if e.is_data() => Err(format!(
+            "the answer has no \"flows\" list this meshguard reads: {e}"
+        )),
+        Err(e) => Err(format!("the answer is not JSON: {e}")),
     }
 }
 
-/// The sort key of a record: its last activity (records the agent made all use the same
-/// RFC 3339 form; an unreadable time sorts as the oldest).
-fn last_seen(f: &Value) -> std::time::SystemTime {
-    f["last_seen"]
-        .as_str()
-        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        .unwrap_or(std::time::UNIX_EPOCH)
-}
-
-/// Merges the nodes' answers newest first, keeping at most `last`. Every record names its
-/// node (the agent's own `node`, else the pod's node). Equal times keep node order, then each
-/// agent's own order.
-pub fn merge(answers: Vec<(String, Vec<Value>)>, last: Option<usize>) -> Vec<Value> {
-    let mut merged: Vec<Value> = Vec::new();
+/// Merges the nodes' answers newest first (by last activity), keeping at most `last`. Every
+/// record names its node (the agent's own `node`, else the pod's node). Equal times keep node
+/// order, then each agent's own order.
+pub fn merge(answers: Vec<(String, Vec<FlowRecord>)>, last: Option<usize>) -> Vec<FlowRecord> {
+    let mut merged: Vec<FlowRecord> = Vec::new();
     for (node, flows) in answers {
         for mut f in flows {
-            if !f["node"].is_string() {
-                if let Some(obj) = f.as_object_mut() {
-                    obj.insert("node".into(), Value::String(node.clone()));
-                }
+            if f.node.is_empty() {
+                f.node = node.as_str().into();
             }
             merged.push(f);
         }
     }
-    merged.sort_by_key(|f| std::cmp::Reverse(last_seen(f)));
+    merged.sort_by_key(|f| std::cmp::Reverse(f.last_seen.0));
     if let Some(n) = last {
         merged.truncate(n);
     }
@@ -196,21 +192,33 @@ pub fn merge(answers: Vec<(String, Vec<Value>)>, last: Option<usize>) -> Vec<Val
 /// agent's output, the newest comes last; tables carry a NODE column; JSON names the agents
 /// that failed in `failed_agents`, JSON lines in one trailing `{"failed_agent": ...}` line each.
 pub fn render(
-    merged: &[Value],
+    merged: &[FlowRecord],
     answered: &[String],
     failures: &[Failure],
     output: Output,
     color: bool,
 ) -> String {
+    /// `-o json`: the merge, and which agents answered.
+    #[derive(Serialize)]
+    struct Merged<'a> {
+        flows: Vec<&'a FlowRecord>,
+        answered: &'a [String],
+        failed_agents: &'a [Failure],
+    }
+    /// `-o jsonl`: an agent that gave no answer, after the records.
+    #[derive(Serialize)]
+    struct FailedAgent<'a> {
+        failed_agent: &'a Failure,
+    }
     let mut out = String::new();
     let oldest_first = merged.iter().rev();
     match output {
         Output::Json => {
-            let doc = json!({
-                "flows": oldest_first.collect::<Vec<_>>(),
-                "answered": answered,
-                "failed_agents": failures,
-            });
+            let doc = Merged {
+                flows: oldest_first.collect(),
+                answered,
+                failed_agents: failures,
+            };
             let _ = writeln!(
                 out,
                 "{}",
@@ -219,16 +227,19 @@ pub fn render(
         }
         Output::Jsonl => {
             for f in oldest_first {
-                let _ = writeln!(out, "{f}");
+                let _ = writeln!(out, "{}", serde_json::to_string(f).unwrap_or_default());
             }
             for failure in failures {
-                let _ = writeln!(out, "{}", json!({ "failed_agent": failure }));
+                let line = FailedAgent {
+                    failed_agent: failure,
+                };
+                let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
             }
         }
         Output::Table | Output::Wide => {
-            let _ = writeln!(out, "{}", cli::header(output, true));
+            let _ = writeln!(out, "{}", header(output, true));
             for f in oldest_first {
-                let _ = writeln!(out, "{}", cli::row(f, output, color, true));
+                let _ = writeln!(out, "{}", row(f, output, color, true));
             }
         }
     }
@@ -342,7 +353,7 @@ async fn ask(
     target: &Target,
     query: &str,
     token: &str,
-) -> Result<Vec<Value>, String> {
+) -> Result<Vec<FlowRecord>, String> {
     let request = hyper::Request::get(proxy_path(namespace, target, query))
         .header(TOKEN_HEADER, token)
         .body(kube::client::Body::from(Vec::new()))
@@ -364,9 +375,14 @@ async fn ask(
     answer_flows(&body)
 }
 
-/// `meshguard flows --cluster`.
-pub async fn flows(opts: &Options, query: &FlowQuery, output: Output) -> Result<(), CliError> {
-    let qs = query.to_query()?;
+/// `meshguard flows --cluster`: the newest `last` of the merge when given.
+pub async fn flows(
+    opts: &Options,
+    query: &FlowQuery,
+    last: Option<usize>,
+    output: Output,
+) -> Result<(), CliError> {
+    let qs = query.to_query();
     let client = kube_client(opts).await?;
     let (ns, selector) = (&opts.namespace, &opts.selector);
     let what = format!("listing the agent pods in {ns} ({selector})");
@@ -440,32 +456,45 @@ pub async fn flows(opts: &Options, query: &FlowQuery, output: Output) -> Result<
             nodes.into_iter().collect::<Vec<_>>().join(", ")
         )));
     }
-    let merged = merge(answers, query.last);
+    let merged = merge(answers, last);
     let mut out = std::io::stdout().lock();
-    out.write_all(render(&merged, &answered, &failures, output, cli::color()).as_bytes())?;
+    out.write_all(render(&merged, &answered, &failures, output, color()).as_bytes())?;
     out.flush()?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use serde_json::{json, Value};
 
-    fn flow(id: &str, node: Option<&str>, last_seen: &str) -> Value {
-        let mut f = json!({
-            "id": id, "last_seen": last_seen, "verdict": "mtls", "reason": "mesh",
-            "direction": "egress", "encryption": "tls",
-            "local": {"ip": "10.0.0.1", "port": 40000, "namespace": "shop", "pod": "web-1"},
-            "remote": {"ip": "10.0.0.2", "port": 9080, "namespace": "shop", "pod": "api-1"},
-        });
-        if let Some(n) = node {
-            f["node"] = json!(n);
-        }
+    use super::*;
+    use crate::{
+        fingerprint::Encryption,
+        flow::record::{tests::record, Endpoint, Timestamp},
+        verdict::{Party, Verdict},
+    };
+
+    fn flow(id: &str, node: Option<&str>, last_seen: &str) -> FlowRecord {
+        let at = humantime::parse_rfc3339(last_seen).unwrap();
+        let mut f = (*record(u64::from_str_radix(id, 16).unwrap(), Verdict::Mtls, at)).clone();
+        f.last_seen = Timestamp(at);
+        f.reason = "mesh".into();
+        f.encryption = Encryption::Tls;
+        let pod = |pod| Party::Pod {
+            namespace: "shop",
+            pod,
+            workload: "web",
+            meshed: true,
+        };
+        f.local = Endpoint::new("10.0.0.1:40000".parse().unwrap(), pod("web-1"));
+        f.remote = Endpoint::new("10.0.0.2:9080".parse().unwrap(), pod("api-1"));
+        f.node = node.unwrap_or_default().into();
         f
     }
 
-    fn ids(flows: &[Value]) -> Vec<&str> {
-        flows.iter().map(|f| f["id"].as_str().unwrap()).collect()
+    /// The ids as [`flow`] was given them.
+    fn ids(flows: &[FlowRecord]) -> Vec<String> {
+        flows.iter().map(|f| format!("{:x}", f.id.0)).collect()
     }
 
     #[test]
@@ -489,7 +518,7 @@ mod tests {
         let all = merge(answers.clone(), None);
         assert_eq!(ids(&all), ["c2", "a2", "c1", "a1"]);
         assert_eq!(
-            all[0]["node"], "node-c",
+            &*all[0].node, "node-c",
             "a record without a node gets its pod's"
         );
         assert_eq!(ids(&merge(answers, Some(3))), ["c2", "a2", "c1"]);
@@ -537,7 +566,8 @@ mod tests {
         let doc: Value =
             serde_json::from_str(&render(&merged, &answered, &failed, Output::Json, false))
                 .unwrap();
-        assert_eq!(ids(doc["flows"].as_array().unwrap()), ["a1", "a2"]);
+        let flows: Vec<FlowRecord> = serde_json::from_value(doc["flows"].clone()).unwrap();
+        assert_eq!(ids(&flows), ["a1", "a2"]);
         assert_eq!(doc["answered"], json!(["node-a"]));
         assert_eq!(
             doc["failed_agents"],
@@ -556,11 +586,11 @@ mod tests {
 
     #[test]
     fn no_control_character_reaches_the_terminal() {
-        use crate::{
-            cli::tests::{poisoned, poisoned_answer, poisoned_record, POISON},
+        use crate::cli::{
             display::has_unsafe,
+            render::tests::{poisoned, poisoned_answer, poisoned_record, POISON},
         };
-        let flows = vec![poisoned_answer(&poisoned_record())["flow"].clone()];
+        let flows = vec![(*poisoned_answer(&poisoned_record()).flow).clone()];
         let merged = merge(vec![(format!("node-a{POISON}"), flows)], None);
         let failed = [Failure {
             node: format!("node-b{POISON}"),

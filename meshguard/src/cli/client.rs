@@ -7,7 +7,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::{body::Incoming, header, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
 use tokio::net::{TcpStream, UnixStream};
+
+use crate::api::types::ErrorBody;
 
 /// Where the agent is, as `--agent` names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,10 +166,9 @@ impl Client {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
         Err(ClientError::Api {
             addr: self.addr.to_string(),
             status,
@@ -180,8 +182,8 @@ impl Client {
         authority: &str,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
         let connector =
-            crate::tls::connector(self.ca_file.as_deref()).map_err(|e| self.unreachable(e))?;
-        let name = crate::tls::server_name(authority).map_err(|e| self.unreachable(e))?;
+            super::tls::connector(self.ca_file.as_deref()).map_err(|e| self.unreachable(e))?;
+        let name = super::tls::server_name(authority).map_err(|e| self.unreachable(e))?;
         let tcp = TcpStream::connect(authority)
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -215,8 +217,8 @@ impl Client {
             .map_err(|e| self.unreachable(e))
     }
 
-    /// `GET path` as JSON.
-    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+    /// `GET path`, its JSON answer read as a `T` (unknown fields ignored).
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let body = self
             .send(path)
             .await?
@@ -225,8 +227,13 @@ impl Client {
             .await
             .map_err(|e| self.unreachable(e))?
             .to_bytes();
-        serde_json::from_slice(&body)
-            .map_err(|e| self.unreachable(format!("the answer is not JSON: {e}")))
+        serde_json::from_slice(&body).map_err(|e| {
+            self.unreachable(if e.is_data() {
+                format!("the answer is not what this meshguard reads (an agent of another version?): {e}")
+            } else {
+                format!("the answer is not JSON: {e}")
+            })
+        })
     }
 }
 

@@ -1,7 +1,10 @@
 //! The agent API, HTTP/JSON under `/v1`, for `meshguard flows|explain|status` and scripts:
 //! on a unix socket (mode 0600) and, when asked, on TCP behind a bearer token. Bad requests get
 //! a 4xx with a JSON error saying what was wrong; a slow or vanished follower never holds up
-//! the agent (it skips ahead, and is told).
+//! the agent (it skips ahead, and is told). What it accepts and answers is in [`types`], which
+//! the CLI shares.
+
+pub mod types;
 
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::SystemTime};
 
@@ -15,19 +18,25 @@ use axum::{
     Json, Router,
 };
 use futures_util::StreamExt as _;
-use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::{flow::FlowRecord, state::AgentState, store::Filter};
+use crate::{
+    api::types::{ErrorBody, Explanation, FlowQuery, StreamLine, Warning, TOKEN_HEADER},
+    flow::record::FlowRecord,
+    state::AgentState,
+};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    let body = ErrorBody {
+        error: message.into(),
+    };
+    (status, Json(body)).into_response()
 }
 
-/// The filter a query string asks for, or why it is a bad request.
-fn filter(query: Option<String>) -> Result<Filter, String> {
-    Filter::from_query(query.as_deref().unwrap_or(""))
+/// The query a query string asks for, or why it is a bad request.
+fn filter(query: Option<String>) -> Result<FlowQuery, String> {
+    FlowQuery::from_query(query.as_deref().unwrap_or(""))
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {
@@ -64,8 +73,9 @@ async fn flows(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery) 
 /// Records per chunk of a `/v1/flows` answer.
 const CHUNK: usize = 256;
 
-/// `{"count": N, "flows": [...]}`, encoded a chunk at a time as the client reads it: a large
-/// answer never exists whole in memory, and a client that stops reading stops its encoding.
+/// A [`types::FlowsAnswer`], `{"count": N, "flows": [...]}`, encoded a chunk at a time as the
+/// client reads it: a large answer never exists whole in memory, and a client that stops
+/// reading stops its encoding.
 fn flows_json(
     flows: Vec<Arc<FlowRecord>>,
 ) -> impl futures_util::Stream<Item = Result<String, std::convert::Infallible>> {
@@ -99,10 +109,17 @@ async fn stream(State(state): State<Arc<AgentState>>, RawQuery(query): RawQuery)
     };
     let lines = BroadcastStream::new(state.live.subscribe()).filter_map(move |item| {
         let line = match item {
-            Ok(record) if filter.matches(&record, SystemTime::now()) => serde_json::to_string(&*record).ok(),
+            Ok(record) if filter.matches(&record, SystemTime::now()) => {
+                serde_json::to_string(&*record).ok()
+            }
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(json!({ "warning": format!("skipped {n} flows: this client reads more slowly than flows arrive") }).to_string())
+                let warning = Warning {
+                    warning: format!(
+                        "skipped {n} flows: this client reads more slowly than flows arrive"
+                    ),
+                };
+                serde_json::to_string(&StreamLine::Warning(warning)).ok()
             }
         };
         std::future::ready(line.map(|l| Ok::<_, std::convert::Infallible>(l + "\n")))
@@ -120,9 +137,11 @@ async fn flow(State(state): State<Arc<AgentState>>, UrlPath(id): UrlPath<String>
         .unwrap_or_else(|e| e.into_inner())
         .get(&id);
     match found {
-        Some(record) => {
-            Json(json!({ "flow": *record, "evidence": evidence(&record) })).into_response()
-        }
+        // As a JSON value, whose keys are sorted: the bytes this answer has always had.
+        Some(record) => match serde_json::to_value(Explanation::of(record)) {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
         None => error(
             StatusCode::NOT_FOUND,
             format!("no flow with id {id:?} on this node (it may have aged out of the store)"),
@@ -144,120 +163,6 @@ async fn status(State(state): State<Arc<AgentState>>) -> Response {
     status.store_evicted = store.evicted();
     drop(store);
     Json(status).into_response()
-}
-
-/// What the kernel and the inventory said of a flow, one fact a line, for `meshguard explain`.
-pub fn evidence(r: &FlowRecord) -> Vec<String> {
-    let end = |e: &crate::flow::Endpoint| match (&e.namespace, &e.pod, &e.workload) {
-        (Some(ns), Some(pod), Some(w)) => format!(
-            "{ns}/{pod} (workload {w}, {})",
-            if e.meshed { "meshed" } else { "not meshed" }
-        ),
-        _ if e.node => "the node itself (host network)".to_string(),
-        _ => "not in the inventory".to_string(),
-    };
-    let mut lines = vec![
-        format!(
-            "socket: {} {} {}:{} -> {}:{}",
-            r.protocol, r.direction, r.local.ip, r.local.port, r.remote.ip, r.remote.port
-        ),
-        format!("local end: {}", end(&r.local)),
-        format!("remote end: {}", end(&r.remote)),
-    ];
-    lines.push(match (&r.owner.container, r.owner.kind) {
-        (Some(c), "proxy") => format!("socket created in container {c}: the mesh proxy"),
-        (Some(c), _) => format!("socket created in container {c}: not the mesh proxy"),
-        (None, "sandbox") => {
-            "socket created in the pod's sandbox, outside its containers".to_string()
-        }
-        (None, "host") => "socket created by a process of the node, outside every pod".to_string(),
-        _ => "socket's container: unknown (no cgroup evidence)".to_string(),
-    });
-    lines.push(match (&r.process.comm, r.process.pid, r.process.uid) {
-        (Some(comm), Some(pid), Some(uid)) => {
-            format!("process: {comm} (pid {pid}; its own name, a hint only), uid {uid}")
-        }
-        (_, _, Some(uid)) => format!("process: unknown, uid {uid}"),
-        _ => "process: unknown".to_string(),
-    });
-    lines.push(if r.loopback {
-        "delivery: over the loopback device only, inside one network namespace".to_string()
-    } else {
-        "delivery: over a network device".to_string()
-    });
-    lines.push(match &r.redirect {
-        Some(to) => format!(
-            "netfilter: egress redirected to {}:{} (interface {})",
-            to.ip, to.port, to.ifindex
-        ),
-        None => "netfilter: not redirected".to_string(),
-    });
-    lines.push(match (&r.tls, &r.plaintext) {
-        (None, None) if r.encryption.is_encrypted() => {
-            format!("payload: {} (encrypted)", r.encryption.word())
-        }
-        (Some(tls), _) if r.encryption != crate::verdict::Encryption::Tls => format!(
-            "payload: a ClientHello{} then {}, not TLS",
-            if tls.alpn.is_empty() {
-                String::new()
-            } else {
-                format!(" offering ALPN {}", tls.alpn.join(","))
-            },
-            r.plaintext.as_ref().map_or("plaintext", |p| p.protocol)
-        ),
-        (Some(tls), _) => format!(
-            "payload: TLS{}{}{}",
-            tls.version
-                .map(|v| format!(" {}", v.name()))
-                .unwrap_or_default(),
-            tls.sni
-                .as_ref()
-                .map(|s| format!(", SNI {s}"))
-                .unwrap_or_default(),
-            if tls.alpn.is_empty() {
-                String::new()
-            } else {
-                format!(", ALPN {}", tls.alpn.join(","))
-            }
-        ),
-        (None, Some(p)) => format!(
-            "payload: plaintext ({}{}{})",
-            p.protocol,
-            p.method
-                .as_ref()
-                .map(|m| format!(" {m}"))
-                .unwrap_or_default(),
-            p.path
-                .as_ref()
-                .map(|path| format!(" {path}"))
-                .unwrap_or_default()
-        ),
-        (None, None) => "payload: none seen yet".to_string(),
-    });
-    if let Some(head) = &r.redacted_sample {
-        lines.push(format!(
-            "redacted sample (--evidence redacted): {}",
-            head.replace('\n', " | ")
-        ));
-    }
-    lines.push(format!(
-        "bytes: {} sent, {} received",
-        r.bytes_sent, r.bytes_received
-    ));
-    lines.push(format!(
-        "verdict: {} ({}): {}",
-        r.verdict.as_str(),
-        r.reason,
-        r.detail
-    ));
-    if let Some(c) = &r.corrected_from {
-        lines.push(format!(
-            "corrected: the flow's first record said {} ({}); later evidence changed it",
-            c.verdict.as_str(),
-            c.reason
-        ));
-    }
-    lines
 }
 
 /// Serves the API on a unix socket, readable and writable by its owner only; says on `bound`
@@ -311,10 +216,6 @@ async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The header that carries the token through the Kubernetes API server's pod proxy, which
-/// strips `Authorization` before proxying (kubernetes/kubernetes#38775).
-pub const TOKEN_HEADER: &str = "x-meshguard-token";
-
 /// Whether a request presents the token: `Authorization: Bearer <token>`, or `X-Meshguard-Token:
 /// <token>` when it came through the pod proxy.
 fn authorized(headers: &axum::http::HeaderMap, token: &str) -> bool {
@@ -367,7 +268,7 @@ mod tests {
         for n in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7] {
             let records: Vec<Arc<FlowRecord>> = (0..n)
                 .map(|i| {
-                    crate::store::tests::record(
+                    crate::flow::record::tests::record(
                         i as u64 + 1,
                         crate::verdict::Verdict::Mtls,
                         SystemTime::UNIX_EPOCH,
@@ -383,6 +284,28 @@ mod tests {
                 assert_eq!(flows[n - 1]["id"], format!("{:016x}", n));
             }
         }
+    }
+
+    #[test]
+    fn flows_json_is_the_flows_answer_the_client_reads() {
+        use futures_util::StreamExt as _;
+        let records: Vec<Arc<FlowRecord>> = (1..=3)
+            .map(|i| {
+                crate::flow::record::tests::record(
+                    i,
+                    crate::verdict::Verdict::Mtls,
+                    SystemTime::UNIX_EPOCH,
+                )
+            })
+            .collect();
+        let text = futures_executor_lite(flows_json(records.clone()).map(|c| c.unwrap()));
+        let answer = types::FlowsAnswer {
+            count: 3,
+            flows: records.iter().map(|r| (**r).clone()).collect(),
+        };
+        assert_eq!(text, serde_json::to_string(&answer).unwrap());
+        let read: types::FlowsAnswer = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap(), text);
     }
 
     /// Collects a stream of strings (no waker needed: every item is ready).
