@@ -2,7 +2,7 @@
 //! reach these ports, so no client may hold more than its share: connections are capped in all
 //! and per peer address, a request's headers must arrive within a deadline, and a request that
 //! is not a stream must be answered within one. Serving runs on its own runtime (see
-//! `agent::serve`), so that however busy it is, the event loop never waits for it.
+//! `agent::serving`), so that however busy it is, the event loop never waits for it.
 
 use std::{
     collections::HashMap,

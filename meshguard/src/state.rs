@@ -39,7 +39,6 @@ impl AgentState {
         }
     }
 
-    /// Publishes a judged record: stored for queries, sent to followers, counted.
     /// Notes a repair of the kernel side in `meshguard status`, with its time.
     pub fn note_repair(&self, what: &str) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -49,6 +48,7 @@ impl AgentState {
         status.kernel_repairs.drain(..excess);
     }
 
+    /// Publishes a judged record: stored for queries, sent to followers, counted.
     pub fn publish(&self, record: FlowRecord) {
         self.metrics.observe(&record);
         let record = Arc::new(record);
