@@ -702,7 +702,7 @@ fn request_target(method: &str, target: &str) -> Option<String> {
     }
     let target = &target[..target.find(['?', '#']).unwrap_or(target.len())];
     if target.starts_with('/') {
-        return Some(without_params(target));
+        return Some(cleaned(target));
     }
     let (scheme, rest) = target.split_once("://")?;
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
@@ -712,12 +712,34 @@ fn request_target(method: &str, target: &str) -> Option<String> {
     let host = authority
         .rsplit_once('@')
         .map_or(authority, |(_userinfo, host)| host);
-    is_host(host).then(|| format!("{scheme}://{host}{}", without_params(path)))
+    is_host(host).then(|| format!("{scheme}://{host}{}", cleaned(path)))
 }
 
 /// A host (and port) as an authority names it, no userinfo or parameter in it.
 fn is_host(host: &str) -> bool {
     !host.is_empty() && !host.contains(['@', ';', '/'])
+}
+
+/// `path` without what may hold a token: the parameters of its segments, and the userinfo of
+/// URLs carried in it (`/fetch/http://user:pass@host/x` is `/fetch/http://host/x`).
+fn cleaned(path: &str) -> String {
+    let path = without_params(path);
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path.as_str();
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail.find('/').unwrap_or(tail.len());
+        let authority = &tail[..end];
+        out.push_str(
+            authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host),
+        );
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `path` without the parameters of its segments (`/a;v=1/b` is `/a/b`).
@@ -1624,7 +1646,7 @@ pub(crate) mod tests {
 
     #[test]
     fn http_paths_come_only_from_a_well_formed_request_line() {
-        let cases: [(&[u8], Option<&str>); 32] = [
+        let cases: [(&[u8], Option<&str>); 34] = [
             (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Some("/")),
             (b"GET /orders?token=s3cret HTTP/1.1\r\n", Some("/orders")),
             (b"POST /pay#frag HTTP/1.1\r\n", Some("/pay")),
@@ -1646,6 +1668,15 @@ pub(crate) mod tests {
                 Some("https://host"),
             ),
             (b"CONNECT user:s3cret@db:5432 HTTP/1.1\r\n", None),
+            // A URL carried in the path keeps its host, not its password.
+            (
+                b"GET /fetch/http://user:s3cret@host/x HTTP/1.1\r\n",
+                Some("/fetch/http://host/x"),
+            ),
+            (
+                b"GET http://h/go/https://s3cret@other HTTP/1.1\r\n",
+                Some("http://h/go/https://other"),
+            ),
             // Cut short: the line's end is not in the sample.
             (b"GET /cut-before-its-end", None),
             (b"GET / HTTP/1.1", None),
