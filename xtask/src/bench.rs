@@ -396,7 +396,8 @@ const PER_PROCESS: usize = 15_000;
 /// The agent's memory once `n` connections are open (and tracked) between the namespaces.
 /// A failure is reported in the figure, not fatal: the other figures still get written.
 fn memory_with_open_flows(bed: &Bed, n: usize) -> anyhow::Result<Value> {
-    let mut agent = start_agent(bed, &[])?;
+    let socket = bed.dir.path.join(format!("memory-{n}.sock"));
+    let mut agent = start_agent(bed, &["--api-socket", &socket.to_string_lossy()])?;
     let mut children = Vec::new();
     let started = Instant::now();
     let result = (|| -> anyhow::Result<u64> {
@@ -440,6 +441,19 @@ fn memory_with_open_flows(bed: &Bed, n: usize) -> anyhow::Result<Value> {
     let open_secs = started.elapsed().as_secs_f64();
     thread::sleep(Duration::from_secs(2));
     let (rss, peak) = rss_mib(agent.id())?;
+    // What the agent's table holds, and what was dropped to make room: a figure for flows the
+    // agent does not keep means nothing.
+    let status: Value = run(Command::new(&bed.bin)
+        .args(["status", "-o", "json", "--agent"])
+        .arg(&socket))
+    .ok()
+    .and_then(|out| serde_json::from_slice(&out.stdout).ok())
+    .unwrap_or_default();
+    let lost = &status["events_lost"];
+    let evicted: u64 = ["agent_table_evicted", "flow_evicted", "flow_map_full"]
+        .iter()
+        .map(|source| lost[source].as_u64().unwrap_or(0))
+        .sum();
     for child in &mut children {
         let _ = child.kill();
         let _ = child.wait();
@@ -447,7 +461,14 @@ fn memory_with_open_flows(bed: &Bed, n: usize) -> anyhow::Result<Value> {
     stop(&mut agent)?;
     Ok(match result {
         Ok(open) => {
-            json!({ "open": open, "rss_mib": rss, "peak_rss_mib": peak, "seconds_to_open": open_secs })
+            json!({
+                "open": open,
+                "rss_mib": rss,
+                "peak_rss_mib": peak,
+                "seconds_to_open": open_secs,
+                "flows_tracked": status["flows_tracked"],
+                "evicted": evicted,
+            })
         }
         Err(e) => json!({ "error": format!("{e:#}") }),
     })
@@ -536,6 +557,72 @@ impl Report {
         }
     }
 
+    /// The ratio of a configuration's median to no agent's, for one load.
+    fn ratio(&self, load: Load, config: Config) -> f64 {
+        self.median(load, config) / self.median(load, Config::NoAgent)
+    }
+
+    /// Each cost target of the issue tracker, with this run's figure: its key, the figure,
+    /// what it must be, and whether it is.
+    fn targets(&self) -> Vec<(String, f64, String, bool)> {
+        let mut out = Vec::new();
+        let mut at_least = |key: &str, value: f64, target: f64| {
+            out.push((
+                key.to_string(),
+                value,
+                format!(">= {target}"),
+                value >= target,
+            ));
+        };
+        at_least(
+            "stream.ratio",
+            self.ratio(Load::Stream, Config::Agent),
+            0.99,
+        );
+        at_least("rr.ratio", self.ratio(Load::Rr, Config::Agent), 0.98);
+        at_least("crr.ratio", self.ratio(Load::Crr, Config::Agent), 0.95);
+        let (crr, tcpdump) = (
+            self.ratio(Load::Crr, Config::Agent),
+            self.ratio(Load::Crr, Config::Tcpdump),
+        );
+        out.push((
+            "crr.ratio_minus_tcpdump".into(),
+            crr - tcpdump,
+            "> 0".into(),
+            crr > tcpdump,
+        ));
+        for (key, program) in [
+            ("egress.ns_per_run", "flow_egress"),
+            ("ingress.ns_per_run", "flow_ingress"),
+        ] {
+            let ns = self.costs.get(program).map_or(f64::NAN, |c| c.ns_per_run());
+            out.push((key.into(), ns, "<= 60".into(), ns <= 60.0));
+        }
+        if let Some((n, m)) = self.memory.iter().max_by_key(|(n, _)| *n) {
+            let rss = m["rss_mib"].as_f64().unwrap_or(f64::NAN);
+            out.push((
+                format!("memory.{n}.rss_mib"),
+                rss,
+                "<= 64".into(),
+                rss <= 64.0,
+            ));
+            let evicted = m["evicted"].as_u64().map_or(f64::NAN, |e| e as f64);
+            out.push((
+                format!("memory.{n}.evicted"),
+                evicted,
+                "0".into(),
+                evicted == 0.0,
+            ));
+        }
+        if let Some((_, lost)) = &self.churn {
+            let lost: f64 = lost.as_object().map_or(f64::NAN, |l| {
+                l.values().filter_map(Value::as_u64).sum::<u64>() as f64
+            });
+            out.push(("churn.events_lost".into(), lost, "0".into(), lost == 0.0));
+        }
+        out
+    }
+
     fn median(&self, load: Load, config: Config) -> f64 {
         summary(
             self.results
@@ -598,9 +685,22 @@ impl Report {
         for (n, m) in &self.memory {
             let _ = writeln!(
                 md,
-                "\nAgent memory with {n} open flows: {:.1} MiB resident, {:.1} MiB peak.",
+                "\nAgent memory with {n} open flows: {:.1} MiB resident, {:.1} MiB peak; {} flows in the agent's table, {} evicted.",
                 m["rss_mib"].as_f64().unwrap_or(0.0),
-                m["peak_rss_mib"].as_f64().unwrap_or(0.0)
+                m["peak_rss_mib"].as_f64().unwrap_or(0.0),
+                m["flows_tracked"],
+                m["evicted"]
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n| target | this run | wanted | met |\n|---|---|---|---|"
+        );
+        for (key, value, wanted, met) in self.targets() {
+            let _ = writeln!(
+                md,
+                "| `{key}` | {value:.3} | {wanted} | {} |",
+                if met { "yes" } else { "no" }
             );
         }
         md
@@ -636,6 +736,7 @@ impl Report {
             "programs": self.costs.iter().map(|(n, c)| (n.clone(), json!({"runs": c.runs, "ns_per_run": c.ns_per_run()}))).collect::<serde_json::Map<_, _>>(),
             "churn": self.churn.as_ref().map(|(rate, lost)| json!({"new_connections_per_second": rate, "events_lost": lost})),
             "memory": self.memory.iter().map(|(n, m)| json!({"open_flows": n, "agent": m})).collect::<Vec<_>>(),
+            "targets": self.targets().into_iter().map(|(key, value, wanted, met)| (key, json!({"value": value, "wanted": wanted, "met": met}))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }

@@ -255,10 +255,12 @@ mod tests {
             "http://node-1:9465/".parse(),
             Ok(AgentAddr::Http("node-1:9465".into()))
         );
-        assert_eq!(
-            "https://agent.example:9465".parse(),
-            Ok(AgentAddr::Https("agent.example:9465".into()))
-        );
+        let https = "https://agent.example:9465".parse::<AgentAddr>();
+        if cfg!(feature = "tls") {
+            assert_eq!(https, Ok(AgentAddr::Https("agent.example:9465".into())));
+        } else {
+            assert!(https.unwrap_err().contains("without TLS"));
+        }
         for bad in [
             "https://",
             "https://node/v1",
