@@ -25,7 +25,7 @@ use crate::{
     event::decode,
     flow::{
         record::{Change, FlowRecord},
-        table::FlowTable,
+        table::{FlowTable, TableStats},
         Update,
     },
     inventory::Shared,
@@ -275,7 +275,7 @@ impl Pipeline {
             self.reconcile(trigger)?;
         }
         let detached = self.ticks.is_multiple_of(HEALTH_EVERY_TICKS) && self.check_kernel();
-        self.report_status();
+        self.report_status(table);
         if detached {
             self = self.reattach()?;
         }
@@ -283,9 +283,8 @@ impl Pipeline {
     }
 
     /// The gauges and the status of a tick.
-    fn report_status(&self) {
+    fn report_status(&self, table: TableStats) {
         let (state, metrics) = (self.state(), &self.state().metrics);
-        let table = self.table.stats();
         metrics.flows_tracked.set(table.tracked as i64);
         let pods = Arc::clone(&self.inventory.read().unwrap_or_else(|e| e.into_inner()));
         let age = pods.loaded_at.and_then(|t| t.elapsed().ok());

@@ -50,13 +50,12 @@ pub(super) async fn start(
         .enable_all()
         .build()
         .context("starting the serving runtime")?;
+    let handle = runtime.handle().clone();
     let mut serving = Serving {
+        runtime: Some(runtime),
         api_socket: config.api_socket.0.clone(),
-        runtime: None,
         not_served: Vec::new(),
     };
-    let handle = runtime.handle().clone();
-    serving.runtime = Some(runtime);
     if let Some(addr) = config.metrics_addr.0 {
         let listener = bind_tcp(addr, "metrics")?;
         info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
