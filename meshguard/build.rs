@@ -4,13 +4,19 @@
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    // The upgrade test's "other version": programs that differ, behaviour that does not.
+    // Builds for tests and the bench only: `1`, the upgrade test's "other version" (programs
+    // that differ, behaviour that does not); `empty-skb`, the bench's floor (packet programs
+    // that return at once: what the kernel's stats charge a program that does nothing).
     println!("cargo:rerun-if-env-changed=MESHGUARD_EBPF_VARIANT");
-    let variant = std::env::var_os("MESHGUARD_EBPF_VARIANT").is_some_and(|v| v == "1");
+    let features: &[&str] = match std::env::var("MESHGUARD_EBPF_VARIANT").as_deref() {
+        Ok("1") => &["variant"],
+        Ok("empty-skb") => &["empty-skb"],
+        _ => &[],
+    };
     let ebpf = Package {
         name: "meshguard-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../meshguard-ebpf"),
-        features: if variant { &["variant"] } else { &[] },
+        features,
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf], Toolchain::default())

@@ -1,8 +1,13 @@
 //! Maps shared by every program. Sizes here are placeholders: the agent sets the real ones at
 //! load time (`--flow-map-size`, `--ringbuf-bytes`).
 
+use core::ptr::addr_of;
+
 use aya_ebpf::{
-    macros::map,
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
 use meshguard_ebpf::{FlowState, Reported, SampleEvent, Stat};
@@ -17,6 +22,46 @@ pub static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(1024
 /// already reported, and on what evidence. Sized like `FLOWS` at load time.
 #[map(name = "REPORTED")]
 pub static REPORTED: LruHashMap<u64, Reported> = LruHashMap::with_max_entries(1024, 0);
+
+/// Per socket, what its flow has already given, so that a program can return at once instead
+/// of looking the flow up: today the sender, marked by `process.rs` for a socket that sends
+/// again once its sender is recorded (a short connection's single send never pays for the
+/// storage). Socket-local storage goes with its socket; the agent never reads it.
+#[btf_map]
+pub static QUIET: SkStorage<Quiet> = SkStorage::new();
+
+#[repr(C)]
+pub struct Quiet {
+    /// What is taken: `flags::PROCESS`, the sender is recorded.
+    pub taken: u32,
+}
+
+/// A socket's `Quiet` storage, made (empty) when `create`; null when it has none, `sk` is null
+/// or not a full socket, or it cannot be made (the socket then stays on the full path, which
+/// is only slower).
+#[inline(always)]
+pub fn quiet_of<T>(sk: *mut T, create: bool) -> *mut Quiet {
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    let mut empty = Quiet { taken: 0 };
+    let (init, flags): (*mut Quiet, u64) = if create {
+        (&mut empty, u64::from(BPF_SK_STORAGE_GET_F_CREATE))
+    } else {
+        (core::ptr::null_mut(), 0)
+    };
+    // SAFETY: `sk` is a socket pointer of the calling program's context (the helper returns
+    // null for one that is not a full socket); `QUIET` is a socket storage map of `Quiet`.
+    unsafe {
+        bpf_sk_storage_get(
+            addr_of!(QUIET).cast_mut().cast(),
+            sk.cast(),
+            init.cast(),
+            flags,
+        )
+        .cast()
+    }
+}
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);

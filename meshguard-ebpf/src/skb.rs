@@ -102,6 +102,9 @@ struct Ports {
 
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext, direction: u8) {
+    if cfg!(feature = "empty-skb") {
+        return;
+    }
     let Some(packet) = parse(ctx, direction) else {
         return;
     };

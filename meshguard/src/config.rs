@@ -16,8 +16,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshguard";
 pub const DEFAULT_FLOW_MAP_SIZE: u32 = 131_072;
 /// The ring buffer: 4 MiB.
 pub const DEFAULT_RINGBUF_BYTES: u32 = 1 << 22;
-/// Flows the agent's table holds.
-pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+/// Flows the agent's table holds: as many as the kernel's map.
+pub const DEFAULT_MAX_FLOWS: usize = DEFAULT_FLOW_MAP_SIZE as usize;
 /// Where `/metrics`, `/healthz` and `/readyz` are served.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
 /// Flow label sets `/metrics` keeps.

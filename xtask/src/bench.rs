@@ -30,7 +30,8 @@ pub struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// Open flows for the memory figures (comma-separated).
+    /// Open flows for the memory figures, comma-separated (a connection between the bench's
+    /// namespaces is two: the agent follows both of its ends).
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     open_flows: Vec<usize>,
     /// A short run that only proves every figure is produced (for the test suite).
@@ -39,6 +40,11 @@ pub struct Args {
     /// The meshguard binary to measure (default: a release build, made now).
     #[arg(long, value_name = "PATH")]
     meshguard: Option<PathBuf>,
+    /// Also measure the packet programs' floor: the same agent built with `cgroup_skb`
+    /// programs that return at once (what the kernel's stats charge a program doing nothing).
+    /// Builds meshguard a second time.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,6 +76,15 @@ enum Load {
 impl Load {
     const ALL: [Load; 3] = [Load::Stream, Load::Rr, Load::Crr];
 
+    /// Its key in the report's targets.
+    fn key(self) -> &'static str {
+        match self {
+            Load::Stream => "stream",
+            Load::Rr => "rr",
+            Load::Crr => "crr",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Load::Stream => "stream (iperf3, Gbit/s)",
@@ -100,6 +115,9 @@ const HOLD_PORTS: [u16; 1] = [7100];
 
 struct Bed {
     bin: PathBuf,
+    /// The same agent with packet programs that return at once: the floor of their figures
+    /// (`--floor`).
+    empty_skb_bin: Option<PathBuf>,
     xtask: PathBuf,
     cgroup: Cgroup,
     client: Netns,
@@ -130,6 +148,10 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     };
     let bed = Bed {
         bin,
+        empty_skb_bin: args
+            .floor
+            .then(|| build_empty_skb(args.meshguard.is_none()))
+            .transpose()?,
         xtask: std::env::current_exe()?,
         cgroup: Cgroup::new("bench")?,
         client: Netns::new("mgb-c")?,
@@ -232,14 +254,11 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
 
     println!("==> per-program cost (kernel.bpf_stats_enabled=1)");
     fs::write(BPF_STATS, "1")?;
-    let started = SystemTime::now() - Duration::from_secs(1);
-    let mut agent = start_agent(bed, &[])?;
-    let result = Load::ALL
-        .into_iter()
-        .try_for_each(|load| run_load(bed, load, seconds).map(drop))
-        .and_then(|()| program_costs(started));
-    stop(&mut agent)?;
-    report.costs = result?;
+    (report.costs, report.load_costs) = costs_by_load(bed, &bed.bin, seconds)?;
+    if let Some(bin) = &bed.empty_skb_bin {
+        println!("==> the same with empty packet programs (what the stats charge doing nothing)");
+        report.empty_skb_costs = costs_by_load(bed, bin, seconds)?.1;
+    }
     fs::write(BPF_STATS, "0")?;
 
     println!("==> connection churn: the agent's losses at the highest new-connection rate");
@@ -267,6 +286,61 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
         report.memory.push((n, memory_with_open_flows(bed, n)?));
     }
     Ok(())
+}
+
+/// Each program's cost over all loads, and under each load on its own, for one agent binary.
+type Costs = BTreeMap<String, ProgramCost>;
+type LoadCosts = BTreeMap<(Load, String), ProgramCost>;
+
+fn costs_by_load(
+    bed: &Bed,
+    bin: &std::path::Path,
+    seconds: u32,
+) -> anyhow::Result<(Costs, LoadCosts)> {
+    let started = SystemTime::now() - Duration::from_secs(1);
+    let mut agent = start_agent_of(bed, bin, &[])?;
+    let mut by_load = LoadCosts::new();
+    let result = (|| {
+        let mut before = program_costs(started)?;
+        for load in Load::ALL {
+            run_load(bed, load, seconds)?;
+            let after = program_costs(started)?;
+            for (name, total) in &after {
+                let earlier = before.get(name).copied().unwrap_or_default();
+                by_load.insert(
+                    (load, name.clone()),
+                    ProgramCost {
+                        run_ns: total.run_ns - earlier.run_ns,
+                        runs: total.runs - earlier.runs,
+                    },
+                );
+            }
+            before = after;
+        }
+        anyhow::Ok(before)
+    })();
+    stop(&mut agent)?;
+    Ok((result?, by_load))
+}
+
+/// Builds the agent with packet programs that return at once (see meshguard/build.rs), in a
+/// target dir of its own.
+fn build_empty_skb(release: bool) -> anyhow::Result<PathBuf> {
+    let dir = workspace_root().join("target/empty-skb");
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "meshguard", "--target-dir"])
+        .arg(&dir)
+        .env("MESHGUARD_EBPF_VARIANT", "empty-skb");
+    if release {
+        cmd.arg("--release");
+    }
+    step(
+        "build meshguard with empty packet programs (the per-packet floor)",
+        &mut cmd,
+    )?;
+    Ok(dir
+        .join(if release { "release" } else { "debug" })
+        .join("meshguard"))
 }
 
 fn loadgen(bed: &Bed, load: Load, seconds: u32, connections: usize) -> anyhow::Result<Value> {
@@ -301,8 +375,12 @@ fn run_load(bed: &Bed, load: Load, seconds: u32) -> anyhow::Result<f64> {
 }
 
 fn start_agent(bed: &Bed, extra: &[&str]) -> anyhow::Result<Child> {
+    start_agent_of(bed, &bed.bin, extra)
+}
+
+fn start_agent_of(bed: &Bed, bin: &std::path::Path, extra: &[&str]) -> anyhow::Result<Child> {
     let started = SystemTime::now() - Duration::from_secs(1);
-    let mut cmd = Command::new(&bed.bin);
+    let mut cmd = Command::new(bin);
     // Nothing pinned: each run's programs go with its agent, and the next run starts clean.
     cmd.args(["agent", "--metrics-addr", "off", "--bpf-pin-dir", "off"])
         .env("RUST_LOG", "warn");
@@ -393,10 +471,12 @@ fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
 /// flows we want open (20,000 on some machines), so the load is spread over several.
 const PER_PROCESS: usize = 15_000;
 
-/// The agent's memory once `n` connections are open (and tracked) between the namespaces.
-/// A failure is reported in the figure, not fatal: the other figures still get written.
-fn memory_with_open_flows(bed: &Bed, n: usize) -> anyhow::Result<Value> {
-    let socket = bed.dir.path.join(format!("memory-{n}.sock"));
+/// The agent's memory once `n` flows are open (and tracked): both ends of each connection are
+/// sockets the agent follows, so `n / 2` connections between the namespaces. A failure is
+/// reported in the figure, not fatal: the other figures still get written.
+fn memory_with_open_flows(bed: &Bed, flows: usize) -> anyhow::Result<Value> {
+    let n = flows.div_ceil(2);
+    let socket = bed.dir.path.join(format!("memory-{flows}.sock"));
     let mut agent = start_agent(bed, &["--api-socket", &socket.to_string_lossy()])?;
     let mut children = Vec::new();
     let started = Instant::now();
@@ -462,7 +542,7 @@ fn memory_with_open_flows(bed: &Bed, n: usize) -> anyhow::Result<Value> {
     Ok(match result {
         Ok(open) => {
             json!({
-                "open": open,
+                "connections": open,
                 "rss_mib": rss,
                 "peak_rss_mib": peak,
                 "seconds_to_open": open_secs,
@@ -495,9 +575,25 @@ struct Report {
     results: BTreeMap<(Load, Config), Vec<f64>>,
     cpu: BTreeMap<Config, Vec<f64>>,
     costs: BTreeMap<String, ProgramCost>,
+    /// The same, under each load on its own.
+    load_costs: LoadCosts,
+    /// The same with empty packet programs.
+    empty_skb_costs: LoadCosts,
     /// New connections per second reached, and the agent's losses by source.
     churn: Option<(f64, Value)>,
     memory: Vec<(usize, Value)>,
+}
+
+/// A program's cost under stream and request/response together.
+fn sampled_cost(costs: &LoadCosts, program: &str) -> ProgramCost {
+    let mut cost = ProgramCost::default();
+    for load in [Load::Stream, Load::Rr] {
+        if let Some(c) = costs.get(&(load, program.to_string())) {
+            cost.run_ns += c.run_ns;
+            cost.runs += c.runs;
+        }
+    }
+    cost
 }
 
 /// Median, min and max.
@@ -591,11 +687,14 @@ impl Report {
             "> 0".into(),
             crr > tcpdump,
         ));
+        // "Once a flow is sampled": the loads of long-lived connections, where nearly every
+        // packet belongs to a flow whose evidence is taken. Under connect/request/close most
+        // packets are a new flow's first (its figure is in the report beside these).
         for (key, program) in [
             ("egress.ns_per_run", "flow_egress"),
             ("ingress.ns_per_run", "flow_ingress"),
         ] {
-            let ns = self.costs.get(program).map_or(f64::NAN, |c| c.ns_per_run());
+            let ns = self.sampled_cost(program).ns_per_run();
             out.push((key.into(), ns, "<= 60".into(), ns <= 60.0));
         }
         if let Some((n, m)) = self.memory.iter().max_by_key(|(n, _)| *n) {
@@ -605,6 +704,13 @@ impl Report {
                 rss,
                 "<= 64".into(),
                 rss <= 64.0,
+            ));
+            let tracked = m["flows_tracked"].as_u64().map_or(f64::NAN, |t| t as f64);
+            out.push((
+                format!("memory.{n}.flows_tracked"),
+                tracked,
+                format!(">= {n}"),
+                tracked >= *n as f64,
             ));
             let evicted = m["evicted"].as_u64().map_or(f64::NAN, |e| e as f64);
             out.push((
@@ -621,6 +727,12 @@ impl Report {
             out.push(("churn.events_lost".into(), lost, "0".into(), lost == 0.0));
         }
         out
+    }
+
+    /// A program's cost under the loads of long-lived connections (stream and
+    /// request/response) together.
+    fn sampled_cost(&self, program: &str) -> ProgramCost {
+        sampled_cost(&self.load_costs, program)
     }
 
     fn median(&self, load: Load, config: Config) -> f64 {
@@ -669,15 +781,33 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n| kernel program | runs | ns per run |\n|---|---|---|"
+            "\n| kernel program | runs | ns per run | under stream | request/response | connect/request/close |\n|---|---|---|---|---|---|"
         );
         for (name, cost) in &self.costs {
+            let under = |load: Load| {
+                self.load_costs
+                    .get(&(load, name.clone()))
+                    .map_or(f64::NAN, |c| c.ns_per_run())
+            };
             let _ = writeln!(
                 md,
-                "| `{name}` | {} | {:.0} |",
+                "| `{name}` | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 cost.runs,
-                cost.ns_per_run()
+                cost.ns_per_run(),
+                under(Load::Stream),
+                under(Load::Rr),
+                under(Load::Crr),
             );
+        }
+        if !self.empty_skb_costs.is_empty() {
+            let _ = writeln!(
+            md,
+            "\nThe same packet programs emptied (they return at once) measure {:.0} ns egress and {:.0} ns ingress per run under stream and request/response ({:.0} and {:.0} under connect/request/close): what the kernel's stats charge a program that does nothing, on this machine.",
+            sampled_cost(&self.empty_skb_costs, "flow_egress").ns_per_run(),
+            sampled_cost(&self.empty_skb_costs, "flow_ingress").ns_per_run(),
+            self.empty_skb_costs.get(&(Load::Crr, "flow_egress".into())).map_or(f64::NAN, |c| c.ns_per_run()),
+            self.empty_skb_costs.get(&(Load::Crr, "flow_ingress".into())).map_or(f64::NAN, |c| c.ns_per_run()),
+        );
         }
         if let Some((rate, lost)) = &self.churn {
             let _ = writeln!(md, "\nConnection churn (4 connect/request/close loops): {rate:.0} new connections/s; agent losses: {lost}.");
@@ -733,7 +863,19 @@ impl Report {
             "seconds": self.seconds,
             "loads": loads,
             "cpu_percent": self.cpu.iter().map(|(c, v)| (c.name().to_string(), stat(v))).collect::<serde_json::Map<_, _>>(),
-            "programs": self.costs.iter().map(|(n, c)| (n.clone(), json!({"runs": c.runs, "ns_per_run": c.ns_per_run()}))).collect::<serde_json::Map<_, _>>(),
+            "programs": self.costs.iter().map(|(n, c)| {
+                let by_load: serde_json::Map<_, _> = Load::ALL.iter().filter_map(|load| {
+                    self.load_costs.get(&(*load, n.clone())).map(|c| (load.key().to_string(), json!({"runs": c.runs, "ns_per_run": c.ns_per_run()})))
+                }).collect();
+                let empty: serde_json::Map<_, _> = Load::ALL.iter().filter_map(|load| {
+                    self.empty_skb_costs.get(&(*load, n.clone())).filter(|_| n == "flow_egress" || n == "flow_ingress").map(|c| (load.key().to_string(), json!(c.ns_per_run())))
+                }).collect();
+                let mut v = json!({"runs": c.runs, "ns_per_run": c.ns_per_run(), "sampled_ns_per_run": self.sampled_cost(n).ns_per_run(), "by_load": by_load});
+                if !empty.is_empty() {
+                    v["empty_program_ns_per_run"] = json!({"sampled": sampled_cost(&self.empty_skb_costs, n).ns_per_run(), "by_load": empty});
+                }
+                (n.clone(), v)
+            }).collect::<serde_json::Map<_, _>>(),
             "churn": self.churn.as_ref().map(|(rate, lost)| json!({"new_connections_per_second": rate, "events_lost": lost})),
             "memory": self.memory.iter().map(|(n, m)| json!({"open_flows": n, "agent": m})).collect::<Vec<_>>(),
             "targets": self.targets().into_iter().map(|(key, value, wanted, met)| (key, json!({"value": value, "wanted": wanted, "met": met}))).collect::<serde_json::Map<_, _>>(),
