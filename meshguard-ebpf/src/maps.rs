@@ -24,19 +24,44 @@ pub static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(1024
 pub static REPORTED: LruHashMap<u64, Reported> = LruHashMap::with_max_entries(1024, 0);
 
 /// Per socket, what its flow has already given, so that a program can return at once instead
-/// of looking the flow up: today the sender, marked by `process.rs` for a socket that sends
-/// again once its sender is recorded (a short connection's single send never pays for the
-/// storage). Socket-local storage goes with its socket; the agent never reads it.
+/// of looking the flow up. `cgroup_skb` marks a direction of a TCP flow *quiet* once its
+/// evidence is all in the flow map and the flow has lasted a few packets (see `skb.rs`): its
+/// packets are then counted here. The sender is marked by `process.rs` for a socket that sends
+/// again once it is recorded. A short connection never pays for the storage. Socket-local
+/// storage goes with its socket; the agent never reads it.
 #[btf_map]
 pub static QUIET: SkStorage<Quiet> = SkStorage::new();
 
+/// Indexed by direction: 0 egress, 1 ingress.
 #[repr(C)]
 pub struct Quiet {
-    /// What is taken: `flags::PROCESS`, the sender is recorded.
+    /// The flow map's payload bytes and packets of a direction when it went quiet.
+    pub base_bytes: [u64; 2],
+    pub base_packets: [u64; 2],
+    /// Counted here since: the flow's count is the base plus these.
+    pub bytes: [u64; 2],
+    pub packets: [u64; 2],
+    /// Packets of each quiet direction, for `skb::REFRESH_EVERY`.
+    pub runs: [u32; 2],
+    /// What is taken: `flags::SAMPLED_*`, the quiet directions; `flags::PROCESS`, the sender
+    /// is recorded. Written without atomics: a bit lost to a race only sends a later packet or
+    /// send down the full path, which sets it again.
     pub taken: u32,
+    pub _pad: u32,
 }
 
-/// A socket's `Quiet` storage, made (empty) when `create`; null when it has none, `sk` is null
+impl Quiet {
+    /// A direction's bytes and packets as the flow map should hold them.
+    #[inline(always)]
+    pub fn counts(&self, d: usize) -> (u64, u64) {
+        (
+            self.base_bytes[d].wrapping_add(self.bytes[d]),
+            self.base_packets[d].wrapping_add(self.packets[d]),
+        )
+    }
+}
+
+/// A socket's `Quiet` storage, made (zeroed) when `create`; null when it has none, `sk` is null
 /// or not a full socket, or it cannot be made (the socket then stays on the full path, which
 /// is only slower).
 #[inline(always)]
@@ -44,11 +69,11 @@ pub fn quiet_of<T>(sk: *mut T, create: bool) -> *mut Quiet {
     if sk.is_null() {
         return core::ptr::null_mut();
     }
-    let mut empty = Quiet { taken: 0 };
-    let (init, flags): (*mut Quiet, u64) = if create {
-        (&mut empty, u64::from(BPF_SK_STORAGE_GET_F_CREATE))
+    // Made zeroed (no initial value).
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {
-        (core::ptr::null_mut(), 0)
+        0
     };
     // SAFETY: `sk` is a socket pointer of the calling program's context (the helper returns
     // null for one that is not a full socket); `QUIET` is a socket storage map of `Quiet`.
@@ -56,7 +81,7 @@ pub fn quiet_of<T>(sk: *mut T, create: bool) -> *mut Quiet {
         bpf_sk_storage_get(
             addr_of!(QUIET).cast_mut().cast(),
             sk.cast(),
-            init.cast(),
+            core::ptr::null_mut(),
             flags,
         )
         .cast()

@@ -1,14 +1,19 @@
 //! `cgroup_skb` ingress and egress: the only per-packet path, so it stays short. Per packet it
 //! reads the IP and L4 headers; per packet with payload it finds the flow by socket cookie and
-//! adds to its counters. Once
-//! per flow it records the socket owner's uid and whether egress was redirected away from the
-//! socket's peer; once per direction it copies the first payload bytes into a `Sample` event.
-//! It always lets the packet through.
+//! adds to its counters. Once per flow it records the socket owner's uid and whether egress was
+//! redirected away from the socket's peer; once per direction it copies the first payload bytes
+//! into a `Sample` event. It always lets the packet through.
+//!
+//! A direction of a TCP flow followed from its start whose evidence is all taken (owner, the
+//! redirect, the direction sampled), once the flow has carried `QUIET_AFTER` payload packets,
+//! goes *quiet*: its payload packets are counted in the socket's own storage, without the flow
+//! lookup, and written to the flow map every `REFRESH_EVERY` packets and at close (`sock_ops`).
+//! A connect/request/close connection never goes quiet, and never pays for the storage.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{__sk_buff, bpf_sock},
     helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes},
     macros::cgroup_skb,
     programs::SkBuffContext,
@@ -21,7 +26,7 @@ use meshguard_ebpf::{
 
 use crate::{
     flow::{add, cookie_of, emit, header, normalize_mapped, wakeup_flags},
-    maps::{count, EVENTS, FLOWS, SAMPLE_SCRATCH},
+    maps::{count, quiet_of, Quiet, EVENTS, FLOWS, SAMPLE_SCRATCH},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -31,6 +36,17 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const BPF_NOEXIST: u64 = 1;
+
+/// A quiet direction's counts are written to the flow map every this many of its packets.
+const REFRESH_EVERY: u32 = 64;
+
+/// Payload packets (both directions) a TCP flow carries before a direction may go quiet.
+const QUIET_AFTER: u64 = 8;
+
+/// What a flow must have recorded before a sampled direction goes quiet: every later packet of
+/// that direction would change nothing but the counters. (A direction's first payload packet
+/// is where the redirect is read, so a sampled egress has had it read.)
+const EVIDENCE_TAKEN: u32 = flags::LIFECYCLE | flags::UID;
 
 #[cgroup_skb(egress)]
 pub fn flow_egress(ctx: SkBuffContext) -> i32 {
@@ -113,6 +129,9 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
         return;
     }
+    if count_quietly(ctx, direction, packet.payload_len) {
+        return;
+    }
     let socket = cookie_of(ctx.skb.skb.cast());
     let Some((key, state)) = flow_of(ctx, socket, direction, &packet) else {
         return;
@@ -158,13 +177,98 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
         state.flags |= flags::REDIRECTED;
     }
 
-    let sampled = if direction == DIRECTION_EGRESS {
+    let d = usize::from(direction == DIRECTION_INGRESS);
+    let sampled = sampled_flag(d);
+    if packet.payload_len > 0 && state.flags & sampled == 0 {
+        sample_packet(ctx, key, direction, state, &packet, sampled);
+    }
+    let c = &state.counters;
+    if state.flags & (EVIDENCE_TAKEN | flags::MIDSTREAM | sampled) == EVIDENCE_TAKEN | sampled
+        && c.packets_sent + c.packets_received >= QUIET_AFTER
+    {
+        go_quiet(ctx, d, sampled, state);
+    }
+}
+
+/// The packet's socket; null for none. The storage helper returns nothing for a socket that is
+/// not a full one (a request or TIME_WAIT socket).
+#[inline(always)]
+fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
+    // SAFETY: `skb` is this program's context.
+    unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }
+}
+
+/// Counts a payload packet of direction `d` in its socket's storage, if that direction is
+/// quiet; false when it is not (the packet takes the full path).
+#[inline(always)]
+fn count_quietly(ctx: &SkBuffContext, direction: u8, bytes: u32) -> bool {
+    let quiet = quiet_of(socket_of(ctx), false);
+    if quiet.is_null() {
+        return false;
+    }
+    // SAFETY: this socket's storage, live for this run.
+    let quiet = unsafe { &mut *quiet };
+    let d = usize::from(direction == DIRECTION_INGRESS);
+    if quiet.taken & sampled_flag(d) == 0 {
+        return false;
+    }
+    // SAFETY: `skb` is this program's context.
+    let segments = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u64;
+    // Atomic: packets of one direction are nearly always serialized by the socket, not
+    // always.
+    add(addr_of_mut!(quiet.bytes[d]), u64::from(bytes));
+    add(addr_of_mut!(quiet.packets[d]), segments);
+    quiet.runs[d] = quiet.runs[d].wrapping_add(1);
+    if quiet.runs[d] % REFRESH_EVERY == 0 {
+        if let Some(state) = FLOWS.get_ptr_mut(cookie_of(ctx.skb.skb.cast())) {
+            // SAFETY: a live map value; plain stores of counts that only grow.
+            write_counts(unsafe { &mut (*state).counters }, d, quiet);
+        }
+    }
+    true
+}
+
+/// Makes direction `d` of the packet's socket quiet: from here on its counts start from the
+/// flow map's.
+#[inline(always)]
+fn go_quiet(ctx: &SkBuffContext, d: usize, sampled: u32, state: &FlowState) {
+    let quiet = quiet_of(socket_of(ctx), true);
+    if quiet.is_null() {
+        return;
+    }
+    // SAFETY: this socket's storage, live for this run.
+    let quiet = unsafe { &mut *quiet };
+    let c = &state.counters;
+    (quiet.base_bytes[d], quiet.base_packets[d]) = if d == 0 {
+        (c.bytes_sent, c.packets_sent)
+    } else {
+        (c.bytes_received, c.packets_received)
+    };
+    quiet.bytes[d] = 0;
+    quiet.packets[d] = 0;
+    quiet.taken |= sampled;
+}
+
+/// The flag of direction `d` (0 egress, 1 ingress) sampled.
+#[inline(always)]
+fn sampled_flag(d: usize) -> u32 {
+    if d == 0 {
         flags::SAMPLED_EGRESS
     } else {
         flags::SAMPLED_INGRESS
-    };
-    if packet.payload_len > 0 && state.flags & sampled == 0 {
-        sample_packet(ctx, key, direction, state, &packet, sampled);
+    }
+}
+
+/// Writes a quiet direction's counts into its flow's counters.
+#[inline(always)]
+pub fn write_counts(c: &mut meshguard_ebpf::FlowCounters, d: usize, quiet: &Quiet) {
+    let (bytes, packets) = quiet.counts(d);
+    if d == 0 {
+        c.bytes_sent = bytes;
+        c.packets_sent = packets;
+    } else {
+        c.bytes_received = bytes;
+        c.packets_received = packets;
     }
 }
 

@@ -18,7 +18,8 @@ use meshguard_ebpf::{
 
 use crate::{
     flow::{close, cookie_of, emit, normalize_mapped},
-    maps::{count, FLOWS},
+    maps::{count, quiet_of, FLOWS},
+    skb::write_counts,
 };
 
 const AF_INET6: u32 = 10;
@@ -110,8 +111,23 @@ fn read_ip6(ops: *mut bpf_sock_ops, tuple: &mut FlowTuple) {
 fn closed(ctx: &SockOpsContext) {
     let cookie = cookie_of(ctx.ops.cast());
     match FLOWS.get_ptr_mut(cookie) {
-        // SAFETY: a live map value.
-        Some(state) => close(cookie, unsafe { &mut *state }),
+        Some(state) => {
+            // SAFETY: a live map value.
+            let state = unsafe { &mut *state };
+            // The counts of its quiet directions, kept in the socket's storage (see skb.rs).
+            // SAFETY: `ops` is this program's context.
+            let quiet = quiet_of(unsafe { (*ctx.ops).__bindgen_anon_2.sk }, false);
+            if !quiet.is_null() {
+                // SAFETY: this socket's storage, live for this run.
+                let quiet = unsafe { &*quiet };
+                for (d, sampled) in [(0, flags::SAMPLED_EGRESS), (1, flags::SAMPLED_INGRESS)] {
+                    if quiet.taken & sampled != 0 {
+                        write_counts(&mut state.counters, d, quiet);
+                    }
+                }
+            }
+            close(cookie, state);
+        }
         None => {
             // Evicted while open: counted, and its tuple still reported so that the agent can
             // tell whether it ever saw the flow. Which end opened it is unknown; the end with

@@ -331,6 +331,57 @@ fn tls_with_sni_and_alpn() {
     );
 }
 
+/// A bulk exchange: both ends of the connection carry thousands of packets each way, so every
+/// direction goes quiet (counted in the socket's storage, see meshguard-ebpf/src/skb.rs); the
+/// closed records still count every payload byte, once.
+#[test]
+fn bulk_transfer_counts_every_byte_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let pair = Pair::new("bulk", 20);
+    let agent = Agent::start(&pair.cgroup, &[]).unwrap();
+    let server_addr = &pair.v4[1];
+    let port = 18020;
+    let _server = pair
+        .cgroup
+        .start(pair.server.command("socat").args([
+            &format!("TCP-LISTEN:{port},bind={server_addr},reuseaddr"),
+            "EXEC:cat",
+        ]))
+        .unwrap();
+    wait_listening(&pair.server, port);
+    // Not a round number: a count off by a segment, a SYN or a FIN shows.
+    let n: u64 = 3_000_017;
+    let mut client = pair
+        .cgroup
+        .spawn(pair.client.command("sh").args([
+            "-c",
+            &format!("head -c {n} /dev/urandom | socat -t 5 - TCP:{server_addr}:{port} | wc -c"),
+        ]))
+        .unwrap();
+    assert!(client.wait().unwrap().success());
+
+    let client = &agent
+        .wait_for(1, "the client's closed flow", |r| {
+            is_closed(r, &pair.v4[0], &pair.v4[1], port) && r["direction"] == "egress"
+        })
+        .unwrap()[0];
+    let server = &agent
+        .wait_for(1, "the server's closed flow", |r| {
+            is_closed(r, &pair.v4[1], &pair.v4[0], port)
+        })
+        .unwrap()[0];
+    for (end, record) in [("client", client), ("server", server)] {
+        assert_eq!(record.u64_at("/bytes_sent"), n, "{end} sent");
+        assert_eq!(record.u64_at("/bytes_received"), n, "{end} received");
+        assert!(
+            record.u64_at("/packets_sent") >= n / 65_536,
+            "{end}: {record}"
+        );
+    }
+}
+
 #[test]
 fn udp_exchange() {
     if !privileged() {
