@@ -254,10 +254,12 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
 
     println!("==> per-program cost (kernel.bpf_stats_enabled=1)");
     fs::write(BPF_STATS, "1")?;
-    (report.costs, report.load_costs) = costs_by_load(bed, &bed.bin, seconds)?;
+    let programs = costs_by_load(bed, &bed.bin, seconds)?;
+    (report.costs, report.load_costs, report.work) =
+        (programs.totals, programs.by_load, programs.work);
     if let Some(bin) = &bed.empty_skb_bin {
         println!("==> the same with empty packet programs (what the stats charge doing nothing)");
-        report.empty_skb_costs = costs_by_load(bed, bin, seconds)?.1;
+        report.empty_skb_costs = costs_by_load(bed, bin, seconds)?.by_load;
     }
     fs::write(BPF_STATS, "0")?;
 
@@ -292,18 +294,25 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
 type Costs = BTreeMap<String, ProgramCost>;
 type LoadCosts = BTreeMap<(Load, String), ProgramCost>;
 
-fn costs_by_load(
-    bed: &Bed,
-    bin: &std::path::Path,
-    seconds: u32,
-) -> anyhow::Result<(Costs, LoadCosts)> {
+/// What one agent binary's programs cost under each load, and what the agent spent.
+struct LoadRun {
+    totals: Costs,
+    by_load: LoadCosts,
+    /// Per load: its figure (transactions/s for rr and crr), and the agent's CPU seconds.
+    work: BTreeMap<Load, (f64, f64)>,
+}
+
+fn costs_by_load(bed: &Bed, bin: &std::path::Path, seconds: u32) -> anyhow::Result<LoadRun> {
     let started = SystemTime::now() - Duration::from_secs(1);
     let mut agent = start_agent_of(bed, bin, &[])?;
     let mut by_load = LoadCosts::new();
+    let mut work = BTreeMap::new();
     let result = (|| {
         let mut before = program_costs(started)?;
         for load in Load::ALL {
-            run_load(bed, load, seconds)?;
+            let cpu = cpu_seconds(agent.id())?;
+            let value = run_load(bed, load, seconds)?;
+            work.insert(load, (value, cpu_seconds(agent.id())? - cpu));
             let after = program_costs(started)?;
             for (name, total) in &after {
                 let earlier = before.get(name).copied().unwrap_or_default();
@@ -320,7 +329,11 @@ fn costs_by_load(
         anyhow::Ok(before)
     })();
     stop(&mut agent)?;
-    Ok((result?, by_load))
+    Ok(LoadRun {
+        totals: result?,
+        by_load,
+        work,
+    })
 }
 
 /// Builds the agent with packet programs that return at once (see meshguard/build.rs), in a
@@ -579,6 +592,8 @@ struct Report {
     load_costs: LoadCosts,
     /// The same with empty packet programs.
     empty_skb_costs: LoadCosts,
+    /// Each load's figure and the agent's CPU seconds during it, in the per-program run.
+    work: BTreeMap<Load, (f64, f64)>,
     /// New connections per second reached, and the agent's losses by source.
     churn: Option<(f64, Value)>,
     memory: Vec<(usize, Value)>,
@@ -729,6 +744,27 @@ impl Report {
         out
     }
 
+    /// What one transaction of a request/response load costs, in microseconds: the kernel
+    /// programs' run time (bpf_stats on, so each run includes the stats' own clock reads) and
+    /// the agent's CPU. Steadier than a ratio on a noisy machine: it counts work, not time.
+    fn per_transaction(&self, load: Load) -> Option<(f64, f64)> {
+        let (tps, agent_cpu) = *self.work.get(&load)?;
+        let transactions = tps * f64::from(self.seconds);
+        if transactions <= 0.0 {
+            return None;
+        }
+        let kernel_ns: u64 = self
+            .load_costs
+            .iter()
+            .filter(|((l, _), _)| *l == load)
+            .map(|(_, c)| c.run_ns)
+            .sum();
+        Some((
+            kernel_ns as f64 / transactions / 1e3,
+            agent_cpu / transactions * 1e6,
+        ))
+    }
+
     /// A program's cost under the loads of long-lived connections (stream and
     /// request/response) together.
     fn sampled_cost(&self, program: &str) -> ProgramCost {
@@ -809,6 +845,15 @@ impl Report {
             self.empty_skb_costs.get(&(Load::Crr, "flow_ingress".into())).map_or(f64::NAN, |c| c.ns_per_run()),
         );
         }
+        for load in [Load::Rr, Load::Crr] {
+            if let Some((kernel, agent)) = self.per_transaction(load) {
+                let _ = writeln!(
+                    md,
+                    "\nPer {} transaction: {kernel:.2} us in the kernel programs, {agent:.2} us of the agent's CPU.",
+                    load.key()
+                );
+            }
+        }
         if let Some((rate, lost)) = &self.churn {
             let _ = writeln!(md, "\nConnection churn (4 connect/request/close loops): {rate:.0} new connections/s; agent losses: {lost}.");
         }
@@ -876,6 +921,10 @@ impl Report {
                 }
                 (n.clone(), v)
             }).collect::<serde_json::Map<_, _>>(),
+            "per_transaction": ([Load::Rr, Load::Crr].iter().filter_map(|load| {
+                let (kernel, agent) = self.per_transaction(*load)?;
+                Some((load.key().to_string(), json!({"kernel_us": kernel, "agent_cpu_us": agent})))
+            }).collect::<serde_json::Map<_, _>>()),
             "churn": self.churn.as_ref().map(|(rate, lost)| json!({"new_connections_per_second": rate, "events_lost": lost})),
             "memory": self.memory.iter().map(|(n, m)| json!({"open_flows": n, "agent": m})).collect::<Vec<_>>(),
             "targets": self.targets().into_iter().map(|(key, value, wanted, met)| (key, json!({"value": value, "wanted": wanted, "met": met}))).collect::<serde_json::Map<_, _>>(),
