@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use meshguard_ebpf::{FlowState, Reported, SampleEvent, Stat};
+use meshguard_ebpf::{FlowCounters, FlowState, Reported, SampleEvent, Stat};
 
 /// Flow state by socket cookie. LRU so that a flood can never wedge the map; an eviction of a
 /// flow that is still open shows up as `Stat::FlowEvicted` when it closes.
@@ -51,13 +51,18 @@ pub struct Quiet {
 }
 
 impl Quiet {
-    /// A direction's bytes and packets as the flow map should hold them.
+    /// Writes quiet direction `d`'s counts into its flow's counters.
     #[inline(always)]
-    pub fn counts(&self, d: usize) -> (u64, u64) {
-        (
-            self.base_bytes[d].wrapping_add(self.bytes[d]),
-            self.base_packets[d].wrapping_add(self.packets[d]),
-        )
+    pub fn write_counts(&self, d: usize, c: &mut FlowCounters) {
+        let bytes = self.base_bytes[d].wrapping_add(self.bytes[d]);
+        let packets = self.base_packets[d].wrapping_add(self.packets[d]);
+        if d == 0 {
+            c.bytes_sent = bytes;
+            c.packets_sent = packets;
+        } else {
+            c.bytes_received = bytes;
+            c.packets_received = packets;
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use meshguard_ebpf::{
 
 use crate::{
     flow::{add, cookie_of, emit, header, normalize_mapped, wakeup_flags},
-    maps::{count, quiet_of, Quiet, EVENTS, FLOWS, SAMPLE_SCRATCH},
+    maps::{count, quiet_of, EVENTS, FLOWS, SAMPLE_SCRATCH},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -198,8 +198,8 @@ fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
     unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }
 }
 
-/// Counts a payload packet of direction `d` in its socket's storage, if that direction is
-/// quiet; false when it is not (the packet takes the full path).
+/// Counts a payload packet in its socket's storage, if its direction is quiet; false when it is
+/// not (the packet takes the full path).
 #[inline(always)]
 fn count_quietly(ctx: &SkBuffContext, direction: u8, bytes: u32) -> bool {
     let quiet = quiet_of(socket_of(ctx), false);
@@ -222,7 +222,7 @@ fn count_quietly(ctx: &SkBuffContext, direction: u8, bytes: u32) -> bool {
     if quiet.runs[d] % REFRESH_EVERY == 0 {
         if let Some(state) = FLOWS.get_ptr_mut(cookie_of(ctx.skb.skb.cast())) {
             // SAFETY: a live map value; plain stores of counts that only grow.
-            write_counts(unsafe { &mut (*state).counters }, d, quiet);
+            quiet.write_counts(d, unsafe { &mut (*state).counters });
         }
     }
     true
@@ -256,19 +256,6 @@ fn sampled_flag(d: usize) -> u32 {
         flags::SAMPLED_EGRESS
     } else {
         flags::SAMPLED_INGRESS
-    }
-}
-
-/// Writes a quiet direction's counts into its flow's counters.
-#[inline(always)]
-pub fn write_counts(c: &mut meshguard_ebpf::FlowCounters, d: usize, quiet: &Quiet) {
-    let (bytes, packets) = quiet.counts(d);
-    if d == 0 {
-        c.bytes_sent = bytes;
-        c.packets_sent = packets;
-    } else {
-        c.bytes_received = bytes;
-        c.packets_received = packets;
     }
 }
 

@@ -19,7 +19,6 @@ use meshguard_ebpf::{
 use crate::{
     flow::{close, cookie_of, emit, normalize_mapped},
     maps::{count, quiet_of, FLOWS},
-    skb::write_counts,
 };
 
 const AF_INET6: u32 = 10;
@@ -122,7 +121,7 @@ fn closed(ctx: &SockOpsContext) {
                 let quiet = unsafe { &*quiet };
                 for (d, sampled) in [(0, flags::SAMPLED_EGRESS), (1, flags::SAMPLED_INGRESS)] {
                     if quiet.taken & sampled != 0 {
-                        write_counts(&mut state.counters, d, quiet);
+                        quiet.write_counts(d, &mut state.counters);
                     }
                 }
             }
