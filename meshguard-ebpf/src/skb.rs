@@ -129,7 +129,8 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
         return;
     }
-    if count_quietly(ctx, direction, packet.payload_len) {
+    // Only a TCP flow goes quiet: a UDP packet need not look.
+    if packet.protocol == IPPROTO_TCP && count_quietly(ctx, direction, packet.payload_len) {
         return;
     }
     let socket = cookie_of(ctx.skb.skb.cast());
