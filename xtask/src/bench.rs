@@ -290,8 +290,9 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
     Ok(())
 }
 
-/// Each program's cost over all loads, and under each load on its own, for one agent binary.
+/// Each program's cost, by name.
 type Costs = BTreeMap<String, ProgramCost>;
+/// Each program's cost under each load on its own.
 type LoadCosts = BTreeMap<(Load, String), ProgramCost>;
 
 /// What one agent binary's programs cost under each load, and what the agent spent.
@@ -587,7 +588,7 @@ struct Report {
     seconds: u32,
     results: BTreeMap<(Load, Config), Vec<f64>>,
     cpu: BTreeMap<Config, Vec<f64>>,
-    costs: BTreeMap<String, ProgramCost>,
+    costs: Costs,
     /// The same, under each load on its own.
     load_costs: LoadCosts,
     /// The same with empty packet programs.
@@ -609,6 +610,13 @@ fn sampled_cost(costs: &LoadCosts, program: &str) -> ProgramCost {
         }
     }
     cost
+}
+
+/// A program's nanoseconds per run under one load (NaN when it did not run).
+fn ns_under(costs: &LoadCosts, load: Load, program: &str) -> f64 {
+    costs
+        .get(&(load, program.to_string()))
+        .map_or(f64::NAN, |c| c.ns_per_run())
 }
 
 /// Median, min and max.
@@ -709,7 +717,7 @@ impl Report {
             ("egress.ns_per_run", "flow_egress"),
             ("ingress.ns_per_run", "flow_ingress"),
         ] {
-            let ns = self.sampled_cost(program).ns_per_run();
+            let ns = sampled_cost(&self.load_costs, program).ns_per_run();
             out.push((key.into(), ns, "<= 60".into(), ns <= 60.0));
         }
         if let Some((n, m)) = self.memory.iter().max_by_key(|(n, _)| *n) {
@@ -765,12 +773,6 @@ impl Report {
         ))
     }
 
-    /// A program's cost under the loads of long-lived connections (stream and
-    /// request/response) together.
-    fn sampled_cost(&self, program: &str) -> ProgramCost {
-        sampled_cost(&self.load_costs, program)
-    }
-
     fn median(&self, load: Load, config: Config) -> f64 {
         summary(
             self.results
@@ -820,11 +822,7 @@ impl Report {
             "\n| kernel program | runs | ns per run | under stream | request/response | connect/request/close |\n|---|---|---|---|---|---|"
         );
         for (name, cost) in &self.costs {
-            let under = |load: Load| {
-                self.load_costs
-                    .get(&(load, name.clone()))
-                    .map_or(f64::NAN, |c| c.ns_per_run())
-            };
+            let under = |load: Load| ns_under(&self.load_costs, load, name);
             let _ = writeln!(
                 md,
                 "| `{name}` | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
@@ -836,14 +834,15 @@ impl Report {
             );
         }
         if !self.empty_skb_costs.is_empty() {
+            let empty = &self.empty_skb_costs;
             let _ = writeln!(
-            md,
-            "\nThe same packet programs emptied (they return at once) measure {:.0} ns egress and {:.0} ns ingress per run under stream and request/response ({:.0} and {:.0} under connect/request/close): what the kernel's stats charge a program that does nothing, on this machine.",
-            sampled_cost(&self.empty_skb_costs, "flow_egress").ns_per_run(),
-            sampled_cost(&self.empty_skb_costs, "flow_ingress").ns_per_run(),
-            self.empty_skb_costs.get(&(Load::Crr, "flow_egress".into())).map_or(f64::NAN, |c| c.ns_per_run()),
-            self.empty_skb_costs.get(&(Load::Crr, "flow_ingress".into())).map_or(f64::NAN, |c| c.ns_per_run()),
-        );
+                md,
+                "\nThe same packet programs emptied (they return at once) measure {:.0} ns egress and {:.0} ns ingress per run under stream and request/response ({:.0} and {:.0} under connect/request/close): what the kernel's stats charge a program that does nothing, on this machine.",
+                sampled_cost(empty, "flow_egress").ns_per_run(),
+                sampled_cost(empty, "flow_ingress").ns_per_run(),
+                ns_under(empty, Load::Crr, "flow_egress"),
+                ns_under(empty, Load::Crr, "flow_ingress"),
+            );
         }
         for load in [Load::Rr, Load::Crr] {
             if let Some((kernel, agent)) = self.per_transaction(load) {
@@ -912,10 +911,12 @@ impl Report {
                 let by_load: serde_json::Map<_, _> = Load::ALL.iter().filter_map(|load| {
                     self.load_costs.get(&(*load, n.clone())).map(|c| (load.key().to_string(), json!({"runs": c.runs, "ns_per_run": c.ns_per_run()})))
                 }).collect();
-                let empty: serde_json::Map<_, _> = Load::ALL.iter().filter_map(|load| {
-                    self.empty_skb_costs.get(&(*load, n.clone())).filter(|_| n == "flow_egress" || n == "flow_ingress").map(|c| (load.key().to_string(), json!(c.ns_per_run())))
-                }).collect();
-                let mut v = json!({"runs": c.runs, "ns_per_run": c.ns_per_run(), "sampled_ns_per_run": self.sampled_cost(n).ns_per_run(), "by_load": by_load});
+                // Only the packet programs are emptied: the others' figures are their own.
+                let empty: serde_json::Map<_, _> = Load::ALL.iter()
+                    .filter(|load| (n == "flow_egress" || n == "flow_ingress") && self.empty_skb_costs.contains_key(&(**load, n.clone())))
+                    .map(|load| (load.key().to_string(), json!(ns_under(&self.empty_skb_costs, *load, n))))
+                    .collect();
+                let mut v = json!({"runs": c.runs, "ns_per_run": c.ns_per_run(), "sampled_ns_per_run": sampled_cost(&self.load_costs, n).ns_per_run(), "by_load": by_load});
                 if !empty.is_empty() {
                     v["empty_program_ns_per_run"] = json!({"sampled": sampled_cost(&self.empty_skb_costs, n).ns_per_run(), "by_load": empty});
                 }
