@@ -5,12 +5,12 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     // Builds for tests and the bench only: `1`, the upgrade test's "other version" (programs
-    // that differ, behaviour that does not); `empty-skb`, the bench's floor (packet programs
-    // that return at once: what the kernel's stats charge a program that does nothing).
+    // that differ, behaviour that does not); `empty`, the bench's floor (every program returns
+    // at once: what being attached costs, and what the kernel's stats charge doing nothing).
     println!("cargo:rerun-if-env-changed=MESHGUARD_EBPF_VARIANT");
     let features: &[&str] = match std::env::var("MESHGUARD_EBPF_VARIANT").as_deref() {
         Ok("1") => &["variant"],
-        Ok("empty-skb") => &["empty-skb"],
+        Ok("empty") => &["empty"],
         _ => &[],
     };
     let ebpf = Package {

@@ -32,6 +32,9 @@ const TP_SK_FIELD: usize = 8;
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn flow_sender(ctx: BtfTracePointContext) -> i32 {
+    if cfg!(feature = "empty") {
+        return 0;
+    }
     let sk: *mut c_void = ctx.arg(0);
     if sk.is_null() {
         return 0;
@@ -53,6 +56,9 @@ pub fn flow_sender(ctx: BtfTracePointContext) -> i32 {
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn flow_sender_tracepoint(ctx: TracePointContext) -> u32 {
+    if cfg!(feature = "empty") {
+        return 0;
+    }
     // SAFETY: a read of the tracepoint record's fixed layout (see its `format` file).
     let offset = unsafe { read_volatile(&SK_COOKIE_OFFSET) };
     if offset == 0 {

@@ -11,6 +11,9 @@ use crate::{
 
 #[cgroup_sock(sock_release)]
 pub fn flow_release(ctx: SockContext) -> i32 {
+    if cfg!(feature = "empty") {
+        return 1;
+    }
     let cookie = cookie_of(ctx.sock.cast());
     if let Some(state) = FLOWS.get_ptr_mut(cookie) {
         // SAFETY: a live map value, read before the entry is removed.

@@ -118,7 +118,7 @@ struct Ports {
 
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext, direction: u8) {
-    if cfg!(feature = "empty-skb") {
+    if cfg!(feature = "empty") {
         return;
     }
     let Some(packet) = parse(ctx, direction) else {

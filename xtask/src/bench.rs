@@ -40,9 +40,10 @@ pub struct Args {
     /// The meshguard binary to measure (default: a release build, made now).
     #[arg(long, value_name = "PATH")]
     meshguard: Option<PathBuf>,
-    /// Also measure the packet programs' floor: the same agent built with `cgroup_skb`
-    /// programs that return at once (what the kernel's stats charge a program doing nothing).
-    /// Builds meshguard a second time.
+    /// Also measure the floor: the same agent built with every kernel program returning at
+    /// once. It runs in each round as a fourth configuration (what being attached costs), and
+    /// its programs' cost per run is what the kernel's stats charge doing nothing. Builds
+    /// meshguard a second time.
     #[arg(long)]
     floor: bool,
 }
@@ -52,17 +53,32 @@ enum Config {
     NoAgent,
     Agent,
     Tcpdump,
+    /// The agent with programs that return at once (`--floor`).
+    Floor,
 }
 
 impl Config {
-    const ALL: [Config; 3] = [Config::NoAgent, Config::Agent, Config::Tcpdump];
+    const ALL: [Config; 4] = [
+        Config::NoAgent,
+        Config::Agent,
+        Config::Tcpdump,
+        Config::Floor,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Config::NoAgent => "no agent",
             Config::Agent => "meshguard agent",
             Config::Tcpdump => "tcpdump -w (full packets)",
+            Config::Floor => "meshguard, programs emptied (floor)",
         }
+    }
+
+    /// The configurations of a run, in the order each round runs them.
+    fn of_run(floor: bool) -> impl Iterator<Item = Config> {
+        Self::ALL
+            .into_iter()
+            .filter(move |c| floor || *c != Config::Floor)
     }
 }
 
@@ -115,9 +131,8 @@ const HOLD_PORTS: [u16; 1] = [7100];
 
 struct Bed {
     bin: PathBuf,
-    /// The same agent with packet programs that return at once: the floor of their figures
-    /// (`--floor`).
-    empty_skb_bin: Option<PathBuf>,
+    /// The same agent with programs that return at once: the floor (`--floor`).
+    floor_bin: Option<PathBuf>,
     xtask: PathBuf,
     cgroup: Cgroup,
     client: Netns,
@@ -148,9 +163,9 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     };
     let bed = Bed {
         bin,
-        empty_skb_bin: args
+        floor_bin: args
             .floor
-            .then(|| build_empty_skb(args.meshguard.is_none()))
+            .then(|| build_floor(args.meshguard.is_none()))
             .transpose()?,
         xtask: std::env::current_exe()?,
         cgroup: Cgroup::new("bench")?,
@@ -195,6 +210,7 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
     let mut report = Report {
         rounds,
         seconds,
+        floor: args.floor,
         ..Report::default()
     };
     let stats_before = fs::read_to_string(BPF_STATS).unwrap_or_default();
@@ -221,12 +237,14 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
     // Throughput with bpf_stats off: the stats' own clock reads would be charged to the agent.
     fs::write(BPF_STATS, "0").context("setting kernel.bpf_stats_enabled")?;
     for round in 0..rounds {
-        for config in Config::ALL {
+        for config in Config::of_run(report.floor) {
             println!("==> round {}/{rounds}: {}", round + 1, config.name());
-            let mut running: Option<Child> = match config {
-                Config::NoAgent => None,
-                Config::Agent => Some(start_agent(bed, &[])?),
-                Config::Tcpdump => Some(start_tcpdump(bed)?),
+            let mut running: Option<Child> = match (config, &bed.floor_bin) {
+                (Config::NoAgent, _) => None,
+                (Config::Agent, _) => Some(start_agent(bed, &[])?),
+                (Config::Tcpdump, _) => Some(start_tcpdump(bed)?),
+                (Config::Floor, Some(bin)) => Some(start_agent_of(bed, bin, &[])?),
+                (Config::Floor, None) => continue,
             };
             let cpu_before = running.as_ref().map(|c| cpu_seconds(c.id())).transpose()?;
             for load in Load::ALL {
@@ -257,9 +275,10 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
     let programs = costs_by_load(bed, &bed.bin, seconds)?;
     (report.costs, report.load_costs, report.work) =
         (programs.totals, programs.by_load, programs.work);
-    if let Some(bin) = &bed.empty_skb_bin {
-        println!("==> the same with empty packet programs (what the stats charge doing nothing)");
-        report.empty_skb_costs = costs_by_load(bed, bin, seconds)?.by_load;
+    if let Some(bin) = &bed.floor_bin {
+        println!("==> the same with empty programs (what the stats charge doing nothing)");
+        let floor = costs_by_load(bed, bin, seconds)?;
+        (report.floor_costs, report.floor_work) = (floor.by_load, floor.work);
     }
     fs::write(BPF_STATS, "0")?;
 
@@ -337,21 +356,18 @@ fn costs_by_load(bed: &Bed, bin: &std::path::Path, seconds: u32) -> anyhow::Resu
     })
 }
 
-/// Builds the agent with packet programs that return at once (see meshguard/build.rs), in a
-/// target dir of its own.
-fn build_empty_skb(release: bool) -> anyhow::Result<PathBuf> {
-    let dir = workspace_root().join("target/empty-skb");
+/// Builds the agent with programs that return at once (see meshguard/build.rs), in a target
+/// dir of its own.
+fn build_floor(release: bool) -> anyhow::Result<PathBuf> {
+    let dir = workspace_root().join("target/floor");
     let mut cmd = cargo();
     cmd.args(["build", "-p", "meshguard", "--target-dir"])
         .arg(&dir)
-        .env("MESHGUARD_EBPF_VARIANT", "empty-skb");
+        .env("MESHGUARD_EBPF_VARIANT", "empty");
     if release {
         cmd.arg("--release");
     }
-    step(
-        "build meshguard with empty packet programs (the per-packet floor)",
-        &mut cmd,
-    )?;
+    step("build meshguard with empty programs (the floor)", &mut cmd)?;
     Ok(dir
         .join(if release { "release" } else { "debug" })
         .join("meshguard"))
@@ -586,13 +602,16 @@ fn iperf(client: &Netns, seconds: u32) -> anyhow::Result<f64> {
 struct Report {
     rounds: usize,
     seconds: u32,
+    /// The floor configuration was measured (`--floor`).
+    floor: bool,
     results: BTreeMap<(Load, Config), Vec<f64>>,
     cpu: BTreeMap<Config, Vec<f64>>,
     costs: Costs,
     /// The same, under each load on its own.
     load_costs: LoadCosts,
-    /// The same with empty packet programs.
-    empty_skb_costs: LoadCosts,
+    /// The same with empty programs (`--floor`).
+    floor_costs: LoadCosts,
+    floor_work: BTreeMap<Load, (f64, f64)>,
     /// Each load's figure and the agent's CPU seconds during it, in the per-program run.
     work: BTreeMap<Load, (f64, f64)>,
     /// New connections per second reached, and the agent's losses by source.
@@ -641,7 +660,7 @@ impl Report {
     fn complete(&self) -> anyhow::Result<()> {
         let mut missing = Vec::new();
         for load in Load::ALL {
-            for config in Config::ALL {
+            for config in Config::of_run(self.floor) {
                 if !self.median(load, config).is_finite() || self.median(load, config) <= 0.0 {
                     missing.push(format!("{} with {}", load.name(), config.name()));
                 }
@@ -756,13 +775,26 @@ impl Report {
     /// programs' run time (bpf_stats on, so each run includes the stats' own clock reads) and
     /// the agent's CPU. Steadier than a ratio on a noisy machine: it counts work, not time.
     fn per_transaction(&self, load: Load) -> Option<(f64, f64)> {
-        let (tps, agent_cpu) = *self.work.get(&load)?;
+        self.work_per_transaction(&self.load_costs, &self.work, load)
+    }
+
+    /// The same with empty programs (`--floor`): what being attached costs a transaction.
+    fn floor_per_transaction(&self, load: Load) -> Option<(f64, f64)> {
+        self.work_per_transaction(&self.floor_costs, &self.floor_work, load)
+    }
+
+    fn work_per_transaction(
+        &self,
+        costs: &LoadCosts,
+        work: &BTreeMap<Load, (f64, f64)>,
+        load: Load,
+    ) -> Option<(f64, f64)> {
+        let (tps, agent_cpu) = *work.get(&load)?;
         let transactions = tps * f64::from(self.seconds);
         if transactions <= 0.0 {
             return None;
         }
-        let kernel_ns: u64 = self
-            .load_costs
+        let kernel_ns: u64 = costs
             .iter()
             .filter(|((l, _), _)| *l == load)
             .map(|(_, c)| c.run_ns)
@@ -833,11 +865,14 @@ impl Report {
                 under(Load::Crr),
             );
         }
-        if !self.empty_skb_costs.is_empty() {
-            let empty = &self.empty_skb_costs;
+        if !self.floor_costs.is_empty() {
+            let empty = &self.floor_costs;
             let _ = writeln!(
                 md,
-                "\nThe same packet programs emptied (they return at once) measure {:.0} ns egress and {:.0} ns ingress per run under stream and request/response ({:.0} and {:.0} under connect/request/close): what the kernel's stats charge a program that does nothing, on this machine.",
+                "\nThe floor (`--floor`): the same agent with every program emptied (they return at once) scores {:.3} stream, {:.3} request/response and {:.3} connect/request/close of no agent, in the same rounds: what being attached costs. Its packet programs measure {:.0} ns egress and {:.0} ns ingress per run under stream and request/response ({:.0} and {:.0} under connect/request/close): what the kernel's stats charge a program that does nothing, on this machine.",
+                self.ratio(Load::Stream, Config::Floor),
+                self.ratio(Load::Rr, Config::Floor),
+                self.ratio(Load::Crr, Config::Floor),
                 sampled_cost(empty, "flow_egress").ns_per_run(),
                 sampled_cost(empty, "flow_ingress").ns_per_run(),
                 ns_under(empty, Load::Crr, "flow_egress"),
@@ -846,11 +881,15 @@ impl Report {
         }
         for load in [Load::Rr, Load::Crr] {
             if let Some((kernel, agent)) = self.per_transaction(load) {
-                let _ = writeln!(
+                let _ = write!(
                     md,
-                    "\nPer {} transaction: {kernel:.2} us in the kernel programs, {agent:.2} us of the agent's CPU.",
+                    "\nPer {} transaction: {kernel:.2} us in the kernel programs, {agent:.2} us of the agent's CPU",
                     load.key()
                 );
+                if let Some((kernel, agent)) = self.floor_per_transaction(load) {
+                    let _ = write!(md, " (floor: {kernel:.2} and {agent:.2})");
+                }
+                let _ = writeln!(md, ".");
             }
         }
         if let Some((rate, lost)) = &self.churn {
@@ -911,20 +950,23 @@ impl Report {
                 let by_load: serde_json::Map<_, _> = Load::ALL.iter().filter_map(|load| {
                     self.load_costs.get(&(*load, n.clone())).map(|c| (load.key().to_string(), json!({"runs": c.runs, "ns_per_run": c.ns_per_run()})))
                 }).collect();
-                // Only the packet programs are emptied: the others' figures are their own.
                 let empty: serde_json::Map<_, _> = Load::ALL.iter()
-                    .filter(|load| (n == "flow_egress" || n == "flow_ingress") && self.empty_skb_costs.contains_key(&(**load, n.clone())))
-                    .map(|load| (load.key().to_string(), json!(ns_under(&self.empty_skb_costs, *load, n))))
+                    .filter(|load| self.floor_costs.contains_key(&(**load, n.clone())))
+                    .map(|load| (load.key().to_string(), json!(ns_under(&self.floor_costs, *load, n))))
                     .collect();
                 let mut v = json!({"runs": c.runs, "ns_per_run": c.ns_per_run(), "sampled_ns_per_run": sampled_cost(&self.load_costs, n).ns_per_run(), "by_load": by_load});
                 if !empty.is_empty() {
-                    v["empty_program_ns_per_run"] = json!({"sampled": sampled_cost(&self.empty_skb_costs, n).ns_per_run(), "by_load": empty});
+                    v["empty_program_ns_per_run"] = json!({"sampled": sampled_cost(&self.floor_costs, n).ns_per_run(), "by_load": empty});
                 }
                 (n.clone(), v)
             }).collect::<serde_json::Map<_, _>>(),
             "per_transaction": ([Load::Rr, Load::Crr].iter().filter_map(|load| {
                 let (kernel, agent) = self.per_transaction(*load)?;
-                Some((load.key().to_string(), json!({"kernel_us": kernel, "agent_cpu_us": agent})))
+                let mut v = json!({"kernel_us": kernel, "agent_cpu_us": agent});
+                if let Some((kernel, agent)) = self.floor_per_transaction(*load) {
+                    v["floor"] = json!({"kernel_us": kernel, "agent_cpu_us": agent});
+                }
+                Some((load.key().to_string(), v))
             }).collect::<serde_json::Map<_, _>>()),
             "churn": self.churn.as_ref().map(|(rate, lost)| json!({"new_connections_per_second": rate, "events_lost": lost})),
             "memory": self.memory.iter().map(|(n, m)| json!({"open_flows": n, "agent": m})).collect::<Vec<_>>(),
