@@ -46,6 +46,7 @@ METRICS = {
     "meshguard_reconcile_anomalies_total": {"kind"},
     "meshguard_kernel_repairs_total": {"action"},
     "meshguard_connections_refused_total": {"listener", "reason"},
+    "meshguard_policy_violations_total": {"dst_namespace", "dst_workload", "policy_mode", "reason"},
     "meshguard_inventory_age_seconds": set(),
     "meshguard_build_info": {"version"},
 }
@@ -57,6 +58,7 @@ LABEL_VALUES = {
                "undecodable", "agent_table_evicted"},
     "map": {"flows"},
     "store": {"recent", "flagged", "bypass"},
+    "policy_mode": {"STRICT", "PERMISSIVE", "DISABLE"},
 }
 # Labels that Prometheus and the ServiceMonitor (its node relabeling) add to every series.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container",

@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the event and map layouts below.
-pub const LAYOUT_VERSION: u16 = 3;
+pub const LAYOUT_VERSION: u16 = 4;
 
 /// Most stream bytes sampled per TCP direction: a TLS handshake's whole first record and the
 /// header of the record after it. Real ClientHellos reach 1.3-2.3 KB (post-quantum key shares,
@@ -102,6 +102,10 @@ pub mod flags {
     pub const EVICTED: u32 = 1 << 7;
     /// `FlowState::cgroup` holds the socket owner's cgroup.
     pub const CGROUP: u32 = 1 << 8;
+    /// An accepted connection that netfilter redirected to this socket (a sidecar's capture):
+    /// `FlowState::redirect` holds the address its client dialled, which the socket's replies
+    /// leave from after NAT.
+    pub const DIALLED: u32 = 1 << 9;
 }
 
 /// Indices of the per-CPU `STATS` array. Every loss the kernel side can see is counted here.
@@ -200,6 +204,8 @@ pub struct FlowState {
     pub netns: u64,
     /// `bpf_ktime_get_ns` when the flow was opened.
     pub opened_ns: u64,
+    /// Where netfilter's NAT moved this end: with `flags::REDIRECTED`, where egress went
+    /// instead of the peer; with `flags::DIALLED`, the address the client dialled.
     pub redirect: Redirect,
     /// Thread group id of the first sender (valid once `flags::PROCESS` is set).
     pub pid: u32,

@@ -70,6 +70,8 @@ struct Packet {
     own_addr: [u32; 4],
     peer_addr: [u32; 4],
     peer_port: u16,
+    /// This end's port: the source of an egress packet, the destination of an ingress one.
+    own_port: u16,
     /// TCP: the sequence number of the first payload byte (0 for UDP).
     seq: u32,
     payload_off: u32,
@@ -163,19 +165,8 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
         state.cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
         state.flags |= flags::UID | flags::CGROUP;
     }
-    if direction == DIRECTION_EGRESS
-        && state.flags & flags::REDIRECTED == 0
-        && (packet.peer_port != state.tuple.remote_port
-            || packet.peer_addr != state.tuple.remote_addr)
-    {
-        state.redirect = Redirect {
-            addr: packet.peer_addr,
-            port: packet.peer_port,
-            _pad: 0,
-            // SAFETY: `skb` is this program's context.
-            ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        };
-        state.flags |= flags::REDIRECTED;
+    if direction == DIRECTION_EGRESS && state.flags & (flags::REDIRECTED | flags::DIALLED) == 0 {
+        note_nat(ctx, state, &packet);
     }
 
     let d = usize::from(direction == DIRECTION_INGRESS);
@@ -189,6 +180,33 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     {
         go_quiet(ctx, d, sampled, state);
     }
+}
+
+/// What netfilter's NAT did at this end, from an egress packet's addresses: sent elsewhere than
+/// the socket's peer (a redirect into a sidecar), or, for an accepted connection, sent from
+/// another address than the socket's own: replies leave, after NAT, from the address the
+/// client dialled (a sidecar's capture redirected the connection to this socket).
+#[inline(always)]
+fn note_nat(ctx: &SkBuffContext, state: &mut FlowState, packet: &Packet) {
+    let t = &state.tuple;
+    let (addr, port, flag) =
+        if packet.peer_port != t.remote_port || packet.peer_addr != t.remote_addr {
+            (packet.peer_addr, packet.peer_port, flags::REDIRECTED)
+        } else if t.direction == DIRECTION_INGRESS
+            && (packet.own_port != t.local_port || packet.own_addr != t.local_addr)
+        {
+            (packet.own_addr, packet.own_port, flags::DIALLED)
+        } else {
+            return;
+        };
+    state.redirect = Redirect {
+        addr,
+        port,
+        _pad: 0,
+        // SAFETY: `skb` is this program's context.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+    };
+    state.flags |= flag;
 }
 
 /// The packet's socket; null for none. The storage helper returns nothing for a socket that is
@@ -479,10 +497,10 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
         }
         _ => return None,
     };
-    let peer_port = if direction == DIRECTION_EGRESS {
-        ports.dport
+    let (own_port, peer_port) = if direction == DIRECTION_EGRESS {
+        (ports.sport, ports.dport)
     } else {
-        ports.sport
+        (ports.dport, ports.sport)
     };
     Some(Packet {
         protocol,
@@ -490,6 +508,7 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
         own_addr,
         peer_addr,
         peer_port: u16::from_be(peer_port),
+        own_port: u16::from_be(own_port),
         seq,
         payload_off,
         payload_len: ctx.len().saturating_sub(payload_off),
@@ -498,6 +517,8 @@ fn parse(ctx: &SkBuffContext, direction: u8) -> Option<Packet> {
 
 /// Starts following a flow that `sock_ops` did not announce: UDP (a socket's first peer under
 /// the socket's cookie, its other peers under their `peer_key`), or TCP already running.
+/// Builds the tuple inside the one flow state on the stack: the packet path's frame is near the
+/// 512 bytes BPF allows.
 #[inline(always)]
 fn adopt(
     ctx: &SkBuffContext,
@@ -508,22 +529,28 @@ fn adopt(
 ) -> Option<*mut FlowState> {
     let skb = ctx.skb.skb;
     let family = ctx.skb.family() as u16;
-    let mut tuple = FlowTuple {
-        local_port: ctx.skb.local_port() as u16,
-        remote_port: u32::from_be(ctx.skb.remote_port()) as u16,
-        family,
-        protocol: packet.protocol,
-        direction,
-        ..FlowTuple::default()
+    let mut state = FlowState {
+        tuple: FlowTuple {
+            local_port: ctx.skb.local_port() as u16,
+            remote_port: u32::from_be(ctx.skb.remote_port()) as u16,
+            family,
+            protocol: packet.protocol,
+            direction,
+            ..FlowTuple::default()
+        },
+        socket,
+        // SAFETY: no preconditions.
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+        ..FlowState::default()
     };
+    let tuple = &mut state.tuple;
     if family == AF_INET6 {
-        read_ip6(skb, &mut tuple);
+        read_ip6(skb, tuple);
     } else if family == AF_INET {
         tuple.local_addr[0] = ctx.skb.local_ipv4();
         tuple.remote_addr[0] = ctx.skb.remote_ipv4();
     }
-    normalize_mapped(&mut tuple);
-    let mut state_flags = 0;
+    normalize_mapped(tuple);
     if packet.protocol == IPPROTO_TCP {
         // Which end opened it is unknown; the end with the higher (ephemeral) port most likely.
         tuple.direction = if tuple.local_port > tuple.remote_port {
@@ -531,7 +558,7 @@ fn adopt(
         } else {
             DIRECTION_INGRESS
         };
-        state_flags = flags::MIDSTREAM;
+        state.flags = flags::MIDSTREAM;
         count(Stat::FlowMidstream);
     } else if tuple.remote_port == 0 {
         // An unconnected UDP socket: this flow's peer is this packet's, and so (the socket
@@ -541,15 +568,12 @@ fn adopt(
         tuple.local_addr = packet.own_addr;
         tuple.family = packet.family;
     }
-    let state = FlowState {
-        tuple,
-        socket,
-        flags: state_flags,
-        // SAFETY: no preconditions.
-        opened_ns: unsafe { bpf_ktime_get_ns() },
-        ..FlowState::default()
-    };
-    if FLOWS.insert(key, state, BPF_NOEXIST).is_ok() {
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a copy of the state would not fit the stack beside the packet path's frame"
+    )]
+    let inserted = FLOWS.insert(key, &state, BPF_NOEXIST).is_ok();
+    if inserted {
         emit(EventKind::Open, key, &state);
     }
     // Inserted, or another CPU was first (fine); none: the map refused the entry.

@@ -19,16 +19,17 @@ use crate::{
     flow::{
         record::{
             Change, Comm, Corrected, Endpoint, FlowId, FlowRecord, OwnerRecord, PlaintextRecord,
-            Process, Protocol, RedirectRecord, State, Timestamp,
+            PolicyRecord, Process, Protocol, RedirectRecord, State, Timestamp,
         },
         table::{FlowTable, EVIDENCE_WAIT_NS},
         Flow, Update,
     },
+    intent::contradiction,
     inventory::{
         cgroups::{CgroupIndex, CgroupOwner},
-        Identity, Inventory,
+        Identity, Inventory, MeshMode,
     },
-    verdict::{decide, Decision, Owner, Policy},
+    verdict::{decide, Decision, Direction, Owner, Policy},
 };
 
 /// Evidence a flow's verdict may still change with, and which is on its way.
@@ -177,6 +178,7 @@ impl Judge {
             owner,
             ends: (local, remote),
             awaiting,
+            declared: declared(flow, local, remote, inventory),
         }
     }
 
@@ -220,6 +222,7 @@ pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -
         decision,
         owner,
         ends: (local, remote),
+        declared,
         ..
     } = judged;
     let k = &flow.kernel;
@@ -231,7 +234,7 @@ pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -
             verdict,
             reason: reason.into(),
         });
-    FlowRecord {
+    let mut record = FlowRecord {
         id: FlowId(flow.cookie),
         node: Arc::clone(node),
         event: change,
@@ -248,7 +251,10 @@ pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -
         } else {
             Protocol::Tcp
         },
-        local: Endpoint::new(local_addr, local.into()),
+        local: Endpoint {
+            dialled: flow.dialled(),
+            ..Endpoint::new(local_addr, local.into())
+        },
         remote: Endpoint::new(remote_addr, remote.into()),
         process: Process {
             pid: (k.flags & flags::PROCESS != 0).then_some(k.pid),
@@ -286,6 +292,7 @@ pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -
             port: k.redirect.port,
             ifindex: k.redirect.ifindex,
         }),
+        policy: declared,
         bytes_sent: k.counters.bytes_sent,
         bytes_received: k.counters.bytes_received,
         packets_sent: k.counters.packets_sent,
@@ -299,7 +306,10 @@ pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -
         first_report: flow.published.is_none(),
         evicted: k.flags & flags::EVICTED != 0,
         netns_cookie: k.netns,
-    }
+        contradiction: None,
+    };
+    record.contradiction = contradiction(&record);
+    record
 }
 
 /// A flow whose verdict an earlier agent published, and of which this agent saw no payload
@@ -333,6 +343,37 @@ pub struct Judged<'a> {
     pub owner: Owner<'a>,
     pub ends: (Identity<'a>, Identity<'a>),
     pub awaiting: Option<Awaiting>,
+    /// What the mesh declares for the connection's server.
+    pub declared: Option<PolicyRecord>,
+}
+
+/// The mTLS the mesh declares for a connection's server, where it is a pod with a sidecar
+/// (what PeerAuthentication configures), on the port its client dialled: the socket's peer for
+/// a client's socket; for a server's, the address its client dialled when a capture redirected
+/// the connection (a sidecar's outbound capture serves another pod), else the socket itself.
+fn declared(
+    flow: &Flow,
+    local: Identity,
+    remote: Identity,
+    inventory: &Inventory,
+) -> Option<PolicyRecord> {
+    let (server, port) = match (flow.direction(), flow.dialled()) {
+        (Direction::Egress, _) => (remote, flow.remote().port()),
+        (Direction::Ingress, Some(d)) if d.ip() != flow.local().ip() => {
+            (inventory.lookup(d.ip()), d.port())
+        }
+        (Direction::Ingress, Some(d)) => (local, d.port()),
+        (Direction::Ingress, None) => (local, flow.local().port()),
+    };
+    let pod = server.pod().filter(|p| p.mesh == MeshMode::Sidecar)?;
+    let mtls = inventory
+        .policy
+        .peer_mtls(&pod.namespace, &pod.labels, port);
+    Some(PolicyRecord {
+        object: mtls.governed_by,
+        mode: mtls.mode,
+        port,
+    })
 }
 
 /// The records a sequence of raw kernel events makes, judged with no wait: for tests.
@@ -369,13 +410,18 @@ pub(crate) fn judge_events(
 
 #[cfg(test)]
 mod tests {
-    use meshguard_ebpf::{flags, FlowState, FlowTuple, DIRECTION_EGRESS};
+    use meshguard_ebpf::{
+        flags, EventKind, FlowState, FlowTuple, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    };
 
     use super::*;
     use crate::{
-        event::{decode, tests::sample_at},
+        event::{
+            decode,
+            tests::{flow_event, sample_at},
+        },
         fingerprint::tests::client_hello,
-        inventory::parse_pods,
+        inventory::{parse_pods, ParsedPolicy},
         verdict::Verdict,
     };
 
@@ -396,6 +442,77 @@ mod tests {
         judge.scanned = Some(Instant::now());
         judge.scanned_for = inventory.loaded_at;
         (inventory, judge)
+    }
+
+    /// The fixture pod's sidecar accepting a connection its inbound capture redirected from
+    /// 9080, under mesh policy listed beside it.
+    #[test]
+    fn a_record_names_the_policy_that_governs_its_server() {
+        let (_, mut judge) = node();
+        let pa = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"kind": "PeerAuthentication",
+                "metadata": {"name": name, "namespace": "bookinfo", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": spec})
+        };
+        let mut accepted = proxy_socket();
+        accepted.tuple.direction = DIRECTION_INGRESS;
+        accepted.tuple.local_port = 15006;
+        accepted.tuple.remote_port = 40000;
+        accepted.flags |= flags::DIALLED;
+        accepted.redirect.addr = accepted.tuple.local_addr;
+        accepted.redirect.port = 9080;
+        let mut declared = |items: &[serde_json::Value], state: FlowState| {
+            let mut parsed = ParsedPolicy::default();
+            for (i, item) in items.iter().enumerate() {
+                parsed.add(item, i);
+            }
+            let pods = parse_pods(include_str!("../tests/fixtures/istio-pod.json"))
+                .unwrap()
+                .pods;
+            let inventory = Inventory::new("test", pods).with_policy(parsed.policy);
+            let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+            let (mut out, mut forget) = (Vec::new(), Vec::new());
+            table.apply(
+                &decode(&flow_event(EventKind::Close, 1, state)).unwrap(),
+                &mut out,
+                &mut forget,
+            );
+            let record = judge
+                .record(
+                    &mut table,
+                    out.pop().unwrap(),
+                    &inventory,
+                    &Policy::default(),
+                    &"n".into(),
+                    0,
+                )
+                .unwrap();
+            record
+                .policy
+                .map(|p| (p.object.map(|o| o.name), p.mode.as_str(), p.port))
+        };
+        let ns_strict = pa("default", serde_json::json!({"mtls": {"mode": "STRICT"}}));
+        let reviews_9080 = pa(
+            "reviews",
+            serde_json::json!({"selector": {"matchLabels": {"app": "reviews"}},
+            "portLevelMtls": {"9080": {"mode": "PERMISSIVE"}}}),
+        );
+        // The objects listed beside the pod, and (governing object, mode, port).
+        type Declared = Option<(Option<String>, &'static str, u16)>;
+        let both = [ns_strict.clone(), reviews_9080];
+        let cases: [(&[serde_json::Value], Declared); 3] = [
+            (&[], Some((None, "PERMISSIVE", 9080))),
+            (
+                std::slice::from_ref(&ns_strict),
+                Some((Some("default".into()), "STRICT", 9080)),
+            ),
+            (&both, Some((Some("reviews".into()), "PERMISSIVE", 9080))),
+        ];
+        for (items, want) in cases {
+            assert_eq!(declared(items, accepted), want, "{items:?}");
+        }
+        // A client's socket to a peer the inventory does not know: nothing declared for it.
+        assert_eq!(declared(&[], proxy_socket()), None);
     }
 
     #[test]
@@ -502,12 +619,7 @@ mod tests {
         assert!(feed(&mut table, 0, &hello[..cut], 10).is_empty());
         let (mut updates, mut forget) = (Vec::new(), Vec::new());
         table.apply(
-            &decode(&crate::event::tests::flow_event(
-                meshguard_ebpf::EventKind::Process,
-                1,
-                proxy_socket(),
-            ))
-            .unwrap(),
+            &decode(&flow_event(EventKind::Process, 1, proxy_socket())).unwrap(),
             &mut updates,
             &mut forget,
         );

@@ -11,7 +11,8 @@
 //!    samples back together and reading them with [`fingerprint`].
 //! 4. [`judge`] resolves each flow's owner from its socket's cgroup through the [`inventory`],
 //!    holds the flow back until its evidence is whole, asks [`verdict`] for the decision, and
-//!    makes the [`flow::record`] that is published.
+//!    makes the [`flow::record`] that is published, with what the mesh declares for its server
+//!    and any [`intent`] contradiction.
 //! 5. Publishing: [`state`] holds what the endpoints read: [`metrics`], the [`store`] of
 //!    records, the live stream and the status.
 //!
@@ -34,6 +35,7 @@ pub mod event;
 pub mod fingerprint;
 pub mod flow;
 pub mod http;
+pub mod intent;
 pub mod inventory;
 pub mod judge;
 pub mod kernel;

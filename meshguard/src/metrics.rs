@@ -96,6 +96,9 @@ pub struct Metrics {
     pub kernel_repairs: IntCounterVec,
     /// Connections the endpoints closed at once, by listener and why.
     pub connections_refused: IntCounterVec,
+    /// Flows that contradict what the mesh declares for their server. Bounded: the server's
+    /// namespace and workload as the inventory names them, its declared mode, the reason.
+    policy_violations: IntCounterVec,
     series: Mutex<Book>,
     max_series: usize,
 }
@@ -221,6 +224,14 @@ impl Metrics {
             &["listener", "reason"],
         )
         .expect("valid metric");
+        let policy_violations = IntCounterVec::new(
+            Opts::new(
+                "meshguard_policy_violations_total",
+                "Flows that contradict what the mesh declares for their server (PeerAuthentication), counted at the server's socket: by its namespace and workload (dst_*, as in meshguard_flows_total), declared mode, and reason (strict-plaintext, mtls-disabled).",
+            ),
+            &["dst_namespace", "dst_workload", "policy_mode", "reason"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("meshguard_build_info", "meshguard's version."),
             &["version"],
@@ -249,6 +260,7 @@ impl Metrics {
             Box::new(reconcile_anomalies.clone()),
             Box::new(kernel_repairs.clone()),
             Box::new(connections_refused.clone()),
+            Box::new(policy_violations.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -271,6 +283,7 @@ impl Metrics {
             reconcile_anomalies,
             kernel_repairs,
             connections_refused,
+            policy_violations,
             series: Mutex::new(Book::default()),
             max_series: max_series.max(1),
         }
@@ -294,6 +307,15 @@ impl Metrics {
         let closed = record.event == Change::Closed;
         if !count_flow && !closed {
             return;
+        }
+        if let (true, Some(reason), Some(declared)) =
+            (count_flow, record.contradiction, &record.policy)
+        {
+            // Counted at the server's socket: its own end is the server.
+            let (namespace, workload) = record.local.workload_labels();
+            self.policy_violations
+                .with_label_values(&[namespace, workload, declared.mode.as_str(), reason.as_str()])
+                .inc();
         }
         let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let tracked = self.tracked(&mut book, labels_of(record));
@@ -463,6 +485,32 @@ pub(crate) mod tests {
             text.contains(r#"meshguard_events_lost_total{source="ringbuf_full"} 0"#),
             "losses exported from the start"
         );
+    }
+
+    #[test]
+    fn a_contradiction_counts_once_with_the_server_s_workload() {
+        let m = Metrics::new(100);
+        let records = records(1, 5000);
+        assert_eq!(records.len(), 2);
+        for mut r in records {
+            // As if this record were the server's socket, with STRICT declared.
+            r.contradiction = Some(crate::intent::Contradiction::StrictPlaintext);
+            r.policy = Some(crate::flow::record::PolicyRecord {
+                object: None,
+                mode: crate::inventory::policy::MtlsMode::Strict,
+                port: 5000,
+            });
+            m.observe(&r);
+        }
+        let text = m.encode();
+        // Its first record and its close: one flow.
+        assert!(
+            text.contains(r#"meshguard_policy_violations_total{dst_namespace="shop",dst_workload="web",policy_mode="STRICT",reason="strict-plaintext"} 1"#),
+            "{text}"
+        );
+        assert!(!Metrics::new(100)
+            .encode()
+            .contains("meshguard_policy_violations_total{"));
     }
 
     #[test]

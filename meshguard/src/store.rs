@@ -245,7 +245,7 @@ impl FlowQuery {
                 .workload
                 .as_ref()
                 .is_none_or(|w| either(&|e| e.workload.as_deref() == Some(w)))
-            && self.port.is_none_or(|p| either(&|e| e.port == p))
+            && self.port.is_none_or(|p| either(&|e| e.has_port(p)))
             && self.since.is_none_or(|d| {
                 now.duration_since(r.last_seen.0)
                     .map_or(true, |age| age <= d)
@@ -289,6 +289,14 @@ mod tests {
         for (params, want) in cases {
             let f = FlowQuery::from_params(params.iter().copied()).unwrap();
             assert_eq!(f.matches(&r, now), want, "{params:?}");
+        }
+        // A server socket reached through an inbound capture matches both of its ports.
+        let mut captured = (*r).clone();
+        captured.local.port = 15006;
+        captured.local.dialled = Some("127.0.0.1:9080".parse().unwrap());
+        for (port, want) in [("9080", true), ("15006", true), ("40000", false)] {
+            let f = FlowQuery::from_params([("port", port)]).unwrap();
+            assert_eq!(f.matches(&captured, now), want, "port {port}");
         }
     }
 

@@ -112,6 +112,16 @@ wire_enum! {
     }
 }
 
+impl Direction {
+    /// The end of the connection this socket is, in a person's words.
+    pub fn end(self) -> &'static str {
+        match self {
+            Direction::Egress => "client",
+            Direction::Ingress => "server",
+        }
+    }
+}
+
 /// Who owns a socket, from its cgroup: what the application cannot choose.
 #[derive(Clone, Copy, Debug)]
 pub enum Owner<'a> {

@@ -4,7 +4,7 @@
 //! the agent, and teardown leaves nothing behind, also after a crash.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -13,6 +13,7 @@ use std::{
 use meshguard_tests::{
     cgroup2_root, privileged, run,
     testbed::{
+        capture::{INBOUND_PORT, OUTBOUND_PORT},
         envoy::ISTIO_ALPN,
         scenarios::{self, Party, Wire},
         wire::{self, ClientHello},
@@ -283,6 +284,59 @@ fn every_scenario_flow_gets_its_verdict() {
                 ));
             }
             assert!(!r["detail"].as_str().unwrap().is_empty());
+            // A sidecar's capture (inbound, or its application's outbound): the sidecar's
+            // socket says what the client dialled, the server and its port. No other socket
+            // claims to have been dialled elsewhere.
+            let dialled = &r["local"]["dialled"];
+            let captured = r["direction"] == "ingress"
+                && [INBOUND_PORT, OUTBOUND_PORT]
+                    .iter()
+                    .any(|&port| r["local"]["port"] == port);
+            let server =
+                SocketAddr::new(node.pod(scenario.server).ip.into(), scenario.port).to_string();
+            if (captured && *dialled != server.as_str()) || (!captured && !dialled.is_null()) {
+                wrong.push(format!(
+                    "{}: {}: dialled {dialled}, not {server}: {r}",
+                    scenario.name, e.what
+                ));
+            }
+            // Declared intent against the wire: only plaintext that STRICT api's application
+            // accepted past its sidecar contradicts it; compliant traffic never does.
+            let contradiction = match (scenario.name, e.what) {
+                ("strict-excluded-inbound", "server socket") => Value::from("strict-plaintext"),
+                _ => Value::Null,
+            };
+            if r["contradiction"] != contradiction {
+                wrong.push(format!(
+                    "{}: {}: contradiction {}, not {contradiction}",
+                    scenario.name, e.what, r["contradiction"]
+                ));
+            }
+            // What the PeerAuthentication objects beside the pods declare for the server
+            // (shop STRICT, its reviews PERMISSIVE), on the port its client dialled.
+            let declared = match (scenario.name, e.what) {
+                ("mesh-mtls", "api sidecar accepting web" | "web sidecar to api") => {
+                    Some(("default", "STRICT", 8080))
+                }
+                ("permissive-plaintext", _) => Some(("reviews", "PERMISSIVE", 9080)),
+                ("strict-excluded-inbound", _) => Some(("default", "STRICT", 8081)),
+                ("excluded-port", _) => None,
+                _ => continue,
+            };
+            let policy = &r["policy"];
+            let got = (!policy.is_null()).then(|| {
+                (
+                    policy["name"].as_str().unwrap_or("-"),
+                    policy["mode"].as_str().unwrap_or("-"),
+                    policy["port"].as_u64().unwrap_or(0) as u16,
+                )
+            });
+            if got != declared || !(policy.is_null() || policy["namespace"] == "shop") {
+                wrong.push(format!(
+                    "{}: {}: declared {policy}, not {declared:?}",
+                    scenario.name, e.what
+                ));
+            }
         }
     }
     assert!(wrong.is_empty(), "wrong verdicts:\n{}", wrong.join("\n"));
@@ -428,9 +482,35 @@ fn the_pod_list_reads_like_kubectl_get_pods() {
         serde_json::from_str(&std::fs::read_to_string(node.dir.join("pods.json")).unwrap())
             .unwrap();
     assert_eq!(list["kind"], "List");
+    // The pods, then the mesh policy declared for them: shop STRICT, its reviews PERMISSIVE,
+    // as its sidecars' Envoy configurations are.
     let items = list["items"].as_array().unwrap();
-    assert_eq!(items.len(), node.pods.len());
-    for (item, pod) in items.iter().zip(&node.pods) {
+    let (pods, policy) = items.split_at(node.pods.len());
+    let declared: Vec<(&str, &str, &str, &Value)> = policy
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap(),
+                p["metadata"]["name"].as_str().unwrap(),
+                p["spec"]["mtls"]["mode"].as_str().unwrap(),
+                &p["spec"]["selector"]["matchLabels"]["app"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        declared,
+        [
+            ("PeerAuthentication", "default", "STRICT", &Value::Null),
+            (
+                "PeerAuthentication",
+                "reviews",
+                "PERMISSIVE",
+                &Value::from("reviews")
+            ),
+        ]
+    );
+    for (item, pod) in pods.iter().zip(&node.pods) {
+        assert_eq!(item["kind"], "Pod");
         let meta = &item["metadata"];
         assert_eq!(meta["namespace"], pod.spec.namespace.as_str());
         assert!(meta["name"]

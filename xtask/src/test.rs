@@ -15,12 +15,13 @@ pub struct Args {
 }
 
 /// The fuzz targets in `meshguard/fuzz`, each with its seed corpus.
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
     "fingerprint",
     "event_decode",
     "pod_list",
     "api_query",
     "cgroup_name",
+    "mesh_policy",
 ];
 
 pub fn run(args: &Args) -> anyhow::Result<()> {

@@ -36,7 +36,7 @@ pub struct FlowQuery {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub workload: Option<String>,
-    /// Either end on this port.
+    /// Either end on this port (the port a client dialled, or the socket's own).
     pub port: Option<u16>,
     /// Seen within this long.
     pub since: Option<Duration>,
@@ -180,8 +180,14 @@ impl Explanation {
 fn evidence(r: &FlowRecord) -> Vec<String> {
     let mut lines = vec![
         format!(
-            "socket: {} {} {}:{} -> {}:{}",
-            r.protocol, r.direction, r.local.ip, r.local.port, r.remote.ip, r.remote.port
+            "socket: {} {} {}:{} -> {}:{} (the {}'s end)",
+            r.protocol,
+            r.direction,
+            r.local.ip,
+            r.local.port,
+            r.remote.ip,
+            r.remote.port,
+            r.direction.end()
         ),
         format!("local end: {}", r.local.party().described()),
         format!("remote end: {}", r.remote.party().described()),
@@ -209,13 +215,34 @@ fn evidence(r: &FlowRecord) -> Vec<String> {
     } else {
         "delivery: over a network device".to_string()
     });
-    lines.push(match &r.redirect {
-        Some(to) => format!(
+    lines.push(match (&r.redirect, r.local.dialled) {
+        (Some(to), _) => format!(
             "netfilter: egress redirected to {}:{} (interface {})",
             to.ip, to.port, to.ifindex
         ),
-        None => "netfilter: not redirected".to_string(),
+        (None, Some(dialled)) => format!(
+            "netfilter: the client dialled {dialled}, redirected to this socket ({}:{}): a capture",
+            r.local.ip, r.local.port
+        ),
+        (None, None) => "netfilter: not redirected".to_string(),
     });
+    if let Some(p) = &r.policy {
+        lines.push(match &p.object {
+            Some(o) => format!(
+                "declared: {o} sets {} for the server's port {}",
+                p.mode.as_str(),
+                p.port
+            ),
+            None => format!(
+                "declared: no PeerAuthentication sets a mode for the server's port {}: Istio's default, {}",
+                p.port,
+                p.mode.as_str()
+            ),
+        });
+    }
+    if let Some(c) = r.contradiction {
+        lines.push(format!("contradiction: {c}: {}", c.describe()));
+    }
     lines.push(match (&r.tls, &r.plaintext) {
         (None, None) if r.encryption.is_encrypted() => {
             format!("payload: {} (encrypted)", r.encryption.word())

@@ -3,7 +3,7 @@
 //! sentences) goes through [`printable`] on its way to the terminal: the table's cells one by
 //! one (its colour codes are ours), `explain` and `status` whole lines at a time.
 
-use std::{fmt::Write as _, io::IsTerminal};
+use std::{fmt::Write as _, io::IsTerminal, net::SocketAddr};
 
 use crate::{
     api::types::{Evicted, Explanation, Status},
@@ -27,15 +27,15 @@ pub(crate) fn header(output: Output, node_column: bool) -> String {
     }
     let _ = write!(
         h,
-        "{:<17} {:<19} {:<40} {:<46} {:<10} {:>9}",
-        "VERDICT", "REASON", "SOURCE", "DESTINATION", "ENCRYPTION", "BYTES"
+        "{:<17} {:<19} {:<6} {:<40} {:<46} {:<10} {:>9}",
+        "VERDICT", "REASON", "END", "SOURCE", "DESTINATION", "ENCRYPTION", "BYTES"
     );
     if output == Output::Wide {
         let _ = write!(h, " {:<16} ", "ID");
         if !node_column {
             let _ = write!(h, "{:<16} ", "NODE");
         }
-        let _ = write!(h, "{:<8} {:<24} TLS", "PATH", "PROCESS");
+        let _ = write!(h, "{:<8} {:<24} {:<28} TLS", "PATH", "PROCESS", "NAT");
     }
     h
 }
@@ -73,7 +73,21 @@ fn paint(verdict: Verdict, color: bool) -> String {
 /// Shown where a record has nothing to say (no process known, no TLS seen).
 const NONE: &str = "-";
 
-/// One flow as a table row, in the columns of [`header`].
+/// What netfilter's NAT did at this end: the client's egress sent elsewhere than its peer
+/// (`to ADDRESS:PORT`, its sidecar), or the server's socket reached by a connection dialled to
+/// another port (`dialled PORT`, a sidecar's inbound capture) or address (`dialled ADDRESS:PORT`,
+/// its outbound capture).
+fn redirect(f: &FlowRecord) -> String {
+    match (&f.redirect, f.local.dialled) {
+        (Some(r), _) => format!("to {}", SocketAddr::new(r.ip, r.port)),
+        (None, Some(d)) if d.ip() == f.local.ip => format!("dialled {}", d.port()),
+        (None, Some(d)) => format!("dialled {d}"),
+        (None, None) => NONE.into(),
+    }
+}
+
+/// One flow as a table row, in the columns of [`header`]. The destination's port is the one its
+/// client dialled (the capture port is in `-o wide`).
 pub(crate) fn row(f: &FlowRecord, output: Output, color: bool, node_column: bool) -> String {
     let (src, dst) = f.source_and_destination();
     let node = printable(&f.node);
@@ -83,11 +97,14 @@ pub(crate) fn row(f: &FlowRecord, output: Output, color: bool, node_column: bool
     }
     let _ = write!(
         line,
-        "{} {:<19} {:<40} {:<46} {:<10} {:>9}",
+        "{} {:<19} {:<6} {:<40} {:<46} {:<10} {:>9}",
         paint(f.verdict, color),
         printable(&f.reason),
+        // Which socket made the record: a connection between two watched pods is two records
+        // (like `hubble observe`'s observation point).
+        f.direction.end(),
         printable(&src.name()),
-        printable(&format!("{}:{}", dst.name(), dst.port)),
+        printable(&format!("{}:{}", dst.name(), dst.shown_port())),
         f.encryption,
         f.bytes_sent + f.bytes_received,
     );
@@ -112,9 +129,10 @@ pub(crate) fn row(f: &FlowRecord, output: Output, color: bool, node_column: bool
         }
         let _ = write!(
             line,
-            "{:<8} {:<24} {}",
+            "{:<8} {:<24} {:<28} {}",
             f.path,
             printable(&process),
+            redirect(f),
             printable(&tls)
         );
     }
@@ -257,7 +275,7 @@ pub(crate) mod tests {
     use crate::{
         cli::display::has_unsafe,
         fingerprint::{Encryption, PlaintextProtocol, TlsInfo, TlsVersion},
-        flow::record::{tests::record, Comm, Endpoint, PlaintextRecord, Timestamp},
+        flow::record::{tests::record, Comm, Endpoint, PlaintextRecord, RedirectRecord, Timestamp},
         verdict::{Direction, Party},
     };
 
@@ -328,9 +346,41 @@ pub(crate) mod tests {
             "ingress: the source is the remote end: {line}"
         );
         assert!(line.contains("legacy/catalog-1:5000"), "{line}");
+        assert!(
+            line.contains(" server "),
+            "the server's socket made it: {line}"
+        );
         assert!(line.trim_end().ends_with("150"), "{line}");
         assert!(!line.contains('\x1b'), "no colour off a terminal");
         assert!(row(&f, Output::Table, true, false).contains("\x1b[1;31m"));
+        assert!(row(&f, Output::Wide, false, false).contains(" - "));
+
+        // Accepted by a sidecar's inbound capture: the port dialled is shown, the capture
+        // port in -o wide.
+        f.local.port = 15006;
+        f.local.dialled = Some("10.0.0.2:5000".parse().unwrap());
+        let line = row(&f, Output::Table, false, false);
+        assert!(line.contains("legacy/catalog-1:5000 "), "{line}");
+        assert!(!line.contains("15006"), "{line}");
+        assert!(row(&f, Output::Wide, false, false).contains(" dialled 5000 "));
+        // Its outbound capture: the address dialled was another pod's, not this socket's.
+        f.local.dialled = Some("10.0.0.9:8080".parse().unwrap());
+        let line = row(&f, Output::Wide, false, false);
+        assert!(line.contains("legacy/catalog-1:15006 "), "{line}");
+        assert!(line.contains(" dialled 10.0.0.9:8080 "), "{line}");
+
+        // The client's socket, redirected into its sidecar.
+        f.direction = Direction::Egress;
+        f.local.dialled = None;
+        f.redirect = Some(RedirectRecord {
+            ip: "127.0.0.1".parse().unwrap(),
+            port: 15001,
+            ifindex: 1,
+        });
+        let line = row(&f, Output::Wide, false, false);
+        assert!(line.contains(" client "), "{line}");
+        assert!(line.contains("node (10.0.0.1):40000 "), "{line}");
+        assert!(line.contains(" to 127.0.0.1:15001 "), "{line}");
     }
 
     /// What a pod can put in any name it controls to clear the screen and go back over a line.

@@ -228,6 +228,14 @@ impl Flow {
         SocketAddr::new(ip_addr(t.family, t.remote_addr), t.remote_port)
     }
 
+    /// The address the client dialled, for an accepted connection netfilter redirected to
+    /// this socket (a sidecar's capture).
+    pub fn dialled(&self) -> Option<SocketAddr> {
+        let k = &self.kernel;
+        (k.flags & flags::DIALLED != 0)
+            .then(|| SocketAddr::new(ip_addr(k.tuple.family, k.redirect.addr), k.redirect.port))
+    }
+
     /// Every payload packet seen so far crossed the loopback device (the first of each
     /// direction is recorded), which never leaves the network namespace.
     pub fn loopback(&self) -> bool {

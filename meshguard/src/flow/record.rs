@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     fingerprint::{Encryption, PlaintextProtocol, TlsInfo},
+    intent::Contradiction,
+    inventory::policy::{MtlsMode, PolicyRef},
     verdict::{Direction, OwnerKind, Party, Path, Verdict},
     wire::wire_enum,
 };
@@ -91,6 +93,10 @@ pub struct FlowRecord {
     pub path: Path,
     /// Where egress really went when netfilter sent it elsewhere than the socket's peer.
     pub redirect: Option<RedirectRecord>,
+    /// What the mesh declares for the connection's server, a meshed pod: the mTLS its sidecar
+    /// accepts on the port its client dialled, and the object that says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRecord>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub packets_sent: u64,
@@ -117,6 +123,9 @@ pub struct FlowRecord {
     #[serde(default)]
     pub evicted: bool,
     pub netns_cookie: u64,
+    /// How what the kernel saw contradicts what the mesh declares for the server (`policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contradiction: Option<Contradiction>,
 }
 
 impl FlowRecord {
@@ -252,7 +261,12 @@ impl<'de> Deserialize<'de> for Timestamp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub ip: IpAddr,
+    /// The socket's own port (or its peer's).
     pub port: u16,
+    /// The server end of a connection netfilter redirected to this socket (a sidecar's
+    /// capture, `port` being the capture port): the address its client dialled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialled: Option<SocketAddr>,
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub workload: Option<String>,
@@ -280,12 +294,27 @@ impl Endpoint {
         Endpoint {
             ip: addr.ip(),
             port: addr.port(),
+            dialled: None,
             namespace,
             pod,
             workload,
             node: who == Party::Node,
             meshed,
         }
+    }
+
+    /// The port to show at this end: the one its client dialled where a capture redirected
+    /// the connection to another port of the same address (what a person knows the service
+    /// by), else the socket's own.
+    pub fn shown_port(&self) -> u16 {
+        self.dialled
+            .filter(|d| d.ip() == self.ip)
+            .map_or(self.port, |d| d.port())
+    }
+
+    /// Whether this end's port, or the port its client dialled, is `port`.
+    pub fn has_port(&self, port: u16) -> bool {
+        self.port == port || self.dialled.is_some_and(|d| d.port() == port)
     }
 
     /// Who is at this end: a pod (the agent names its namespace, pod and workload together),
@@ -348,6 +377,17 @@ pub struct PlaintextRecord {
     pub path: Option<String>,
 }
 
+/// The declared mTLS of a connection's server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// The PeerAuthentication that sets the mode; absent where none does (Istio's default).
+    #[serde(flatten)]
+    pub object: Option<PolicyRef>,
+    pub mode: MtlsMode,
+    /// The server's port it applies to: the one its client dialled.
+    pub port: u16,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RedirectRecord {
     pub ip: IpAddr,
@@ -366,6 +406,7 @@ pub(crate) mod tests {
         Endpoint {
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port,
+            dialled: None,
             namespace: Some(ns.into()),
             pod: Some(format!("{pod}-abc")),
             workload: Some(pod.into()),
@@ -403,6 +444,7 @@ pub(crate) mod tests {
             redacted_sample: None,
             path: Path::Direct,
             redirect: None,
+            policy: None,
             bytes_sent: 0,
             bytes_received: 0,
             packets_sent: 0,
@@ -416,6 +458,7 @@ pub(crate) mod tests {
             first_report: true,
             evicted: false,
             netns_cookie: 0,
+            contradiction: None,
         })
     }
 

@@ -381,7 +381,10 @@ fn merge(into: &mut FlowState, from: &FlowState) {
         into.pid = from.pid;
         into.comm = from.comm;
     }
-    if new & flags::REDIRECTED != 0 {
+    // One or the other: a redirect of egress, or the address a client dialled.
+    if new & (flags::REDIRECTED | flags::DIALLED) != 0
+        && into.flags & (flags::REDIRECTED | flags::DIALLED) == 0
+    {
         into.redirect = from.redirect;
     }
     for d in 0..2 {
@@ -405,7 +408,7 @@ fn merge(into: &mut FlowState, from: &FlowState) {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use meshguard_ebpf::{peer_key, FlowCounters, FlowTuple, DIRECTION_EGRESS};
+    use meshguard_ebpf::{peer_key, FlowCounters, FlowTuple, Redirect, DIRECTION_EGRESS};
 
     use super::*;
     use crate::{
@@ -536,6 +539,34 @@ pub(crate) mod tests {
             &flow_event(EventKind::Process, 1, state(DIRECTION_EGRESS, 200, 0)),
         );
         assert_eq!(table.get(1).unwrap().kernel.counters.bytes_sent, 500);
+    }
+
+    #[test]
+    fn the_address_a_captured_connection_was_dialled_to_stays_once_learnt() {
+        let mut table = FlowTable::new(4, SystemTime::UNIX_EPOCH);
+        let mut accepted = state(DIRECTION_INGRESS, 0, 0);
+        accepted.tuple.local_port = 15006;
+        apply(&mut table, &flow_event(EventKind::Open, 1, accepted));
+        assert_eq!(table.get(1).unwrap().dialled(), None);
+        // Its first reply left from the address its client dialled; a later snapshot that
+        // predates it, or one claiming another, changes nothing.
+        let dialled = |port| {
+            let mut s = accepted;
+            s.flags |= flags::DIALLED;
+            s.redirect = Redirect {
+                addr: s.tuple.local_addr,
+                port,
+                ..Redirect::default()
+            };
+            s
+        };
+        for event in [dialled(9080), accepted, dialled(9999)] {
+            apply(&mut table, &flow_event(EventKind::Process, 1, event));
+        }
+        assert_eq!(
+            table.get(1).unwrap().dialled(),
+            Some("10.0.0.1:9080".parse().unwrap())
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod cgroups;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod pod;
+pub mod policy;
 pub mod source;
 
 use std::{
@@ -17,6 +18,7 @@ use std::{
 
 pub use cgroups::{CgroupEntry, CgroupIndex, CgroupOwner, ContainerId};
 pub use pod::{ContainerInfo, MeshMode, ParsedPod, PodError, PodInfo, PROXY_CONTAINERS};
+pub use policy::{MeshPolicy, ParsedPolicy};
 use serde_json::Value;
 
 /// What an address is, as far as the inventory knows.
@@ -46,6 +48,8 @@ pub struct Inventory {
     /// then names neither.
     by_container: BTreeMap<String, Option<(usize, usize)>>,
     by_uid: BTreeMap<String, Option<usize>>,
+    /// What the mesh declares: PeerAuthentication and DestinationRule objects.
+    pub policy: MeshPolicy,
     /// Where it came from (`file:PATH`, `kubernetes`, `none`).
     pub source: String,
     /// When this snapshot was made; `None` before the source delivered one.
@@ -109,9 +113,16 @@ impl Inventory {
             node_ips,
             by_container,
             by_uid,
+            policy: MeshPolicy::default(),
             source: source.to_string(),
             loaded_at: Some(std::time::SystemTime::now()),
         }
+    }
+
+    /// With the mesh's policy objects.
+    pub fn with_policy(mut self, policy: MeshPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     pub fn empty(source: &str) -> Self {
@@ -211,10 +222,12 @@ pub struct Parsed {
     pub errors: Vec<PodError>,
     /// What parsed pods had wrong that verdicts can do without.
     pub warnings: Vec<PodError>,
+    /// PeerAuthentication and DestinationRule items listed with the pods.
+    pub policy: ParsedPolicy,
 }
 
-/// Reads a `kubectl get pods -o json` document (a List or PodList, or one Pod; Namespace items
-/// may sit beside the pods). A document that is not JSON, or has no items, is an error; a
+/// Reads a `kubectl get pods -o json` document (a List or PodList, or one Pod; Namespace,
+/// PeerAuthentication and DestinationRule items may sit beside the pods). A document that is not JSON, or has no items, is an error; a
 /// malformed item is reported and skipped; a forgivable flaw in one is reported with it kept.
 pub fn parse_pods(text: &str) -> Result<Parsed, String> {
     let doc: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
@@ -225,6 +238,9 @@ pub fn parse_pods(text: &str) -> Result<Parsed, String> {
     };
     let mut parsed = Parsed::default();
     for (i, item) in items.into_iter().enumerate() {
+        if parsed.policy.add(item, i) {
+            continue;
+        }
         if item["kind"] == "Namespace" {
             if let (Some(name), Some(uid)) =
                 (item["metadata"]["name"].as_str(), namespace_proxy_uid(item))

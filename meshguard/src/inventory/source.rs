@@ -101,6 +101,7 @@ pub fn reload(path: &Path, shared: &Shared) {
         namespaces,
         errors,
         warnings,
+        mut policy,
     } = match parse_pods(&text) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -122,15 +123,27 @@ pub fn reload(path: &Path, shared: &Shared) {
             pods.push(PodInfo::clone(p));
         }
     }
+    for e in &policy.errors {
+        warn!(path = %path.display(), error = %e, "malformed mesh policy object in the inventory; its last good version kept");
+    }
+    policy.keep_last_good(&previous.policy);
+    let policy = policy.policy;
     let source = Source::File(path.to_path_buf()).to_string();
-    info!(source, pods = pods.len(), "inventory loaded");
+    info!(
+        source,
+        pods = pods.len(),
+        peer_authentications = policy.peer_authentications.len(),
+        destination_rules = policy.destination_rules.len(),
+        "inventory loaded"
+    );
     *shared.write().unwrap_or_else(|e| e.into_inner()) =
-        Arc::new(Inventory::with_namespaces(&source, pods, &namespaces));
+        Arc::new(Inventory::with_namespaces(&source, pods, &namespaces).with_policy(policy));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::policy::MtlsMode;
 
     #[test]
     fn sources() {
@@ -176,13 +189,41 @@ mod tests {
             "a updated"
         );
 
+        // Mesh policy beside the pods; a broken edit of it keeps its last good version.
+        let with_policy = |mode: &str| {
+            format!(
+                r#"{{"kind":"List","items":[
+                {{"kind":"Pod","metadata":{{"name":"a","namespace":"n"}},"status":{{"podIP":"10.0.0.1"}}}},
+                {{"kind":"PeerAuthentication","metadata":{{"name":"default","namespace":"n"}},
+                  "spec":{{"mtls":{{"mode":"{mode}"}}}}}}]}}"#
+            )
+        };
+        let mode = |shared: &Shared| {
+            current(shared)
+                .policy
+                .peer_mtls("n", &Default::default(), 80)
+                .mode
+        };
+        std::fs::write(&path, with_policy("STRICT")).unwrap();
+        reload(&path, &shared);
+        assert_eq!(
+            (current(&shared).len(), mode(&shared)),
+            (1, MtlsMode::Strict)
+        );
+        std::fs::write(&path, with_policy("STRICTEST")).unwrap();
+        reload(&path, &shared);
+        assert_eq!(mode(&shared), MtlsMode::Strict, "the last good version");
+        std::fs::write(&path, with_policy("DISABLE")).unwrap();
+        reload(&path, &shared);
+        assert_eq!(mode(&shared), MtlsMode::Disable);
+
         // Garbage, then a missing file: the inventory stays.
         std::fs::write(&path, "{not json").unwrap();
         reload(&path, &shared);
-        assert_eq!(current(&shared).len(), 2);
+        assert_eq!(current(&shared).len(), 1);
         std::fs::remove_file(&path).unwrap();
         reload(&path, &shared);
-        assert_eq!(current(&shared).len(), 2);
+        assert_eq!(current(&shared).len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,13 +3,14 @@
 //! id of the container whose cgroup the testbed made, as the kubelet reports containerd's.
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{json, Value};
 
-use super::{Mesh, Node, Pod, PodSpec, PROXY_CONTAINER, PROXY_IMAGE};
+use super::{InboundMode, Mesh, Node, Pod, PodSpec, PROXY_CONTAINER, PROXY_IMAGE};
 
 /// The init container Istio's injector adds to install the capture rules; it has exited (and
 /// its cgroup is gone) by the time the pod runs.
@@ -163,13 +164,82 @@ fn init_container_status(pod: &Pod) -> Value {
     })
 }
 
+/// The node's pods, and the mesh policy declared for them, as `kubectl get
+/// pods,peerauthentications -o json` lists them.
 pub fn pod_list(node: &Node) -> Value {
+    let mut items: Vec<Value> = node.pods.iter().map(|p| pod(node, p)).collect();
+    items.extend(peer_authentications(node));
     json!({
         "apiVersion": "v1",
         "kind": "List",
         "metadata": { "resourceVersion": "" },
-        "items": node.pods.iter().map(|p| pod(node, p)).collect::<Vec<_>>(),
+        "items": items,
     })
+}
+
+/// What an operator would have applied for the sidecars' inbound modes: per namespace with
+/// sidecars, a namespace-wide PeerAuthentication (STRICT where any sidecar is strict), and
+/// one per workload whose sidecar differs from it.
+fn peer_authentications(node: &Node) -> Vec<Value> {
+    let word = |mode: InboundMode| match mode {
+        InboundMode::Strict => "STRICT",
+        InboundMode::Permissive => "PERMISSIVE",
+    };
+    let sidecars: Vec<(&PodSpec, InboundMode)> = node
+        .pods
+        .iter()
+        .filter_map(|p| match p.spec.mesh {
+            Mesh::Sidecar { inbound, .. } => Some((&p.spec, inbound)),
+            _ => None,
+        })
+        .collect();
+    let namespaces: BTreeSet<&str> = sidecars.iter().map(|(s, _)| s.namespace.as_str()).collect();
+    let policy = |namespace: &str, name: &str, selector: Option<&str>, mode: InboundMode| {
+        let mut spec = json!({ "mtls": { "mode": word(mode) } });
+        if let Some(app) = selector {
+            spec["selector"] = json!({ "matchLabels": { "app": app } });
+        }
+        json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "PeerAuthentication",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": uuid(&format!("pa/{namespace}/{name}")),
+                "resourceVersion": "1",
+                "generation": 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
+            "spec": spec,
+        })
+    };
+    let mut out = Vec::new();
+    for namespace in namespaces {
+        let here = || {
+            sidecars
+                .iter()
+                .filter(move |(s, _)| s.namespace == namespace)
+        };
+        let default = if here().any(|(_, m)| *m == InboundMode::Strict) {
+            InboundMode::Strict
+        } else {
+            InboundMode::Permissive
+        };
+        out.push(policy(namespace, "default", None, default));
+        let differing: BTreeSet<&str> = here()
+            .filter(|(_, m)| *m != default)
+            .map(|(s, _)| s.deployment.as_str())
+            .collect();
+        for deployment in differing {
+            let mode = if default == InboundMode::Strict {
+                InboundMode::Permissive
+            } else {
+                InboundMode::Strict
+            };
+            out.push(policy(namespace, deployment, Some(deployment), mode));
+        }
+    }
+    out
 }
 
 /// The name the pod would have in Kubernetes: its deployment, the ReplicaSet hash, a suffix.

@@ -550,6 +550,34 @@ pub fn all() -> Vec<Scenario> {
                 curl_ok(out, "probe")
             },
         },
+        // STRICT is declared for api (see podlist.rs), but its sidecar never sees this port.
+        Scenario {
+            name: "strict-excluded-inbound",
+            title: "an unmeshed client reaches STRICT api's application on a port excluded from capture",
+            client: Party::Pod("client"),
+            server: "api",
+            port: 8081,
+            wire: plain(),
+            expect: both_ends(
+                Party::Pod("client"),
+                "api",
+                8081,
+                8081,
+                ("plaintext", "unmeshed-client"),
+                ("bypass-plaintext", "excluded-port"),
+            ),
+            client_port: None,
+            also: Vec::new(),
+            drive: |node| {
+                curl(
+                    node,
+                    "client",
+                    APP_UID,
+                    &[],
+                    &url(node, "api", 8081, "/healthz"),
+                )
+            },
+        },
         Scenario {
             name: "unmeshed",
             title: "unmeshed client calls unmeshed catalog",
