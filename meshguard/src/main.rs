@@ -7,7 +7,7 @@ use meshguard::{
     agent,
     cli::{
         self,
-        args::{AgentConn, FlowsArgs},
+        args::{AgentConn, EdgesArgs, FlowsArgs},
     },
     config::{self, LogFormat, DEFAULT_PIN_DIR, DEFAULT_SOCKET},
     kernel,
@@ -30,6 +30,12 @@ enum Command {
         after_help = "Examples:\n  meshguard flows --verdict bypass-plaintext -A\n  meshguard flows -n shop --since 10m -o wide\n  meshguard flows -f --verdict bypass-plaintext,bypass-tls\n  meshguard flows --cluster --verdict bypass-plaintext,bypass-tls --last 50"
     )]
     Flows(FlowsArgs),
+    /// Is A -> B encrypted? One row per source workload -> destination workload:port: its
+    /// connections, their verdicts and encryption, the mTLS the mesh declares, one word.
+    #[command(
+        after_help = "Examples:\n  meshguard edges\n  meshguard edges -n shop --since 1h\n  meshguard edges --cluster -o dot | dot -Tsvg > edges.svg"
+    )]
+    Edges(EdgesArgs),
     /// Explain one flow's verdict: the evidence and the rule that led to it.
     Explain {
         /// The flow's id (`meshguard flows -o wide` shows it).
@@ -77,11 +83,15 @@ fn main() -> ExitCode {
     // environment does not (it is for the other verbs).
     let agent_on_command_line = matches
         .subcommand_matches("flows")
+        .or_else(|| matches.subcommand_matches("edges"))
         .and_then(|m| m.value_source("agent"))
         == Some(clap::parser::ValueSource::CommandLine);
     let result = match cli.command {
         Command::Flows(args) => {
             return cli::run(cli::args::flows(args, agent_on_command_line));
+        }
+        Command::Edges(args) => {
+            return cli::run(cli::args::edges(args, agent_on_command_line));
         }
         Command::Explain { flow_id, agent } => {
             return cli::run(async move { cli::explain(&agent.client()?, &flow_id).await });

@@ -222,6 +222,58 @@ fn on_call_queries() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 
+    // edges: is A -> B encrypted? One row a workload pair and port, each connection once
+    // (both of its ends' records are here), what the mesh declares, one word.
+    let edges = json(&cli(&agent, &["edges", "-o", "json"]));
+    let edge = |source: &str, destination: &str, port: u16| {
+        let found: Vec<&Value> = edges
+            .iter()
+            .filter(|e| {
+                e["source"].as_str().is_some_and(|s| s.ends_with(source))
+                    && e["destination"]
+                        .as_str()
+                        .is_some_and(|d| d.ends_with(destination))
+                    && e["port"] == port
+            })
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{source} -> {destination}:{port} in {edges:#?}"
+        );
+        found[0].clone()
+    };
+    for (source, destination, port, state, declared, contradictions) in [
+        ("/web", "/api", 8080, "encrypted", "STRICT", 0),
+        (
+            "/client",
+            "/reviews",
+            9080,
+            "plaintext-allowed",
+            "PERMISSIVE",
+            0,
+        ),
+        ("/web", "/catalog", 5000, "bypassed", "", 0),
+        ("/client", "/api", 8081, "bypassed", "STRICT", 1),
+        ("node", "/api", 8081, "plaintext-allowed", "STRICT", 0),
+    ] {
+        let e = edge(source, destination, port);
+        assert_eq!(e["flows"], 1, "{e}");
+        assert_eq!(e["state"], state, "{e}");
+        assert_eq!(e["declared"].as_str().unwrap_or(""), declared, "{e}");
+        assert_eq!(e["contradictions"], contradictions, "{e}");
+    }
+    let table = String::from_utf8(cli(&agent, &["edges"]).stdout).unwrap();
+    assert!(
+        table.starts_with("SOURCE") && table.contains("plaintext-allowed"),
+        "{table}"
+    );
+    let graph = String::from_utf8(cli(&agent, &["edges", "-o", "dot"]).stdout).unwrap();
+    assert!(
+        graph.starts_with("digraph meshguard {") && graph.contains("color=red"),
+        "{graph}"
+    );
+
     // status, both ways.
     let status: Value =
         serde_json::from_slice(&cli(&agent, &["status", "-o", "json"]).stdout).unwrap();

@@ -142,6 +142,87 @@ pub struct FlowsArgs {
     pub cluster: ClusterConn,
 }
 
+/// How `meshguard edges` shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EdgesOutput {
+    Table,
+    Json,
+    /// A Graphviz digraph (`| dot -Tsvg > edges.svg`).
+    Dot,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EdgesArgs {
+    /// Which records make the edges: the same filters as `flows` (without --last, every
+    /// record the agents keep in the window).
+    #[command(flatten)]
+    pub selection: Selection,
+    #[arg(short, long, value_enum, default_value_t = EdgesOutput::Table)]
+    pub output: EdgesOutput,
+    #[command(flatten)]
+    pub agent: AgentConn,
+    #[command(flatten)]
+    pub cluster: ClusterConn,
+}
+
+/// `meshguard edges`: the edges of one agent's records (`--agent`), or of every node's merged
+/// (`--cluster`, where a connection between two nodes' pods shows both its ends).
+pub async fn edges(args: EdgesArgs, agent_on_command_line: bool) -> Result<(), CliError> {
+    if args.cluster.cluster && agent_on_command_line {
+        return Err(CliError::Usage(
+            "--agent names one agent and --cluster asks every node's: give one or the other".into(),
+        ));
+    }
+    let mut query = args.selection.query()?;
+    if args.selection.last.is_none() {
+        query.limit = MAX_LIMIT;
+    }
+    let records = if args.cluster.cluster {
+        cluster_records(&args.cluster, &args.agent, &query).await?
+    } else {
+        let answer: crate::api::types::FlowsAnswer = args
+            .agent
+            .client()?
+            .get_json(&format!("/v1/flows?{}", query.to_query()))
+            .await?;
+        answer.flows
+    };
+    let edges = crate::cli::edges::edges(&records);
+    let text = match args.output {
+        EdgesOutput::Table => crate::cli::edges::table(&edges),
+        EdgesOutput::Json => {
+            serde_json::to_string_pretty(&edges).map_err(std::io::Error::from)? + "\n"
+        }
+        EdgesOutput::Dot => crate::cli::edges::dot(&edges),
+    };
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    Ok(out.flush()?)
+}
+
+#[cfg(feature = "kubernetes")]
+async fn cluster_records(
+    conn: &ClusterConn,
+    agent: &AgentConn,
+    query: &FlowQuery,
+) -> Result<Vec<crate::flow::record::FlowRecord>, CliError> {
+    let (answers, ..) = crate::cli::cluster::gather(&conn.options(agent), query).await?;
+    Ok(crate::cli::cluster::merge(answers, None))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+async fn cluster_records(
+    _: &ClusterConn,
+    _: &AgentConn,
+    _: &FlowQuery,
+) -> Result<Vec<crate::flow::record::FlowRecord>, CliError> {
+    Err(CliError::Usage(
+        "--cluster: this meshguard was built without Kubernetes support (feature `kubernetes`)"
+            .into(),
+    ))
+}
+
 /// How `flows --cluster` finds every node's agent: through the Kubernetes API.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClusterConn {
@@ -170,6 +251,21 @@ pub struct ClusterConn {
     /// The kubeconfig context to use (default: its current context).
     #[arg(long, requires = "cluster", value_name = "CONTEXT")]
     pub kube_context: Option<String>,
+}
+
+impl ClusterConn {
+    #[cfg(feature = "kubernetes")]
+    fn options(&self, agent: &AgentConn) -> crate::cli::cluster::Options {
+        crate::cli::cluster::Options {
+            namespace: self.agent_namespace.clone(),
+            selector: self.agent_selector.clone(),
+            token_secret: self.token_secret.clone(),
+            token_file: agent.token_file.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            kube_context: self.kube_context.clone(),
+            timeout: self.agent_timeout,
+        }
+    }
 }
 
 // The defaults of `flows --cluster`, as deploy/ names things.
@@ -218,16 +314,7 @@ async fn cluster_flows(args: &FlowsArgs) -> Result<(), CliError> {
                 .into(),
         ));
     }
-    let conn = &args.cluster;
-    let options = crate::cli::cluster::Options {
-        namespace: conn.agent_namespace.clone(),
-        selector: conn.agent_selector.clone(),
-        token_secret: conn.token_secret.clone(),
-        token_file: args.agent.token_file.clone(),
-        kubeconfig: conn.kubeconfig.clone(),
-        kube_context: conn.kube_context.clone(),
-        timeout: conn.agent_timeout,
-    };
+    let options = args.cluster.options(&args.agent);
     let query = args.selection.query()?;
     crate::cli::cluster::flows(&options, &query, args.selection.last, args.output).await
 }

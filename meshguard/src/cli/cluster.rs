@@ -375,13 +375,12 @@ async fn ask(
     answer_flows(&body)
 }
 
-/// `meshguard flows --cluster`: the newest `last` of the merge when given.
-pub async fn flows(
+/// Every node's agent's answer to `query`, by node: the agents that answered, with those that
+/// did not (already said on stderr). An error when none answered.
+pub async fn gather(
     opts: &Options,
     query: &FlowQuery,
-    last: Option<usize>,
-    output: Output,
-) -> Result<(), CliError> {
+) -> Result<(Vec<(String, Vec<FlowRecord>)>, Vec<String>, Vec<Failure>), CliError> {
     let qs = query.to_query();
     let client = kube_client(opts).await?;
     let (ns, selector) = (&opts.namespace, &opts.selector);
@@ -456,6 +455,17 @@ pub async fn flows(
             nodes.into_iter().collect::<Vec<_>>().join(", ")
         )));
     }
+    Ok((answers, answered, failures))
+}
+
+/// `meshguard flows --cluster`: the newest `last` of the merge when given.
+pub async fn flows(
+    opts: &Options,
+    query: &FlowQuery,
+    last: Option<usize>,
+    output: Output,
+) -> Result<(), CliError> {
+    let (answers, answered, failures) = gather(opts, query).await?;
     let merged = merge(answers, last);
     let mut out = std::io::stdout().lock();
     out.write_all(render(&merged, &answered, &failures, output, color()).as_bytes())?;
