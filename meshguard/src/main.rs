@@ -7,7 +7,7 @@ use meshguard::{
     agent,
     cli::{
         self,
-        args::{AgentConn, EdgesArgs, FlowsArgs},
+        args::{AgentConn, EdgesArgs, FlowsArgs, StrictReadyArgs},
     },
     config::{self, LogFormat, DEFAULT_PIN_DIR, DEFAULT_SOCKET},
     kernel,
@@ -36,6 +36,14 @@ enum Command {
         after_help = "Examples:\n  meshguard edges\n  meshguard edges -n shop --since 1h\n  meshguard edges --cluster -o dot | dot -Tsvg > edges.svg"
     )]
     Edges(EdgesArgs),
+    /// Can this namespace switch to STRICT? For each workload, the clients seen sending it
+    /// plaintext through its sidecar, which STRICT would refuse; exit code 0 when none, 1 when
+    /// some.
+    #[command(
+        name = "strict-ready",
+        after_help = "Examples:\n  meshguard strict-ready -n shop\n  meshguard strict-ready -n shop --since 24h --cluster -o json"
+    )]
+    StrictReady(StrictReadyArgs),
     /// Explain one flow's verdict: the evidence and the rule that led to it.
     Explain {
         /// The flow's id (`meshguard flows -o wide` shows it).
@@ -84,6 +92,7 @@ fn main() -> ExitCode {
     let agent_on_command_line = matches
         .subcommand_matches("flows")
         .or_else(|| matches.subcommand_matches("edges"))
+        .or_else(|| matches.subcommand_matches("strict-ready"))
         .and_then(|m| m.value_source("agent"))
         == Some(clap::parser::ValueSource::CommandLine);
     let result = match cli.command {
@@ -92,6 +101,9 @@ fn main() -> ExitCode {
         }
         Command::Edges(args) => {
             return cli::run(cli::args::edges(args, agent_on_command_line));
+        }
+        Command::StrictReady(args) => {
+            return cli::run(cli::args::strict_ready(args, agent_on_command_line));
         }
         Command::Explain { flow_id, agent } => {
             return cli::run(async move { cli::explain(&agent.client()?, &flow_id).await });

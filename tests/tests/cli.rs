@@ -274,6 +274,63 @@ fn on_call_queries() {
         "{graph}"
     );
 
+    // strict-ready: reviews is PERMISSIVE, and its sidecar accepted plaintext from the
+    // unmeshed client and from web's application running as the proxy's uid: STRICT would
+    // break both. api's sidecar only saw mTLS (its excluded port is past the sidecar).
+    let out = cli(&agent, &["strict-ready", "-n", "shop", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not ready for STRICT: shop/reviews"),
+        "{}",
+        stderr(&out)
+    );
+    let ready: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let workload = |name: &str| {
+        ready
+            .iter()
+            .find(|w| w["workload"] == name)
+            .unwrap_or_else(|| panic!("{name} in {ready:#?}"))
+            .clone()
+    };
+    let reviews = workload("shop/reviews");
+    assert_eq!(
+        (&reviews["ready"], &reviews["declared"]),
+        (&Value::from(false), &Value::from("PERMISSIVE"))
+    );
+    let mut clients: Vec<&str> = reviews["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["workload"].as_str().unwrap())
+        .collect();
+    clients.sort_unstable();
+    assert_eq!(clients, ["legacy/client", "shop/web"], "{reviews}");
+    assert!(reviews["clients"][0]["pod"].is_string(), "{reviews}");
+    let api = workload("shop/api");
+    assert_eq!(
+        (&api["ready"], &api["declared"]),
+        (&Value::from(true), &Value::from("STRICT"))
+    );
+    // Once those clients stop, a window without them is ready (exit code 0).
+    thread::sleep(Duration::from_millis(3100));
+    let mesh = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == "mesh-mtls")
+        .unwrap();
+    mesh.run(&node).unwrap();
+    for e in &mesh.expect {
+        agent
+            .wait_for(2, e.what, |r| r["event"] == "closed" && e.matches(&node, r))
+            .unwrap();
+    }
+    let out = cli(&agent, &["strict-ready", "-n", "shop", "--since", "3s"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("shop/api") && !text.contains("shop/reviews"),
+        "{text}"
+    );
+
     // status, both ways.
     let status: Value =
         serde_json::from_slice(&cli(&agent, &["status", "-o", "json"]).stdout).unwrap();

@@ -168,25 +168,12 @@ pub struct EdgesArgs {
 /// `meshguard edges`: the edges of one agent's records (`--agent`), or of every node's merged
 /// (`--cluster`, where a connection between two nodes' pods shows both its ends).
 pub async fn edges(args: EdgesArgs, agent_on_command_line: bool) -> Result<(), CliError> {
-    if args.cluster.cluster && agent_on_command_line {
-        return Err(CliError::Usage(
-            "--agent names one agent and --cluster asks every node's: give one or the other".into(),
-        ));
-    }
+    args.cluster.check(agent_on_command_line)?;
     let mut query = args.selection.query()?;
     if args.selection.last.is_none() {
         query.limit = MAX_LIMIT;
     }
-    let records = if args.cluster.cluster {
-        cluster_records(&args.cluster, &args.agent, &query).await?
-    } else {
-        let answer: crate::api::types::FlowsAnswer = args
-            .agent
-            .client()?
-            .get_json(&format!("/v1/flows?{}", query.to_query()))
-            .await?;
-        answer.flows
-    };
+    let records = records(&args.agent, &args.cluster, &query).await?;
     let edges = crate::cli::edges::edges(&records);
     let text = match args.output {
         EdgesOutput::Table => crate::cli::edges::table(&edges),
@@ -199,6 +186,90 @@ pub async fn edges(args: EdgesArgs, agent_on_command_line: bool) -> Result<(), C
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     Ok(out.flush()?)
+}
+
+/// The records one agent (or, with `--cluster`, every node's) answers `query` with.
+async fn records(
+    agent: &AgentConn,
+    cluster: &ClusterConn,
+    query: &FlowQuery,
+) -> Result<Vec<crate::flow::record::FlowRecord>, CliError> {
+    if cluster.cluster {
+        return cluster_records(cluster, agent, query).await;
+    }
+    let answer: crate::api::types::FlowsAnswer = agent
+        .client()?
+        .get_json(&format!("/v1/flows?{}", query.to_query()))
+        .await?;
+    Ok(answer.flows)
+}
+
+/// How `meshguard strict-ready` shows its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadyOutput {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct StrictReadyArgs {
+    /// The namespace whose workloads to check.
+    #[arg(short, long)]
+    pub namespace: String,
+    /// Only clients seen within this long (e.g. 10m, 24h); without it, every record the agents
+    /// keep.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(short, long, value_enum, default_value_t = ReadyOutput::Table)]
+    pub output: ReadyOutput,
+    #[command(flatten)]
+    pub agent: AgentConn,
+    #[command(flatten)]
+    pub cluster: ClusterConn,
+}
+
+/// `meshguard strict-ready`: prints each workload's readiness; not ready is an error (exit
+/// code 1) naming the workloads, so that a pipeline can stop on it.
+pub async fn strict_ready(
+    args: StrictReadyArgs,
+    agent_on_command_line: bool,
+) -> Result<(), CliError> {
+    args.cluster.check(agent_on_command_line)?;
+    let selection = Selection {
+        namespace: Some(args.namespace.clone()),
+        since: args.since.clone(),
+        last: Some(MAX_LIMIT),
+        ..Selection::default()
+    };
+    let records = records(&args.agent, &args.cluster, &selection.query()?).await?;
+    let workloads = crate::cli::strict::readiness(&records, &args.namespace);
+    let text = match args.output {
+        ReadyOutput::Table => crate::cli::strict::table(&workloads),
+        ReadyOutput::Json => {
+            serde_json::to_string_pretty(&workloads).map_err(std::io::Error::from)? + "\n"
+        }
+    };
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+    }
+    let not_ready: Vec<&str> = workloads
+        .iter()
+        .filter(|w| !w.ready)
+        .map(|w| w.workload.as_str())
+        .collect();
+    if not_ready.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Failed(format!(
+        "not ready for STRICT: {} would break clients seen{}",
+        not_ready.join(", "),
+        args.since
+            .map(|s| format!(" in the last {s}"))
+            .unwrap_or_default()
+    )))
 }
 
 #[cfg(feature = "kubernetes")]
@@ -254,6 +325,18 @@ pub struct ClusterConn {
 }
 
 impl ClusterConn {
+    /// `--agent` given on the command line contradicts `--cluster` (MESHGUARD_AGENT in the
+    /// environment does not: it is for the other verbs).
+    fn check(&self, agent_on_command_line: bool) -> Result<(), CliError> {
+        if self.cluster && agent_on_command_line {
+            return Err(CliError::Usage(
+                "--agent names one agent and --cluster asks every node's: give one or the other"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     #[cfg(feature = "kubernetes")]
     fn options(&self, agent: &AgentConn) -> crate::cli::cluster::Options {
         crate::cli::cluster::Options {
@@ -284,13 +367,8 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
 /// `agent_on_command_line`: `--agent` was given on the command line, which contradicts
 /// `--cluster` (MESHGUARD_AGENT in the environment does not: it is for the other verbs).
 pub async fn flows(args: FlowsArgs, agent_on_command_line: bool) -> Result<(), CliError> {
+    args.cluster.check(agent_on_command_line)?;
     if args.cluster.cluster {
-        if agent_on_command_line {
-            return Err(CliError::Usage(
-                "--agent names one agent and --cluster asks every node's: give one or the other"
-                    .into(),
-            ));
-        }
         return cluster_flows(&args).await;
     }
     let client = args.agent.client()?;

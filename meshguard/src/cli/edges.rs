@@ -99,7 +99,7 @@ fn severity(v: Verdict) -> u8 {
 }
 
 /// A workload as an edge names it.
-fn workload(e: &Endpoint) -> String {
+pub(crate) fn workload(e: &Endpoint) -> String {
     match e.party() {
         Party::Pod {
             namespace,

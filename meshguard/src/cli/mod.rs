@@ -1,11 +1,11 @@
-//! The verbs for people: `meshguard flows`, `edges`, `explain`, `status`. Tables for people (colour only
+//! The verbs for people: `meshguard flows`, `edges`, `strict-ready`, `explain`, `status`. Tables for people (colour only
 //! on a terminal), JSON for scripts, in the habits of `hubble observe` and `kubectl`.
 //!
 //! The client side of the agent API: it reads the agent's answers as the typed records and
 //! answers the server writes ([`crate::api::types`], [`crate::flow::record`]), and knows nothing
 //! else of the agent. [`args`] holds the verbs' flags, [`client`] speaks HTTP to one agent,
 //! [`cluster`] asks every node's, [`render`] writes what people read, through [`display`];
-//! [`edges`] folds records into workload-to-workload edges.
+//! [`edges`] folds records into workload-to-workload edges, [`strict`] into STRICT readiness.
 
 pub mod args;
 pub mod client;
@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod display;
 pub mod edges;
 pub mod render;
+pub mod strict;
 #[cfg(feature = "tls")]
 pub mod tls;
 
