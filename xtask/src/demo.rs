@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: a node in a box with real Envoy sidecars, the agent watching it, and the
-//! eight scenarios run once, each flow printed beside the verdict it must get. The node stays up
+//! nine scenarios run once, each flow printed beside the verdict it must get. The node stays up
 //! for exploration until `cargo xtask demo --down`.
 
 use std::{
@@ -149,6 +149,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "\nThe node and its agent keep running. Ask the agent, as on-call would:\n  \
          {bin} flows --verdict bypass-plaintext,bypass-tls -A\n  \
          {bin} flows -n shop -o wide\n  \
+         {bin} edges                    (is A -> B encrypted? one row per workload pair)\n  \
+         {bin} strict-ready -n shop     (can shop switch to STRICT? exit code 0 or 1)\n  \
          {bin} explain <ID from -o wide>\n  \
          {bin} status\n  \
          curl -s http://127.0.0.1:9464/metrics | grep meshguard_flows_total\n\
