@@ -425,13 +425,17 @@ HOST_PATHS = {
     "/run/meshguard": False,
 }
 # What the agent's own ClusterRole may grant: read, on what the inventory watches.
-AGENT_READS = {("pods", "get"), ("pods", "list"), ("pods", "watch"),
-               ("namespaces", "list"), ("namespaces", "watch")}
+AGENT_READS = {("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),
+               ("", "namespaces", "list"), ("", "namespaces", "watch"),
+               ("security.istio.io", "peerauthentications", "list"),
+               ("security.istio.io", "peerauthentications", "watch"),
+               ("networking.istio.io", "destinationrules", "list"),
+               ("networking.istio.io", "destinationrules", "watch")}
 
 
 def rbac_problems(docs):
-    """No rule grants Secrets or a wildcard; the agent's ClusterRole only reads pods and
-    namespaces."""
+    """No rule grants Secrets or a wildcard; the agent's ClusterRole only reads pods,
+    namespaces and the mesh's PeerAuthentications and DestinationRules."""
     problems = []
     for d in docs:
         if d["kind"] not in ("Role", "ClusterRole"):
@@ -446,13 +450,12 @@ def rbac_problems(docs):
     agent_roles = {b["roleRef"]["name"] for b in crb if b["roleRef"]["kind"] == "ClusterRole"}
     for d in docs:
         if d["kind"] == "ClusterRole" and d["metadata"]["name"] in agent_roles:
-            granted = {(res, verb) for r in d.get("rules", []) if r.get("apiGroups") == [""]
-                       for res in r.get("resources", []) for verb in r.get("verbs", [])}
-            others = [r for r in d.get("rules", []) if r.get("apiGroups") != [""]]
-            if not granted <= AGENT_READS or others:
-                problems.append(f"{name_of(d)} grants {sorted(granted - AGENT_READS)}"
-                                f"{f' and {others}' if others else ''} beyond what the "
-                                f"inventory reads ({sorted(AGENT_READS)})")
+            granted = {(group, res, verb) for r in d.get("rules", [])
+                       for group in r.get("apiGroups", []) for res in r.get("resources", [])
+                       for verb in r.get("verbs", [])}
+            if not granted <= AGENT_READS:
+                problems.append(f"{name_of(d)} grants {sorted(granted - AGENT_READS)} beyond "
+                                f"what the inventory reads ({sorted(AGENT_READS)})")
     return problems
 
 

@@ -1,7 +1,9 @@
 //! `--inventory kubernetes`: this node's pods from the API server (in-cluster configuration,
-//! or a kubeconfig outside a cluster), watched with a field selector on `spec.nodeName`, and
-//! namespaces for OpenShift's per-namespace proxy uid. The watch relists after any gap and
-//! backs off on errors; an object that does not parse keeps its last good version.
+//! or a kubeconfig outside a cluster), watched with a field selector on `spec.nodeName`,
+//! namespaces for OpenShift's per-namespace proxy uid, and the mesh's PeerAuthentication and
+//! DestinationRule objects (`security.istio.io` and `networking.istio.io`, `v1beta1`, which
+//! every Istio and OpenShift Service Mesh still in support serves). Each watch relists after
+//! any gap and backs off on errors; an object that does not parse keeps its last good version.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -9,13 +11,18 @@ use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{watcher, WatchStreamExt as _},
     Api, Client,
 };
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::{namespace_proxy_uid, Inventory, ParsedPod, PodInfo, Shared};
+use super::{
+    namespace_proxy_uid,
+    policy::{DestinationRule, MeshPolicy, PeerAuthentication, PolicyError},
+    Inventory, ParsedPod, PodInfo, Shared,
+};
 
 pub const SOURCE: &str = "kubernetes";
 
@@ -30,12 +37,75 @@ pub enum Change {
     Ready,
 }
 
-/// This node's pods and the namespaces' proxy uids, as the watches last said.
+/// This node's pods, the namespaces' proxy uids and the mesh's policy objects, as the
+/// watches last said.
 #[derive(Default)]
 pub struct Store {
     pods: BTreeMap<String, PodInfo>,
     relisting: Option<BTreeMap<String, PodInfo>>,
     namespaces: BTreeMap<String, u32>,
+    peer_authentications: Policies<PeerAuthentication>,
+    destination_rules: Policies<DestinationRule>,
+}
+
+/// The policy objects of one kind, by `namespace/name`: a relist replaces them once it is
+/// complete, and an object that does not parse keeps its last good version.
+pub struct Policies<T> {
+    now: BTreeMap<String, T>,
+    relisting: Option<BTreeMap<String, T>>,
+}
+
+impl<T> Default for Policies<T> {
+    fn default() -> Self {
+        Self {
+            now: BTreeMap::new(),
+            relisting: None,
+        }
+    }
+}
+
+impl<T: Clone> Policies<T> {
+    /// Applies one watch change; returns whether the inventory should be republished.
+    fn change(&mut self, change: Change, parse: fn(&Value) -> Result<T, PolicyError>) -> bool {
+        match change {
+            Change::Relist => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            Change::Ready => {
+                if let Some(objects) = self.relisting.take() {
+                    self.now = objects;
+                }
+                true
+            }
+            Change::Upsert(v) => {
+                let key = key(&v);
+                let object = match parse(&v) {
+                    Ok(object) => Some(object),
+                    Err(e) => {
+                        let kept = self.now.get(&key).cloned();
+                        warn!(error = %e, kept_previous = kept.is_some(), "malformed mesh policy object from the API server");
+                        kept
+                    }
+                };
+                if let Some(object) = object {
+                    self.relisting
+                        .as_mut()
+                        .unwrap_or(&mut self.now)
+                        .insert(key, object);
+                }
+                self.relisting.is_none()
+            }
+            Change::Delete(v) => {
+                self.now.remove(&key(&v));
+                self.relisting.is_none()
+            }
+        }
+    }
+
+    fn all(&self) -> Vec<T> {
+        self.now.values().cloned().collect()
+    }
 }
 
 fn key(v: &Value) -> String {
@@ -103,13 +173,37 @@ impl Store {
         }
     }
 
+    pub fn peer_authentication(&mut self, change: Change) -> bool {
+        self.peer_authentications
+            .change(change, PeerAuthentication::parse)
+    }
+
+    pub fn destination_rule(&mut self, change: Change) -> bool {
+        self.destination_rules
+            .change(change, DestinationRule::parse)
+    }
+
     pub fn inventory(&self) -> Inventory {
         Inventory::with_namespaces(
             SOURCE,
             self.pods.values().cloned().collect(),
             &self.namespaces,
         )
+        .with_policy(MeshPolicy {
+            peer_authentications: self.peer_authentications.all(),
+            destination_rules: self.destination_rules.all(),
+            ..MeshPolicy::default()
+        })
     }
+}
+
+/// A mesh policy kind as the API server serves it.
+fn policy_api(client: &Client, group: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk(group, "v1beta1", kind);
+    Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(&gvk, plural),
+    )
 }
 
 /// Connects and starts the watches; fails only if no API configuration can be found at all.
@@ -126,27 +220,58 @@ pub async fn start(node_name: &str, shared: Shared) -> anyhow::Result<()> {
     );
     tokio::spawn(watch(
         pods,
+        "pods",
         by_node,
         Arc::clone(&store),
         Arc::clone(&shared),
         |store, change| store.pod_change(change),
     ));
-    let namespaces: Api<Namespace> = Api::all(client);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     tokio::spawn(watch(
         namespaces,
+        "namespaces",
         watcher::Config::default(),
-        store,
-        shared,
+        Arc::clone(&store),
+        Arc::clone(&shared),
         |store, change| match change {
             Change::Upsert(v) => store.namespace(&v),
             _ => false,
         },
+    ));
+    // Without Istio's CRDs these watches fail and retry with backoff, saying so: pods are
+    // still judged, with no declared intent.
+    tokio::spawn(watch(
+        policy_api(
+            &client,
+            "security.istio.io",
+            "PeerAuthentication",
+            "peerauthentications",
+        ),
+        "peerauthentications",
+        watcher::Config::default(),
+        Arc::clone(&store),
+        Arc::clone(&shared),
+        Store::peer_authentication,
+    ));
+    tokio::spawn(watch(
+        policy_api(
+            &client,
+            "networking.istio.io",
+            "DestinationRule",
+            "destinationrules",
+        ),
+        "destinationrules",
+        watcher::Config::default(),
+        store,
+        shared,
+        Store::destination_rule,
     ));
     Ok(())
 }
 
 async fn watch<K>(
     api: Api<K>,
+    kind: &'static str,
     config: watcher::Config,
     store: Arc<std::sync::Mutex<Store>>,
     shared: Shared,
@@ -160,15 +285,19 @@ async fn watch<K>(
         + Send
         + 'static,
 {
-    let kind = std::any::type_name::<K>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("object");
     let mut events = watcher(api, config)
         .default_backoff()
         .map_err(|e| e.to_string())
         .boxed();
+    // Said once per distinct error, and once when the watch works again: a kind the API server
+    // does not serve (no Istio) fails the same way at every retry.
+    let mut failing: Option<String> = None;
     while let Some(event) = events.next().await {
+        if event.is_ok() {
+            if let Some(error) = failing.take() {
+                info!(kind, %error, "API watch works again");
+            }
+        }
         let change = match event {
             Ok(watcher::Event::Init) => Change::Relist,
             Ok(watcher::Event::InitDone) => Change::Ready,
@@ -179,7 +308,10 @@ async fn watch<K>(
                 Change::Delete(serde_json::to_value(o).unwrap_or_default())
             }
             Err(error) => {
-                warn!(kind, %error, "API watch failed; retrying with backoff, keeping the last good inventory");
+                if failing.as_ref() != Some(&error) {
+                    warn!(kind, %error, "API watch failed; retrying with backoff, keeping the last good inventory");
+                    failing = Some(error);
+                }
                 continue;
             }
         };
@@ -246,6 +378,72 @@ mod tests {
             .lookup("10.244.0.23".parse().unwrap())
             .pod()
             .is_none());
+    }
+
+    /// A PeerAuthentication as the API server's watch returns it.
+    fn peer_authentication(mode: &str) -> Value {
+        serde_json::json!({
+            "apiVersion": "security.istio.io/v1beta1",
+            "kind": "PeerAuthentication",
+            "metadata": {
+                "name": "default",
+                "namespace": "bookinfo",
+                "uid": "6c1f2b7e-0f55-4a8e-9d51-2f0e3f1c9a77",
+                "resourceVersion": "481516",
+                "generation": 2,
+                "creationTimestamp": "2026-11-02T09:14:03Z",
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}"
+                },
+                "managedFields": [{
+                    "manager": "kubectl-client-side-apply",
+                    "operation": "Update",
+                    "apiVersion": "security.istio.io/v1beta1",
+                    "time": "2026-11-02T09:14:03Z",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:spec": {".": {}, "f:mtls": {".": {}, "f:mode": {}}}}
+                }]
+            },
+            "spec": {"mtls": {"mode": mode}}
+        })
+    }
+
+    #[test]
+    fn policy_watch_changes() {
+        let mut store = Store::default();
+        store.pod_change(Change::Upsert(fixture()));
+        let mode = |store: &Store| {
+            let inv = store.inventory();
+            let pod = inv
+                .lookup("10.244.0.23".parse().unwrap())
+                .pod()
+                .cloned()
+                .unwrap();
+            inv.policy
+                .peer_mtls(&pod.namespace, &pod.labels, 9080)
+                .mode
+                .as_str()
+        };
+        assert_eq!(mode(&store), "PERMISSIVE", "Istio's default");
+        assert!(store.peer_authentication(Change::Upsert(peer_authentication("STRICT"))));
+        assert_eq!(mode(&store), "STRICT");
+        // A malformed update keeps the last good version.
+        store.peer_authentication(Change::Upsert(peer_authentication("STRICTER")));
+        assert_eq!(mode(&store), "STRICT");
+        // A relist replaces them only once it is complete.
+        assert!(!store.peer_authentication(Change::Relist));
+        assert!(!store.peer_authentication(Change::Upsert(peer_authentication("DISABLE"))));
+        assert_eq!(mode(&store), "STRICT", "unchanged while relisting");
+        assert!(store.peer_authentication(Change::Ready));
+        assert_eq!(mode(&store), "DISABLE");
+        assert!(store.peer_authentication(Change::Delete(peer_authentication("DISABLE"))));
+        assert_eq!(mode(&store), "PERMISSIVE");
+        // DestinationRules go through their own watch into the same inventory.
+        let dr = serde_json::json!({"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule",
+            "metadata": {"name": "reviews", "namespace": "bookinfo"},
+            "spec": {"host": "reviews", "trafficPolicy": {"tls": {"mode": "DISABLE"}}}});
+        assert!(store.destination_rule(Change::Upsert(dr)));
+        assert_eq!(store.inventory().policy.destination_rules.len(), 1);
     }
 
     #[test]
