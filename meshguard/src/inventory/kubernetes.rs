@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     namespace_proxy_uid,
-    policy::{DestinationRule, MeshPolicy, PeerAuthentication, PolicyError},
+    policy::{DestinationRule, MeshPolicy, PeerAuthentication},
     Inventory, ParsedPod, PodInfo, Shared,
 };
 
@@ -41,21 +41,20 @@ pub enum Change {
 /// watches last said.
 #[derive(Default)]
 pub struct Store {
-    pods: BTreeMap<String, PodInfo>,
-    relisting: Option<BTreeMap<String, PodInfo>>,
+    pods: Objects<PodInfo>,
     namespaces: BTreeMap<String, u32>,
-    peer_authentications: Policies<PeerAuthentication>,
-    destination_rules: Policies<DestinationRule>,
+    peer_authentications: Objects<PeerAuthentication>,
+    destination_rules: Objects<DestinationRule>,
 }
 
-/// The policy objects of one kind, by `namespace/name`: a relist replaces them once it is
-/// complete, and an object that does not parse keeps its last good version.
-pub struct Policies<T> {
+/// The objects of one watch, by `namespace/name`: a relist replaces them once it is complete,
+/// and an object that does not parse keeps its last good version.
+pub struct Objects<T> {
     now: BTreeMap<String, T>,
     relisting: Option<BTreeMap<String, T>>,
 }
 
-impl<T> Default for Policies<T> {
+impl<T> Default for Objects<T> {
     fn default() -> Self {
         Self {
             now: BTreeMap::new(),
@@ -64,9 +63,14 @@ impl<T> Default for Policies<T> {
     }
 }
 
-impl<T: Clone> Policies<T> {
+impl<T: Clone> Objects<T> {
     /// Applies one watch change; returns whether the inventory should be republished.
-    fn change(&mut self, change: Change, parse: fn(&Value) -> Result<T, PolicyError>) -> bool {
+    fn change<E: std::fmt::Display>(
+        &mut self,
+        change: Change,
+        kind: &str,
+        parse: impl Fn(&Value) -> Result<T, E>,
+    ) -> bool {
         match change {
             Change::Relist => {
                 self.relisting = Some(BTreeMap::new());
@@ -84,7 +88,7 @@ impl<T: Clone> Policies<T> {
                     Ok(object) => Some(object),
                     Err(e) => {
                         let kept = self.now.get(&key).cloned();
-                        warn!(error = %e, kept_previous = kept.is_some(), "malformed mesh policy object from the API server");
+                        warn!(kind, error = %e, kept_previous = kept.is_some(), "malformed object from the API server");
                         kept
                     }
                 };
@@ -120,46 +124,14 @@ fn key(v: &Value) -> String {
 impl Store {
     /// Applies one pod watch change; returns whether the inventory should be republished.
     pub fn pod_change(&mut self, change: Change) -> bool {
-        match change {
-            Change::Relist => {
-                self.relisting = Some(BTreeMap::new());
-                false
-            }
-            Change::Ready => {
-                if let Some(pods) = self.relisting.take() {
-                    self.pods = pods;
+        self.pods.change(change, "pod", |v| {
+            PodInfo::parse(v).map(|ParsedPod { pod, warnings }| {
+                for w in &warnings {
+                    warn!(warning = %w, "pod from the API server kept without the part that did not parse");
                 }
-                true
-            }
-            Change::Upsert(v) => {
-                let key = key(&v);
-                let parsed = PodInfo::parse(&v);
-                let target = self.relisting.as_mut().unwrap_or(&mut self.pods);
-                match parsed {
-                    Ok(ParsedPod { pod, warnings }) => {
-                        for w in &warnings {
-                            warn!(warning = %w, "pod from the API server kept without the part that did not parse");
-                        }
-                        target.insert(key, pod);
-                    }
-                    Err(e) => {
-                        let kept = self.pods.get(&key).cloned();
-                        warn!(error = %e, kept_previous = kept.is_some(), "malformed pod from the API server");
-                        if let Some(previous) = kept {
-                            self.relisting
-                                .as_mut()
-                                .unwrap_or(&mut self.pods)
-                                .insert(key, previous);
-                        }
-                    }
-                }
-                self.relisting.is_none()
-            }
-            Change::Delete(v) => {
-                self.pods.remove(&key(&v));
-                self.relisting.is_none()
-            }
-        }
+                pod
+            })
+        })
     }
 
     pub fn namespace(&mut self, v: &Value) -> bool {
@@ -175,25 +147,22 @@ impl Store {
 
     pub fn peer_authentication(&mut self, change: Change) -> bool {
         self.peer_authentications
-            .change(change, PeerAuthentication::parse)
+            .change(change, "PeerAuthentication", PeerAuthentication::parse)
     }
 
     pub fn destination_rule(&mut self, change: Change) -> bool {
         self.destination_rules
-            .change(change, DestinationRule::parse)
+            .change(change, "DestinationRule", DestinationRule::parse)
     }
 
     pub fn inventory(&self) -> Inventory {
-        Inventory::with_namespaces(
-            SOURCE,
-            self.pods.values().cloned().collect(),
-            &self.namespaces,
+        Inventory::with_namespaces(SOURCE, self.pods.all(), &self.namespaces).with_policy(
+            MeshPolicy {
+                peer_authentications: self.peer_authentications.all(),
+                destination_rules: self.destination_rules.all(),
+                ..MeshPolicy::default()
+            },
         )
-        .with_policy(MeshPolicy {
-            peer_authentications: self.peer_authentications.all(),
-            destination_rules: self.destination_rules.all(),
-            ..MeshPolicy::default()
-        })
     }
 }
 
