@@ -77,7 +77,7 @@ const NONE: &str = "-";
 /// (`to ADDRESS:PORT`, its sidecar), or the server's socket reached by a connection dialled to
 /// another port (`dialled PORT`, a sidecar's inbound capture) or address (`dialled ADDRESS:PORT`,
 /// its outbound capture).
-fn redirect(f: &FlowRecord) -> String {
+fn nat(f: &FlowRecord) -> String {
     match (&f.redirect, f.local.dialled) {
         (Some(r), _) => format!("to {}", SocketAddr::new(r.ip, r.port)),
         (None, Some(d)) if d.ip() == f.local.ip => format!("dialled {}", d.port()),
@@ -132,7 +132,7 @@ pub(crate) fn row(f: &FlowRecord, output: Output, color: bool, node_column: bool
             "{:<8} {:<24} {:<28} {}",
             f.path,
             printable(&process),
-            redirect(f),
+            nat(f),
             printable(&tls)
         );
     }
