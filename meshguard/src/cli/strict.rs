@@ -127,13 +127,14 @@ pub fn table(workloads: &[Readiness]) -> String {
             .iter()
             .map(|c| {
                 format!(
-                    "{}{} ({} flows, last {})",
+                    "{}{} ({} flow{}, last {})",
                     c.workload,
                     c.pod
                         .as_deref()
                         .map(|p| format!(" pod {p}"))
                         .unwrap_or_default(),
                     c.flows,
+                    if c.flows == 1 { "" } else { "s" },
                     c.last_seen
                 )
             })
@@ -218,6 +219,10 @@ mod tests {
         let shop = readiness(&records, "shop");
         assert_eq!(shop.len(), 1);
         assert!(shop[0].ready, "{shop:?}");
-        assert!(table(&got).contains("legacy/catalog"));
+        let text = table(&got);
+        assert!(
+            text.contains("legacy/catalog") && text.contains("(2 flows, last "),
+            "{text}"
+        );
     }
 }
