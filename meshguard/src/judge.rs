@@ -178,7 +178,7 @@ impl Judge {
             owner,
             ends: (local, remote),
             awaiting,
-            declared: declared(flow, local, remote, inventory),
+            declared: declared(flow, local, remote, inventory, policy),
         }
     }
 
@@ -356,6 +356,7 @@ fn declared(
     local: Identity,
     remote: Identity,
     inventory: &Inventory,
+    policy: &Policy,
 ) -> Option<PolicyRecord> {
     let (server, port) = match (flow.direction(), flow.dialled()) {
         (Direction::Egress, _) => (remote, flow.remote().port()),
@@ -366,9 +367,12 @@ fn declared(
         (Direction::Ingress, None) => (local, flow.local().port()),
     };
     let pod = server.pod().filter(|p| p.mesh == MeshMode::Sidecar)?;
-    let mtls = inventory
-        .policy
-        .peer_mtls(&pod.namespace, &pod.labels, port);
+    let mtls = inventory.policy.peer_mtls(
+        &policy.mesh_root_namespace,
+        &pod.namespace,
+        &pod.labels,
+        port,
+    );
     Some(PolicyRecord {
         object: mtls.governed_by,
         mode: mtls.mode,

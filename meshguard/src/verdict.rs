@@ -330,6 +330,9 @@ pub struct Policy {
     /// Kubelet probes from the node to a pod's declared probe ports are expected plaintext.
     pub probes: bool,
     pub expected: Vec<ExpectedRule>,
+    /// The mesh's root namespace: a PeerAuthentication there without a selector is mesh-wide
+    /// (Istio's `istio-system`; OpenShift Service Mesh's control plane namespace).
+    pub mesh_root_namespace: String,
 }
 
 impl Default for Policy {
@@ -351,6 +354,7 @@ impl Default for Policy {
                 "::6".parse().expect("an address"),
             ],
             probes: true,
+            mesh_root_namespace: crate::inventory::policy::DEFAULT_ROOT_NAMESPACE.into(),
             expected: vec![
                 ExpectedRule {
                     rule: "dns".into(),
@@ -1738,6 +1742,10 @@ mod tests {
         assert_eq!(p.proxy_processes, ["my-proxy"]);
         assert!(!p.probes);
         assert_eq!(p.hbone_port, 15008, "unset fields keep their defaults");
+        assert_eq!(p.mesh_root_namespace, "istio-system");
+        let p: Policy =
+            serde_json::from_str(r#"{"mesh_root_namespace": "istio-system-2"}"#).unwrap();
+        assert_eq!(p.mesh_root_namespace, "istio-system-2");
         let e = serde_json::from_str::<Policy>(r#"{"proxy_proceses": []}"#)
             .unwrap_err()
             .to_string();

@@ -5,7 +5,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshguard::inventory::{parse_pods, policy::MtlsMode};
+use meshguard::inventory::{
+    parse_pods,
+    policy::{MtlsMode, DEFAULT_ROOT_NAMESPACE},
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -17,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let policy = &parsed.policy.policy;
     for pa in &policy.peer_authentications {
         for port in pa.ports.keys().copied().chain([80]) {
-            let got = policy.peer_mtls(&pa.meta.namespace, &pa.selector, port);
+            let got = policy.peer_mtls(DEFAULT_ROOT_NAMESPACE, &pa.meta.namespace, &pa.selector, port);
             assert_ne!(got.mode, MtlsMode::Unset);
             if let Some(by) = &got.governed_by {
                 assert!(

@@ -160,7 +160,6 @@ impl Store {
             MeshPolicy {
                 peer_authentications: self.peer_authentications.all(),
                 destination_rules: self.destination_rules.all(),
-                ..MeshPolicy::default()
             },
         )
     }
@@ -294,6 +293,7 @@ async fn watch<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::policy::DEFAULT_ROOT_NAMESPACE;
 
     fn fixture() -> Value {
         serde_json::from_str(include_str!("../../tests/fixtures/istio-pod.json")).unwrap()
@@ -389,7 +389,7 @@ mod tests {
                 .cloned()
                 .unwrap();
             inv.policy
-                .peer_mtls(&pod.namespace, &pod.labels, 9080)
+                .peer_mtls(DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels, 9080)
                 .mode
                 .as_str()
         };

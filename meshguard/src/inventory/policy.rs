@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::wire::wire_enum;
 use serde_json::Value;
 
-/// Istio's root namespace, where a policy without a selector is mesh-wide.
+/// Istio's default root namespace, where a policy without a selector is mesh-wide (the
+/// verdict policy's `mesh_root_namespace`).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 wire_enum! {
@@ -163,22 +164,11 @@ pub struct DestinationRule {
     pub ports: BTreeMap<u16, TlsMode>,
 }
 
-/// Every mesh policy object known, with the root namespace that makes a policy mesh-wide.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Every mesh policy object known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshPolicy {
-    pub root_namespace: String,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub destination_rules: Vec<DestinationRule>,
-}
-
-impl Default for MeshPolicy {
-    fn default() -> Self {
-        Self {
-            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
-            peer_authentications: Vec::new(),
-            destination_rules: Vec::new(),
-        }
-    }
 }
 
 /// The mTLS a workload's sidecar accepts on one port, and the object that says so.
@@ -197,10 +187,12 @@ impl MeshPolicy {
 
     /// What a workload's sidecar accepts on `port` (its own port, as the client dialled it),
     /// composed as Istio composes it: the most specific level that sets a mode wins (workload
-    /// over namespace over mesh; of two at one level, the oldest); `UNSET` inherits; a
-    /// workload policy's port setting overrides its mode for that port.
+    /// over namespace over mesh-wide, in the mesh's `root` namespace; of two at one level, the
+    /// oldest); `UNSET` inherits; a workload policy's port setting overrides its mode for that
+    /// port.
     pub fn peer_mtls(
         &self,
+        root: &str,
         namespace: &str,
         labels: &BTreeMap<String, String>,
         port: u16,
@@ -211,7 +203,6 @@ impl MeshPolicy {
                 .filter(|p| level(p))
                 .reduce(|a, b| if b.meta.older_than(&a.meta) { b } else { a })
         };
-        let root = self.root_namespace.as_str();
         let mesh = oldest(&|p| p.meta.namespace == root && p.selector.is_empty());
         let namespace_wide = oldest(&|p| {
             p.meta.namespace == namespace && namespace != root && p.selector.is_empty()
@@ -675,16 +666,37 @@ mod tests {
         ];
         for (what, objects, labels, port, mode, governed_by) in cases {
             let objects: Vec<Value> = objects.into_iter().cloned().collect();
-            let got = policy(&objects).peer_mtls("shop", labels, port);
+            let got = policy(&objects).peer_mtls(DEFAULT_ROOT_NAMESPACE, "shop", labels, port);
             assert_eq!(got, PeerMtls { mode, governed_by }, "{what}");
         }
         // The root namespace's own workloads: only mesh-wide policy applies to them.
         let got = policy(&[mesh_strict.clone(), root_selector.clone()]).peer_mtls(
+            DEFAULT_ROOT_NAMESPACE,
             "istio-system",
             &finance,
             80,
         );
         assert_eq!(got.mode, Strict);
+        // Another mesh's root (OpenShift Service Mesh's control plane namespace): a policy
+        // without a selector there is mesh-wide, and one in istio-system is not.
+        let cp = pa(
+            "mesh-cp",
+            "default",
+            T0,
+            json!({"mtls": {"mode": "STRICT"}}),
+        );
+        let mesh = policy(&[cp, mesh_strict.clone()]);
+        let mode = |root: &str| mesh.peer_mtls(root, "shop", &other, 80);
+        assert_eq!(
+            (mode("mesh-cp").mode, mode("mesh-cp").governed_by),
+            (Strict, at("default", "mesh-cp"))
+        );
+        let elsewhere = mesh.peer_mtls("mesh-cp", "istio-system", &other, 80);
+        assert_eq!(
+            elsewhere.governed_by,
+            at("default", "istio-system"),
+            "a namespace-wide policy there"
+        );
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub fn reload(path: &Path, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::policy::MtlsMode;
+    use crate::inventory::policy::{MtlsMode, DEFAULT_ROOT_NAMESPACE};
 
     #[test]
     fn sources() {
@@ -201,7 +201,7 @@ mod tests {
         let mode = |shared: &Shared| {
             current(shared)
                 .policy
-                .peer_mtls("n", &Default::default(), 80)
+                .peer_mtls(DEFAULT_ROOT_NAMESPACE, "n", &Default::default(), 80)
                 .mode
         };
         std::fs::write(&path, with_policy("STRICT")).unwrap();
