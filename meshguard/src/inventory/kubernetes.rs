@@ -299,6 +299,14 @@ mod tests {
         serde_json::from_str(include_str!("../../tests/fixtures/istio-pod.json")).unwrap()
     }
 
+    /// The fixture's pod, as the inventory knows it.
+    fn fixture_pod(inv: &Inventory) -> PodInfo {
+        inv.lookup("10.244.0.23".parse().unwrap())
+            .pod()
+            .cloned()
+            .unwrap()
+    }
+
     #[test]
     fn a_real_injected_pod() {
         let ParsedPod { pod, warnings } = PodInfo::parse(&fixture()).unwrap();
@@ -383,11 +391,7 @@ mod tests {
         store.pod_change(Change::Upsert(fixture()));
         let mode = |store: &Store| {
             let inv = store.inventory();
-            let pod = inv
-                .lookup("10.244.0.23".parse().unwrap())
-                .pod()
-                .cloned()
-                .unwrap();
+            let pod = fixture_pod(&inv);
             inv.policy
                 .peer_mtls(DEFAULT_ROOT_NAMESPACE, &pod.namespace, &pod.labels, 9080)
                 .mode
@@ -424,12 +428,6 @@ mod tests {
         store.pod_change(Change::Upsert(pod));
         let ns = serde_json::json!({"kind": "Namespace", "metadata": {"name": "bookinfo", "annotations": {"openshift.io/sa.scc.uid-range": "1000650000/10000"}}});
         assert!(store.namespace(&ns));
-        let inv = store.inventory();
-        let pod = inv
-            .lookup("10.244.0.23".parse().unwrap())
-            .pod()
-            .cloned()
-            .unwrap();
-        assert_eq!(pod.proxy_uid, 1000650001);
+        assert_eq!(fixture_pod(&store.inventory()).proxy_uid, 1000650001);
     }
 }
