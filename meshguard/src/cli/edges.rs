@@ -21,36 +21,27 @@ use crate::{
     flow::record::{Endpoint, FlowRecord},
     inventory::policy::MtlsMode,
     verdict::{Direction, Party, Path, Verdict},
+    wire::wire_enum,
 };
 
-/// One word for an edge.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EdgeState {
-    /// Every connection was encrypted on the wire, none around the mesh.
-    Encrypted,
-    /// At least one connection went around the mesh (`bypass-*`).
-    Bypassed,
-    /// Plaintext only, and nothing went around the mesh: what the mesh allows (PERMISSIVE, an
-    /// unmeshed end, expected plaintext).
-    PlaintextAllowed,
-    /// Encrypted and plaintext connections both.
-    Mixed,
-    /// No payload seen yet.
-    Pending,
+wire_enum! {
+    /// One word for an edge.
+    pub enum EdgeState ("edge state") {
+        /// Every connection was encrypted on the wire, none around the mesh.
+        Encrypted = "encrypted",
+        /// At least one connection went around the mesh (`bypass-*`).
+        Bypassed = "bypassed",
+        /// Plaintext only, and nothing went around the mesh: what the mesh allows (PERMISSIVE,
+        /// an unmeshed end, expected plaintext).
+        PlaintextAllowed = "plaintext-allowed",
+        /// Encrypted and plaintext connections both.
+        Mixed = "mixed",
+        /// No payload seen yet.
+        Pending = "pending",
+    }
 }
 
 impl EdgeState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Encrypted => "encrypted",
-            Self::Bypassed => "bypassed",
-            Self::PlaintextAllowed => "plaintext-allowed",
-            Self::Mixed => "mixed",
-            Self::Pending => "pending",
-        }
-    }
-
     /// Graphviz colour.
     fn color(self) -> &'static str {
         match self {
@@ -209,7 +200,9 @@ pub fn edges(records: &[FlowRecord]) -> Vec<Edge> {
     }
     let mut edges: Vec<Edge> = edges.into_values().collect();
     for e in &mut edges {
-        let bypassed = e.verdicts.keys().any(|v| v.starts_with("bypass-"));
+        let bypassed = Verdict::ALL
+            .iter()
+            .any(|v| v.is_bypass() && e.verdicts.contains_key(v.as_str()));
         e.state = match (bypassed, e.encrypted, e.plaintext) {
             (true, ..) => EdgeState::Bypassed,
             (false, 0, 0) => EdgeState::Pending,

@@ -181,10 +181,6 @@ pub struct PeerMtls {
 }
 
 impl MeshPolicy {
-    pub fn is_empty(&self) -> bool {
-        self.peer_authentications.is_empty() && self.destination_rules.is_empty()
-    }
-
     /// What a workload's sidecar accepts on `port` (its own port, as the client dialled it),
     /// composed as Istio composes it: the most specific level that sets a mode wins (workload
     /// over namespace over mesh-wide, in the mesh's `root` namespace; of two at one level, the
