@@ -427,6 +427,7 @@ HOST_PATHS = {
 # What the agent's own ClusterRole may grant: read, on what the inventory watches.
 AGENT_READS = {("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),
                ("", "namespaces", "list"), ("", "namespaces", "watch"),
+               ("", "services", "list"), ("", "services", "watch"),
                ("security.istio.io", "peerauthentications", "list"),
                ("security.istio.io", "peerauthentications", "watch"),
                ("networking.istio.io", "destinationrules", "list"),

@@ -7,12 +7,13 @@
 //! - `strict-plaintext`: STRICT declared, and the server's application accepted plaintext past
 //!   its sidecar (a port excluded from capture, capture rules missing). The mesh's own STRICT
 //!   only guards what its sidecar receives.
-//! - `mtls-disabled`: DISABLE declared, and the server's sidecar accepted plaintext from a
-//!   meshed client: plaintext between two meshed workloads that the mesh was told to allow.
+//! - `mtls-disabled`: DISABLE declared, by the server's PeerAuthentication or by a
+//!   DestinationRule for its client's sidecar, and the server's sidecar accepted plaintext from
+//!   a meshed client: plaintext between two meshed workloads that the mesh was told to send.
 
 use crate::{
     flow::record::FlowRecord,
-    inventory::policy::MtlsMode,
+    inventory::policy::{MtlsMode, PolicyRef, TlsMode},
     verdict::{Direction, OwnerKind, Path, Verdict},
     wire::wire_enum,
 };
@@ -22,7 +23,8 @@ wire_enum! {
     pub enum Contradiction ("contradiction") {
         /// STRICT declared; plaintext accepted by the application past its sidecar.
         StrictPlaintext = "strict-plaintext",
-        /// DISABLE declared; plaintext between meshed workloads, through their sidecars.
+        /// DISABLE declared (PeerAuthentication or DestinationRule); plaintext between meshed
+        /// workloads, through their sidecars.
         MtlsDisabled = "mtls-disabled",
     }
 }
@@ -32,7 +34,7 @@ impl Contradiction {
     pub fn describe(self) -> &'static str {
         match self {
             Self::StrictPlaintext => "STRICT is declared, yet the server's application accepted plaintext past its sidecar: the mesh's STRICT only guards what the sidecar receives",
-            Self::MtlsDisabled => "DISABLE is declared: the server's sidecar accepted plaintext from a meshed client, as the mesh was told to allow",
+            Self::MtlsDisabled => "DISABLE is declared: the server's sidecar accepted plaintext from a meshed client, plaintext the mesh was told to send between its own workloads",
         }
     }
 }
@@ -58,8 +60,34 @@ pub fn contradiction(r: &FlowRecord) -> Option<Contradiction> {
         (MtlsMode::Disable, OwnerKind::Proxy) if r.remote.meshed => {
             Some(Contradiction::MtlsDisabled)
         }
+        (_, OwnerKind::Proxy) if r.remote.meshed && rule_disables(r) => {
+            Some(Contradiction::MtlsDisabled)
+        }
         _ => None,
     }
+}
+
+/// Whether a DestinationRule tells the connection's client's sidecar to send plaintext.
+fn rule_disables(r: &FlowRecord) -> bool {
+    r.policy
+        .as_ref()
+        .and_then(|p| p.destination_rule.as_ref())
+        .is_some_and(|d| d.tls == TlsMode::Disable)
+}
+
+/// The object a record's contradiction rests on, and the mode it declares: the server's
+/// PeerAuthentication, or, for plaintext it does not disable itself, the client's rule.
+pub fn contradicted(r: &FlowRecord) -> Option<(Option<PolicyRef>, &'static str)> {
+    let declared = r.policy.as_ref()?;
+    let peer_authentication = || (declared.object.clone(), declared.mode.as_str());
+    Some(match r.contradiction? {
+        Contradiction::StrictPlaintext => peer_authentication(),
+        Contradiction::MtlsDisabled if declared.mode == MtlsMode::Disable => peer_authentication(),
+        Contradiction::MtlsDisabled => match &declared.destination_rule {
+            Some(rule) => (Some(rule.reference()), rule.tls.as_str()),
+            None => peer_authentication(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -69,7 +97,7 @@ mod tests {
     use super::*;
     use crate::{
         fingerprint::Encryption,
-        flow::record::{tests::record, PolicyRecord},
+        flow::record::{tests::record, DestinationRuleRecord, PolicyRecord},
     };
 
     #[test]
@@ -85,11 +113,12 @@ mod tests {
                 object: None,
                 mode: MtlsMode::Strict,
                 port: 8081,
+                destination_rule: None,
             });
             r
         };
         type Change = fn(&mut FlowRecord);
-        let cases: [(&str, Change, Option<Contradiction>); 13] = [
+        let cases: [(&str, Change, Option<Contradiction>); 16] = [
             (
                 "plaintext accepted by a STRICT server's app",
                 |_| {},
@@ -159,6 +188,34 @@ mod tests {
                 Some(Contradiction::MtlsDisabled),
             ),
             (
+                "a DestinationRule tells the meshed client's sidecar to send plaintext",
+                |r| {
+                    r.policy.as_mut().unwrap().mode = MtlsMode::Permissive;
+                    r.policy.as_mut().unwrap().destination_rule = Some(rule(TlsMode::Disable));
+                    r.owner.kind = OwnerKind::Proxy;
+                    r.verdict = Verdict::Plaintext;
+                },
+                Some(Contradiction::MtlsDisabled),
+            ),
+            (
+                "a DestinationRule that keeps mTLS",
+                |r| {
+                    r.policy.as_mut().unwrap().mode = MtlsMode::Permissive;
+                    r.policy.as_mut().unwrap().destination_rule = Some(rule(TlsMode::IstioMutual));
+                    r.owner.kind = OwnerKind::Proxy;
+                },
+                None,
+            ),
+            (
+                "the rule's plaintext, at the client's end: counted at the server's",
+                |r| {
+                    r.policy.as_mut().unwrap().destination_rule = Some(rule(TlsMode::Disable));
+                    r.owner.kind = OwnerKind::Proxy;
+                    r.direction = Direction::Egress;
+                },
+                None,
+            ),
+            (
                 "DISABLE, from an unmeshed client: no mesh traffic",
                 |r| {
                     r.policy.as_mut().unwrap().mode = MtlsMode::Disable;
@@ -178,5 +235,47 @@ mod tests {
             change(&mut r);
             assert_eq!(contradiction(&r), want, "{what}");
         }
+    }
+
+    fn rule(tls: TlsMode) -> DestinationRuleRecord {
+        DestinationRuleRecord {
+            namespace: "shop".into(),
+            name: "ratings".into(),
+            host: "ratings.shop.svc.cluster.local".into(),
+            port: 9080,
+            tls,
+        }
+    }
+
+    #[test]
+    fn a_contradiction_names_the_object_it_rests_on() {
+        let mut r = (*record(1, Verdict::Plaintext, SystemTime::now())).clone();
+        let pa = PolicyRef {
+            kind: crate::inventory::policy::PolicyKind::PeerAuthentication,
+            namespace: "shop".into(),
+            name: "default".into(),
+        };
+        let mut declared = PolicyRecord {
+            object: Some(pa.clone()),
+            mode: MtlsMode::Permissive,
+            port: 9080,
+            destination_rule: Some(rule(TlsMode::Disable)),
+        };
+        r.contradiction = Some(Contradiction::MtlsDisabled);
+        r.policy = Some(declared.clone());
+        let (object, mode) = contradicted(&r).unwrap();
+        assert_eq!(
+            (object.unwrap().to_string(), mode),
+            ("DestinationRule shop/ratings".into(), "DISABLE")
+        );
+        declared.mode = MtlsMode::Disable;
+        r.policy = Some(declared);
+        assert_eq!(
+            contradicted(&r),
+            Some((Some(pa), "DISABLE")),
+            "the server's own DISABLE first"
+        );
+        r.contradiction = None;
+        assert_eq!(contradicted(&r), None);
     }
 }

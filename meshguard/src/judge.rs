@@ -18,8 +18,9 @@ use crate::{
     fingerprint::{Encryption, PlaintextHint},
     flow::{
         record::{
-            Change, Comm, Corrected, Endpoint, FlowId, FlowRecord, OwnerRecord, PlaintextRecord,
-            PolicyRecord, Process, Protocol, RedirectRecord, State, Timestamp,
+            Change, Comm, Corrected, DestinationRuleRecord, Endpoint, FlowId, FlowRecord,
+            OwnerRecord, PlaintextRecord, PolicyRecord, Process, Protocol, RedirectRecord, State,
+            Timestamp,
         },
         table::{FlowTable, EVIDENCE_WAIT_NS},
         Flow, Update,
@@ -27,6 +28,8 @@ use crate::{
     intent::contradiction,
     inventory::{
         cgroups::{CgroupIndex, CgroupOwner},
+        destination::Workload,
+        policy::TlsMode,
         Identity, Inventory, MeshMode,
     },
     verdict::{decide, Decision, Direction, Owner, Policy},
@@ -149,11 +152,17 @@ impl Judge {
         now_ns: u64,
     ) -> Judged<'a> {
         let owner = self.owner(flow.cgroup(), inventory);
-        let ev = flow.evidence(owner);
+        let mut ev = flow.evidence(owner);
         let (local, remote) = (
             inventory.lookup(ev.local.ip()),
             inventory.lookup(ev.remote.ip()),
         );
+        let declared = declared(flow, local, remote, inventory, policy);
+        ev.plaintext_declared_by = declared
+            .as_ref()
+            .and_then(|d| d.destination_rule.as_ref())
+            .filter(|r| r.tls == TlsMode::Disable)
+            .map(DestinationRuleRecord::reference);
         let decision = decide(&ev, local, remote, policy);
         let expired = flow.sampled_ns != 0 && now_ns >= flow.sampled_ns + EVIDENCE_WAIT_NS;
         let head_only = flow.payload.as_ref().is_some_and(|p| p.head_only);
@@ -178,7 +187,7 @@ impl Judge {
             owner,
             ends: (local, remote),
             awaiting,
-            declared: declared(flow, local, remote, inventory, policy),
+            declared,
         }
     }
 
@@ -347,36 +356,44 @@ pub struct Judged<'a> {
     pub declared: Option<PolicyRecord>,
 }
 
-/// The mTLS the mesh declares for a connection's server, where it is a pod with a sidecar
-/// (what PeerAuthentication configures), on the port its client dialled: the socket's peer for
-/// a client's socket; for a server's, the address its client dialled when a capture redirected
-/// the connection (a sidecar's outbound capture serves another pod), else the socket itself.
-fn declared(
+/// What the mesh declares for a connection whose server is a pod with a sidecar, on the port
+/// its client dialled: the mTLS its sidecar accepts (PeerAuthentication) and, where the client
+/// has a sidecar too, the TLS a DestinationRule tells that sidecar to use. The server is the
+/// socket's peer for a client's socket; for a server's, the address its client dialled when a
+/// capture redirected the connection (a sidecar's outbound capture serves another pod), else
+/// the socket itself.
+fn declared<'a>(
     flow: &Flow,
-    local: Identity,
-    remote: Identity,
-    inventory: &Inventory,
+    local: Identity<'a>,
+    remote: Identity<'a>,
+    inventory: &'a Inventory,
     policy: &Policy,
 ) -> Option<PolicyRecord> {
-    let (server, port) = match (flow.direction(), flow.dialled()) {
-        (Direction::Egress, _) => (remote, flow.remote().port()),
+    let (client, server, port) = match (flow.direction(), flow.dialled()) {
+        (Direction::Egress, _) => (local, remote, flow.remote().port()),
         (Direction::Ingress, Some(d)) if d.ip() != flow.local().ip() => {
-            (inventory.lookup(d.ip()), d.port())
+            (remote, inventory.lookup(d.ip()), d.port())
         }
-        (Direction::Ingress, Some(d)) => (local, d.port()),
-        (Direction::Ingress, None) => (local, flow.local().port()),
+        (Direction::Ingress, Some(d)) => (remote, local, d.port()),
+        (Direction::Ingress, None) => (remote, local, flow.local().port()),
     };
-    let pod = server.pod().filter(|p| p.mesh == MeshMode::Sidecar)?;
-    let mtls = inventory.policy.peer_mtls(
-        &policy.mesh_root_namespace,
-        &pod.namespace,
-        &pod.labels,
-        port,
-    );
+    let sidecar = |end: Identity<'a>| end.pod().filter(|p| p.mesh == MeshMode::Sidecar);
+    let pod = sidecar(server)?;
+    let root = &policy.mesh_root_namespace;
+    let mtls = inventory
+        .policy
+        .peer_mtls(root, &pod.namespace, &pod.labels, port);
+    let destination_rule = sidecar(client).and_then(|client| {
+        inventory
+            .policy
+            .client_tls(root, &Workload::of(client), &Workload::of(pod), port)
+            .map(DestinationRuleRecord::from)
+    });
     Some(PolicyRecord {
         object: mtls.governed_by,
         mode: mtls.mode,
         port,
+        destination_rule,
     })
 }
 

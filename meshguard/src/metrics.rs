@@ -16,6 +16,7 @@ use prometheus::{
 
 use crate::{
     flow::record::{Change, FlowRecord},
+    intent::contradicted,
     inventory::Inventory,
 };
 
@@ -308,13 +309,13 @@ impl Metrics {
         if !count_flow && !closed {
             return;
         }
-        if let (true, Some(reason), Some(declared)) =
-            (count_flow, record.contradiction, &record.policy)
+        if let (true, Some(reason), Some((_, mode))) =
+            (count_flow, record.contradiction, contradicted(record))
         {
             // Counted at the server's socket: its own end is the server.
             let (namespace, workload) = record.local.workload_labels();
             self.policy_violations
-                .with_label_values(&[namespace, workload, declared.mode.as_str(), reason.as_str()])
+                .with_label_values(&[namespace, workload, mode, reason.as_str()])
                 .inc();
         }
         let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());
@@ -499,6 +500,7 @@ pub(crate) mod tests {
                 object: None,
                 mode: crate::inventory::policy::MtlsMode::Strict,
                 port: 5000,
+                destination_rule: None,
             });
             m.observe(&r);
         }

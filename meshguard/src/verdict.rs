@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     fingerprint::Encryption,
-    inventory::{ContainerInfo, Identity, MeshMode, PodInfo},
+    inventory::{policy::PolicyRef, ContainerInfo, Identity, MeshMode, PodInfo},
     wire::wire_enum,
 };
 
@@ -195,6 +195,9 @@ pub struct Evidence<'a> {
     /// Whether the ClientHello was seen whole, so that its ALPN is all it offered: not when it
     /// was cut (a lost sample, or a flow recovered from the first bytes the flow map keeps).
     pub hello_complete: bool,
+    /// The DestinationRule that tells the connection's client's sidecar to send plaintext to
+    /// its server (`tls.mode: DISABLE`), if one does: what the mesh itself was told to do.
+    pub plaintext_declared_by: Option<PolicyRef>,
 }
 
 impl Evidence<'_> {
@@ -785,9 +788,14 @@ fn proxy_socket(
     }
     let plaintext = ev.encryption == Encryption::Plaintext;
     match (ev.direction, plaintext, peer_meshed) {
+        // The mesh was told to send it: plaintext, not a bypass, and its rule contradicts the
+        // mesh's intent (see intent.rs). Were it the client's application past its sidecar
+        // instead, the client's own socket says so.
+        (Direction::Ingress, true, true) if ev.plaintext_declared_by.is_some() => decision(Verdict::Plaintext, "tls-disabled", Path::Sidecar, format!("{who} accepted plaintext from meshed {peer}, as {} tells {peer}'s sidecar to send (tls mode DISABLE)", declared_by(ev))),
         (Direction::Ingress, true, true) => decision(Verdict::BypassPlaintext, "peer-bypass", Path::Sidecar, format!("{who} accepted plaintext from meshed {peer}, whose own sidecar would have used mTLS: {peer} bypassed its sidecar")),
         (Direction::Ingress, true, false) if gateway => decision(Verdict::Plaintext, "gateway-inbound", Path::Sidecar, format!("{who} accepted plaintext from {peer}, outside the mesh")),
         (Direction::Ingress, true, false) => decision(Verdict::Plaintext, "permissive-inbound", Path::Sidecar, format!("{who} accepted plaintext from {peer} (PERMISSIVE mTLS)")),
+        (Direction::Egress, true, true) if ev.plaintext_declared_by.is_some() => decision(Verdict::Plaintext, "tls-disabled", Path::Sidecar, format!("{who} sent plaintext to meshed {peer}, as {} tells it to (tls mode DISABLE)", declared_by(ev))),
         (Direction::Egress, true, true) => decision(Verdict::Plaintext, "proxy-plaintext", Path::Sidecar, format!("{who} sent plaintext to meshed {peer}: it was told not to originate mTLS")),
         (Direction::Egress, true, false) => decision(Verdict::Plaintext, "passthrough", Path::Sidecar, format!("{who} passed plaintext through to {peer}, outside the mesh")),
         (_, false, true) => {
@@ -796,6 +804,12 @@ fn proxy_socket(
         }
         (_, false, false) => decision(Verdict::Unmeshed, "passthrough-tls", Path::Sidecar, format!("{who} passed the application's own {enc} through with {peer}, outside the mesh")),
     }
+}
+
+fn declared_by(ev: &Evidence) -> String {
+    ev.plaintext_declared_by
+        .as_ref()
+        .map_or_else(String::new, ToString::to_string)
 }
 
 /// Rule 5: an application's socket in a meshed pod: whatever it sent on the network, it sent
@@ -991,6 +1005,8 @@ mod tests {
         encryption: Encryption,
         alpn: &'static [&'static str],
         hello_complete: bool,
+        /// The DestinationRule (in shop) that tells the client's sidecar to send plaintext.
+        plaintext_declared_by: Option<&'static str>,
         want: (Verdict, &'static str, Path),
     }
 
@@ -1017,6 +1033,7 @@ mod tests {
             encryption,
             alpn: &[],
             hello_complete: true,
+            plaintext_declared_by: None,
             want,
         }
     }
@@ -1163,6 +1180,7 @@ mod tests {
             },
             Case {
                 hello_complete: false,
+                plaintext_declared_by: None,
                 ..case(
                     "sidecar to sidecar, ClientHello cut before its ALPN",
                     (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
@@ -1397,6 +1415,46 @@ mod tests {
                 Plain,
                 (Plaintext, "proxy-plaintext", Path::Sidecar),
             ),
+            Case {
+                plaintext_declared_by: Some("api-plaintext"),
+                ..case(
+                    "sidecar told by a DestinationRule to send plaintext",
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                    (PROXY, "wrk:worker_0", Proxy),
+                    Plain,
+                    (Plaintext, "tls-disabled", Path::Sidecar),
+                )
+            },
+            Case {
+                plaintext_declared_by: Some("api-plaintext"),
+                ..case(
+                    "sidecar accepting the plaintext a DestinationRule tells its meshed client to send",
+                    (Ingress, ("10.0.0.11", 15006), ("10.0.0.10", 40000)),
+                    (PROXY, "wrk:worker_0", Proxy),
+                    Plain,
+                    (Plaintext, "tls-disabled", Path::Sidecar),
+                )
+            },
+            Case {
+                plaintext_declared_by: Some("api-plaintext"),
+                ..case(
+                    "the same rule, but TLS on the wire: the application's own",
+                    (Ingress, ("10.0.0.11", 15006), ("10.0.0.10", 40000)),
+                    (PROXY, "wrk:worker_0", Proxy),
+                    Tls,
+                    (BypassTls, "app-tls", Path::Sidecar),
+                )
+            },
+            Case {
+                plaintext_declared_by: Some("api-plaintext"),
+                ..case(
+                    "the same rule, but the client's application past its sidecar",
+                    (Egress, ("10.0.0.10", 40000), ("10.0.0.11", 8080)),
+                    (APP, "curl", App),
+                    Plain,
+                    (BypassPlaintext, "no-capture", Path::Direct),
+                )
+            },
             case(
                 "sidecar passthrough, plaintext",
                 (Egress, ("10.0.0.10", 40000), ("10.0.0.12", 80)),
@@ -1639,6 +1697,11 @@ mod tests {
                 encryption: c.encryption,
                 alpn: &alpn,
                 hello_complete: c.hello_complete,
+                plaintext_declared_by: c.plaintext_declared_by.map(|name| PolicyRef {
+                    kind: crate::inventory::policy::PolicyKind::DestinationRule,
+                    namespace: "shop".into(),
+                    name: name.into(),
+                }),
             };
             let d = decide(&ev, local_id, inventory.lookup(remote.ip()), &policy);
             if (d.verdict, d.reason, d.path) != c.want {
@@ -1700,6 +1763,7 @@ mod tests {
                         encryption: Tls,
                         alpn: &istio,
                         hello_complete: true,
+                        plaintext_declared_by: None,
                     };
                     let remote = inventory.lookup(ev.remote.ip());
                     let d = decide(&ev, web, remote, &policy);

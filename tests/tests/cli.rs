@@ -222,6 +222,24 @@ fn on_call_queries() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 
+    // explain on a contradiction: the rule that told web's sidecar to send plaintext.
+    let id = all
+        .iter()
+        .find(|f| f["contradiction"] == "mtls-disabled")
+        .unwrap_or_else(|| panic!("no mtls-disabled record in {all:#?}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let text = String::from_utf8(cli(&agent, &["explain", &id]).stdout).unwrap();
+    for needle in [
+        "verdict: plaintext (tls-disabled)",
+        "declared: PeerAuthentication shop/ratings sets PERMISSIVE for the server's port 9080",
+        "declared: DestinationRule shop/ratings-plaintext sets tls DISABLE for the client's sidecar towards ratings.shop.svc.cluster.local:9080",
+        "contradiction: mtls-disabled (DestinationRule shop/ratings-plaintext, DISABLE)",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+
     // edges: is A -> B encrypted? One row a workload pair and port, each connection once
     // (both of its ends' records are here), what the mesh declares, one word.
     let edges = json(&cli(&agent, &["edges", "-o", "json"]));
@@ -254,6 +272,16 @@ fn on_call_queries() {
             0,
         ),
         ("/web", "/catalog", 5000, "bypassed", "", 0),
+        // Plaintext between two sidecars, as a DestinationRule told web's: allowed by
+        // ratings' PERMISSIVE, and a contradiction of the mesh's own intent.
+        (
+            "/web",
+            "/ratings",
+            9080,
+            "plaintext-allowed",
+            "PERMISSIVE",
+            1,
+        ),
         ("/client", "/api", 8081, "bypassed", "STRICT", 1),
         ("node", "/api", 8081, "plaintext-allowed", "STRICT", 0),
     ] {
@@ -276,11 +304,12 @@ fn on_call_queries() {
 
     // strict-ready: reviews is PERMISSIVE, and its sidecar accepted plaintext from the
     // unmeshed client and from web's application running as the proxy's uid: STRICT would
-    // break both. api's sidecar only saw mTLS (its excluded port is past the sidecar).
+    // break both. ratings' sidecar accepted the plaintext web's sidecar was told to send.
+    // api's sidecar only saw mTLS (its excluded port is past the sidecar).
     let out = cli(&agent, &["strict-ready", "-n", "shop", "-o", "json"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("not ready for STRICT: shop/reviews"),
+        stderr(&out).contains("not ready for STRICT: shop/ratings, shop/reviews"),
         "{}",
         stderr(&out)
     );
@@ -306,6 +335,9 @@ fn on_call_queries() {
     clients.sort_unstable();
     assert_eq!(clients, ["legacy/client", "shop/web"], "{reviews}");
     assert!(reviews["clients"][0]["pod"].is_string(), "{reviews}");
+    let ratings = workload("shop/ratings");
+    assert_eq!(ratings["ready"], false, "{ratings}");
+    assert_eq!(ratings["clients"][0]["workload"], "shop/web", "{ratings}");
     let api = workload("shop/api");
     assert_eq!(
         (&api["ready"], &api["declared"]),
@@ -327,7 +359,9 @@ fn on_call_queries() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
     assert!(
-        text.contains("shop/api") && !text.contains("shop/reviews"),
+        text.contains("shop/api")
+            && !text.contains("shop/reviews")
+            && !text.contains("shop/ratings"),
         "{text}"
     );
 

@@ -4,6 +4,7 @@
 //! the agent, and teardown leaves nothing behind, also after a crash.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     thread,
@@ -300,10 +301,15 @@ fn every_scenario_flow_gets_its_verdict() {
                     scenario.name, e.what
                 ));
             }
-            // Declared intent against the wire: only plaintext that STRICT api's application
-            // accepted past its sidecar contradicts it; compliant traffic never does.
+            // Declared intent against the wire: plaintext that STRICT api's application
+            // accepted past its sidecar, and the plaintext a DestinationRule told web's sidecar
+            // to send to ratings (counted at ratings' end), contradict it; compliant traffic
+            // never does.
             let contradiction = match (scenario.name, e.what) {
                 ("strict-excluded-inbound", "server socket") => Value::from("strict-plaintext"),
+                ("rule-plaintext", "server sidecar accepting client") => {
+                    Value::from("mtls-disabled")
+                }
                 _ => Value::Null,
             };
             if r["contradiction"] != contradiction {
@@ -313,11 +319,28 @@ fn every_scenario_flow_gets_its_verdict() {
                 ));
             }
             // What the PeerAuthentication objects beside the pods declare for the server
-            // (shop STRICT, its reviews PERMISSIVE), on the port its client dialled.
+            // (shop STRICT, its reviews and ratings PERMISSIVE), on the port its client
+            // dialled; and the DestinationRule that turns TLS off from web's sidecar to
+            // ratings, on the connection's both ends.
+            let rule = &r["policy"]["destination_rule"];
+            // (Not on the hops inside ratings: their client is its sidecar's passthrough.)
+            let ruled = scenario.name == "rule-plaintext"
+                && !e.what.starts_with("server sidecar to")
+                && !e.what.starts_with("server app");
+            if ruled != (rule["name"] == "ratings-plaintext" && rule["tls"] == "DISABLE") {
+                wrong.push(format!(
+                    "{}: {}: destination rule {rule}",
+                    scenario.name, e.what
+                ));
+            }
             let declared = match (scenario.name, e.what) {
-                ("mesh-mtls", "api sidecar accepting web" | "web sidecar to api") => {
+                ("mesh-mtls", "server sidecar accepting client" | "client sidecar to server") => {
                     Some(("default", "STRICT", 8080))
                 }
+                (
+                    "rule-plaintext",
+                    "server sidecar accepting client" | "client sidecar to server",
+                ) => Some(("ratings", "PERMISSIVE", 9080)),
                 ("permissive-plaintext", _) => Some(("reviews", "PERMISSIVE", 9080)),
                 ("strict-excluded-inbound", _) => Some(("default", "STRICT", 8081)),
                 ("excluded-port", _) => None,
@@ -482,15 +505,15 @@ fn the_pod_list_reads_like_kubectl_get_pods() {
         serde_json::from_str(&std::fs::read_to_string(node.dir.join("pods.json")).unwrap())
             .unwrap();
     assert_eq!(list["kind"], "List");
-    // The pods, then the mesh policy declared for them: shop STRICT, its reviews PERMISSIVE,
-    // as its sidecars' Envoy configurations are.
+    // The pods, then the mesh policy declared for them: shop STRICT, its reviews and ratings
+    // PERMISSIVE, as its sidecars' Envoy configurations are; the DestinationRule that web's
+    // sidecar's plaintext cluster to ratings matches; a Service per serving deployment.
     let items = list["items"].as_array().unwrap();
-    let (pods, policy) = items.split_at(node.pods.len());
-    let declared: Vec<(&str, &str, &str, &Value)> = policy
-        .iter()
+    let (pods, rest) = items.split_at(node.pods.len());
+    let of_kind = |kind: &'static str| rest.iter().filter(move |p| p["kind"] == kind);
+    let declared: Vec<(&str, &str, &Value)> = of_kind("PeerAuthentication")
         .map(|p| {
             (
-                p["kind"].as_str().unwrap(),
                 p["metadata"]["name"].as_str().unwrap(),
                 p["spec"]["mtls"]["mode"].as_str().unwrap(),
                 &p["spec"]["selector"]["matchLabels"]["app"],
@@ -500,15 +523,36 @@ fn the_pod_list_reads_like_kubectl_get_pods() {
     assert_eq!(
         declared,
         [
-            ("PeerAuthentication", "default", "STRICT", &Value::Null),
-            (
-                "PeerAuthentication",
-                "reviews",
-                "PERMISSIVE",
-                &Value::from("reviews")
-            ),
+            ("default", "STRICT", &Value::Null),
+            ("ratings", "PERMISSIVE", &Value::from("ratings")),
+            ("reviews", "PERMISSIVE", &Value::from("reviews")),
         ]
     );
+    let rules: Vec<(&Value, &Value, &Value)> = of_kind("DestinationRule")
+        .map(|r| {
+            (
+                &r["metadata"]["name"],
+                &r["spec"]["host"],
+                &r["spec"]["trafficPolicy"]["tls"]["mode"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [(
+            &Value::from("ratings-plaintext"),
+            &Value::from("ratings"),
+            &Value::from("DISABLE")
+        )]
+    );
+    let services: BTreeSet<&str> = of_kind("Service")
+        .map(|s| s["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        services,
+        ["api", "catalog", "coredns", "ratings", "reviews", "vault"].into()
+    );
+    assert_eq!(rest.len(), declared.len() + rules.len() + services.len());
     for (item, pod) in pods.iter().zip(&node.pods) {
         assert_eq!(item["kind"], "Pod");
         let meta = &item["metadata"];

@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: a node in a box with real Envoy sidecars, the agent watching it, and the
-//! nine scenarios run once, each flow printed beside the verdict it must get. The node stays up
+//! scenarios run once, each flow printed beside the verdict it must get. The node stays up
 //! for exploration until `cargo xtask demo --down`.
 
 use std::{

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     fingerprint::Encryption,
     flow::record::FlowRecord,
+    intent::contradicted,
     verdict::{OwnerKind, Verdict},
 };
 
@@ -240,8 +241,22 @@ fn evidence(r: &FlowRecord) -> Vec<String> {
             ),
         });
     }
+    if let Some(rule) = r.policy.as_ref().and_then(|p| p.destination_rule.as_ref()) {
+        lines.push(format!(
+            "declared: {} sets tls {} for the client's sidecar towards {}:{}",
+            rule.reference(),
+            rule.tls.as_str(),
+            rule.host,
+            rule.port
+        ));
+    }
     if let Some(c) = r.contradiction {
-        lines.push(format!("contradiction: {c}: {}", c.describe()));
+        let by = match contradicted(r) {
+            Some((Some(object), mode)) => format!(" ({object}, {mode})"),
+            Some((None, mode)) => format!(" (Istio's default, {mode})"),
+            None => String::new(),
+        };
+        lines.push(format!("contradiction: {c}{by}: {}", c.describe()));
     }
     lines.push(match (&r.tls, &r.plaintext) {
         (None, None) if r.encryption.is_encrypted() => {

@@ -324,6 +324,7 @@ mod tests {
             object: None,
             mode: MtlsMode::Strict,
             port: 5000,
+            destination_rule: None,
         });
         server.contradiction = Some(Contradiction::StrictPlaintext);
         let mut hop = end(3, Egress, Verdict::InPod, Encryption::Plaintext);

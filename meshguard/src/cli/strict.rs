@@ -180,6 +180,7 @@ mod tests {
             object: None,
             mode: MtlsMode::Permissive,
             port: 5000,
+            destination_rule: None,
         });
         r
     }

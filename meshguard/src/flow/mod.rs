@@ -267,6 +267,7 @@ impl Flow {
             encryption: self.encryption,
             alpn: self.tls().map_or(&[], |t| t.alpn.as_slice()),
             hello_complete: self.hello_complete(),
+            plaintext_declared_by: None,
         }
     }
 }

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     fingerprint::{Encryption, PlaintextProtocol, TlsInfo},
     intent::Contradiction,
-    inventory::policy::{MtlsMode, PolicyRef},
+    inventory::{
+        destination::ClientTls,
+        policy::{MtlsMode, PolicyKind, PolicyRef, TlsMode},
+    },
     verdict::{Direction, OwnerKind, Party, Path, Verdict},
     wire::wire_enum,
 };
@@ -377,7 +380,8 @@ pub struct PlaintextRecord {
     pub path: Option<String>,
 }
 
-/// The declared mTLS of a connection's server.
+/// What the mesh declares for a connection between meshed workloads: the mTLS its server's
+/// sidecar accepts, and the TLS a DestinationRule tells its client's sidecar to use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRecord {
     /// The PeerAuthentication that sets the mode; absent where none does (Istio's default).
@@ -386,6 +390,43 @@ pub struct PolicyRecord {
     pub mode: MtlsMode,
     /// The server's port it applies to: the one its client dialled.
     pub port: u16,
+    /// The rule that sets the client's sidecar's TLS, where the client has a sidecar and a
+    /// rule sets a mode (else Istio's automatic mTLS decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_rule: Option<DestinationRuleRecord>,
+}
+
+/// A DestinationRule as it governs one connection's client side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationRuleRecord {
+    pub namespace: String,
+    pub name: String,
+    /// The Service the rule was found for, by its fully qualified name, and its port.
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+}
+
+impl From<ClientTls> for DestinationRuleRecord {
+    fn from(t: ClientTls) -> Self {
+        Self {
+            namespace: t.rule.namespace,
+            name: t.rule.name,
+            host: t.host,
+            port: t.port,
+            tls: t.mode,
+        }
+    }
+}
+
+impl DestinationRuleRecord {
+    pub fn reference(&self) -> PolicyRef {
+        PolicyRef {
+            kind: PolicyKind::DestinationRule,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,15 +1,16 @@
 //! `--inventory kubernetes`: this node's pods from the API server (in-cluster configuration,
 //! or a kubeconfig outside a cluster), watched with a field selector on `spec.nodeName`,
-//! namespaces for OpenShift's per-namespace proxy uid, and the mesh's PeerAuthentication and
+//! namespaces for OpenShift's per-namespace proxy uid, the mesh's PeerAuthentication and
 //! DestinationRule objects (`security.istio.io` and `networking.istio.io`, `v1beta1`, which
-//! every Istio and OpenShift Service Mesh still in support serves). Each watch relists after
+//! every Istio and OpenShift Service Mesh still in support serves), and the Services that
+//! rules' hosts name. Each watch relists after
 //! any gap and backs off on errors; an object that does not parse keeps its last good version.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as ServiceObject};
 use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{watcher, WatchStreamExt as _},
@@ -19,6 +20,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::{
+    destination::Service,
     namespace_proxy_uid,
     policy::{DestinationRule, MeshPolicy, PeerAuthentication},
     Inventory, ParsedPod, PodInfo, Shared,
@@ -45,6 +47,7 @@ pub struct Store {
     namespaces: BTreeMap<String, u32>,
     peer_authentications: Objects<PeerAuthentication>,
     destination_rules: Objects<DestinationRule>,
+    services: Objects<Service>,
 }
 
 /// The objects of one watch, by `namespace/name`: a relist replaces them once it is complete,
@@ -155,11 +158,16 @@ impl Store {
             .change(change, "DestinationRule", DestinationRule::parse)
     }
 
+    pub fn service(&mut self, change: Change) -> bool {
+        self.services.change(change, "Service", Service::parse)
+    }
+
     pub fn inventory(&self) -> Inventory {
         Inventory::with_namespaces(SOURCE, self.pods.all(), &self.namespaces).with_policy(
             MeshPolicy {
                 peer_authentications: self.peer_authentications.all(),
                 destination_rules: self.destination_rules.all(),
+                services: self.services.all(),
             },
         )
     }
@@ -230,9 +238,18 @@ pub async fn start(node_name: &str, shared: Shared) -> anyhow::Result<()> {
         ),
         "destinationrules",
         watcher::Config::default(),
+        Arc::clone(&store),
+        Arc::clone(&shared),
+        Store::destination_rule,
+    ));
+    let services: Api<ServiceObject> = Api::all(client);
+    tokio::spawn(watch(
+        services,
+        "services",
+        watcher::Config::default(),
         store,
         shared,
-        Store::destination_rule,
+        Store::service,
     ));
     Ok(())
 }
@@ -293,7 +310,7 @@ async fn watch<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::policy::DEFAULT_ROOT_NAMESPACE;
+    use crate::inventory::{destination::Workload, policy::DEFAULT_ROOT_NAMESPACE};
 
     fn fixture() -> Value {
         serde_json::from_str(include_str!("../../tests/fixtures/istio-pod.json")).unwrap()
@@ -416,7 +433,28 @@ mod tests {
             "metadata": {"name": "reviews", "namespace": "bookinfo"},
             "spec": {"host": "reviews", "trafficPolicy": {"tls": {"mode": "DISABLE"}}}});
         assert!(store.destination_rule(Change::Upsert(dr)));
-        assert_eq!(store.inventory().policy.destination_rules.len(), 1);
+        // Its host, a Service, through the Services' watch (the typed object, as it arrives).
+        let rule = |store: &Store| {
+            let inv = store.inventory();
+            let pod = fixture_pod(&inv);
+            let end = Workload {
+                namespace: &pod.namespace,
+                labels: &pod.labels,
+                named_ports: &pod.named_ports,
+            };
+            inv.policy
+                .client_tls(DEFAULT_ROOT_NAMESPACE, &end, &end, 9080)
+                .map(|t| (t.mode.as_str(), t.rule.name))
+        };
+        assert_eq!(rule(&store), None, "no Service: the host names nothing");
+        let service: ServiceObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "reviews", "namespace": "bookinfo", "resourceVersion": "12"},
+            "spec": {"selector": {"app": "reviews"}, "type": "ClusterIP",
+                     "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]}}))
+        .unwrap();
+        assert!(store.service(Change::Upsert(serde_json::to_value(service).unwrap())));
+        assert_eq!(rule(&store), Some(("DISABLE", "reviews".to_string())));
     }
 
     #[test]

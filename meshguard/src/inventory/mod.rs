@@ -3,6 +3,7 @@
 //! replaced whole when the source changes; trouble with the source never empties it.
 
 pub mod cgroups;
+pub mod destination;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod pod;

@@ -89,6 +89,8 @@ pub struct PodInfo {
     pub exclude_outbound_ranges: Vec<IpNet>,
     /// Ports kubelet probes (HTTP, TCP or gRPC; named ports resolved).
     pub probe_ports: BTreeSet<u16>,
+    /// The containers' named ports (what a Service's `targetPort` may name).
+    pub named_ports: BTreeMap<String, u16>,
     /// Init containers, then main ones, then ephemeral ones, in spec order.
     pub containers: Vec<ContainerInfo>,
 }
@@ -112,6 +114,7 @@ impl Default for PodInfo {
             exclude_inbound_ports: BTreeSet::new(),
             exclude_outbound_ranges: Vec::new(),
             probe_ports: BTreeSet::new(),
+            named_ports: BTreeMap::new(),
             containers: Vec::new(),
         }
     }
@@ -251,6 +254,7 @@ impl PodInfo {
             exclude_inbound_ports: ports(EXCLUDE_INBOUND_PORTS)?,
             exclude_outbound_ranges,
             probe_ports: probe_ports(&long_running),
+            named_ports: named_ports(&long_running),
             containers,
         };
         Ok(ParsedPod { pod, warnings })
@@ -462,6 +466,17 @@ fn workload(pod_name: &str, meta: &Value) -> Workload {
             name: name.into(),
         },
     }
+}
+
+fn named_ports(containers: &[&Value]) -> BTreeMap<String, u16> {
+    containers
+        .iter()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .filter_map(|p| {
+            let port = u16::try_from(p["containerPort"].as_u64()?).ok()?;
+            Some((p["name"].as_str()?.to_string(), port))
+        })
+        .collect()
 }
 
 fn probe_ports(containers: &[&Value]) -> BTreeSet<u16> {

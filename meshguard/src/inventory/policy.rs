@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, fmt, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::destination::Service;
 use crate::wire::wire_enum;
 use serde_json::Value;
 
@@ -19,10 +20,12 @@ use serde_json::Value;
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 
 wire_enum! {
-    /// The kinds of mesh policy objects meshguard reads.
+    /// The kinds of mesh policy objects meshguard reads, and the Services a rule's host
+    /// names.
     pub enum PolicyKind ("policy kind") {
         PeerAuthentication = "PeerAuthentication",
         DestinationRule = "DestinationRule",
+        Service = "Service",
     }
 }
 
@@ -81,7 +84,7 @@ pub struct Meta {
 }
 
 impl Meta {
-    fn parse(item: &Value, kind: PolicyKind) -> Result<Self, PolicyError> {
+    pub(super) fn parse(item: &Value, kind: PolicyKind) -> Result<Self, PolicyError> {
         let meta = &item["metadata"];
         let namespace = meta["namespace"].as_str().unwrap_or("default");
         let error = |object: String, what: String| PolicyError { kind, object, what };
@@ -114,7 +117,7 @@ impl Meta {
     }
 
     /// Oldest first; a tie (or no time) by name, so that the choice never depends on order.
-    fn older_than(&self, other: &Meta) -> bool {
+    pub(super) fn older_than(&self, other: &Meta) -> bool {
         let key = |m: &Meta| {
             (
                 m.created.is_none(),
@@ -126,7 +129,16 @@ impl Meta {
         key(self) < key(other)
     }
 
-    fn reference(&self, kind: PolicyKind) -> PolicyRef {
+    /// What is wrong with the object this is of.
+    pub(super) fn error(&self, kind: PolicyKind, what: String) -> PolicyError {
+        PolicyError {
+            kind,
+            object: format!("{}/{}", self.namespace, self.name),
+            what,
+        }
+    }
+
+    pub(super) fn reference(&self, kind: PolicyKind) -> PolicyRef {
         PolicyRef {
             kind,
             namespace: self.namespace.clone(),
@@ -164,11 +176,12 @@ pub struct DestinationRule {
     pub ports: BTreeMap<u16, TlsMode>,
 }
 
-/// Every mesh policy object known.
+/// Every mesh policy object known, and the Services that rules' hosts name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshPolicy {
     pub peer_authentications: Vec<PeerAuthentication>,
     pub destination_rules: Vec<DestinationRule>,
+    pub services: Vec<Service>,
 }
 
 /// The mTLS a workload's sidecar accepts on one port, and the object that says so.
@@ -235,7 +248,10 @@ impl MeshPolicy {
 }
 
 /// Whether a `matchLabels` selector selects an object with these labels.
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub(super) fn selects(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -262,6 +278,7 @@ impl ParsedPolicy {
             PolicyKind::DestinationRule => {
                 DestinationRule::parse(item).map(|d| self.policy.destination_rules.push(d))
             }
+            PolicyKind::Service => Service::parse(item).map(|s| self.policy.services.push(s)),
         };
         if let Err(mut e) = parsed {
             if e.object.ends_with("<no name>") {
@@ -292,6 +309,10 @@ impl ParsedPolicy {
                         .filter(|d| same(&d.meta))
                         .cloned(),
                 ),
+                PolicyKind::Service => self
+                    .policy
+                    .services
+                    .extend(previous.services.iter().filter(|d| same(&d.meta)).cloned()),
             }
         }
     }
@@ -301,11 +322,7 @@ impl PeerAuthentication {
     pub fn parse(item: &Value) -> Result<Self, PolicyError> {
         const KIND: PolicyKind = PolicyKind::PeerAuthentication;
         let meta = Meta::parse(item, KIND)?;
-        let error = |what: String| PolicyError {
-            kind: KIND,
-            object: format!("{}/{}", meta.namespace, meta.name),
-            what,
-        };
+        let error = |what: String| meta.error(KIND, what);
         let spec = &item["spec"];
         let selector = match_labels(&spec["selector"]["matchLabels"])
             .map_err(|w| error(format!("selector.matchLabels: {w}")))?;
@@ -341,11 +358,7 @@ impl DestinationRule {
     pub fn parse(item: &Value) -> Result<Self, PolicyError> {
         const KIND: PolicyKind = PolicyKind::DestinationRule;
         let meta = Meta::parse(item, KIND)?;
-        let error = |what: String| PolicyError {
-            kind: KIND,
-            object: format!("{}/{}", meta.namespace, meta.name),
-            what,
-        };
+        let error = |what: String| meta.error(KIND, what);
         let spec = &item["spec"];
         let Some(host) = spec["host"].as_str().filter(|h| !h.is_empty()) else {
             return Err(error("host is missing".into()));
@@ -406,7 +419,7 @@ impl DestinationRule {
 }
 
 /// A `matchLabels` map; absent is empty.
-fn match_labels(v: &Value) -> Result<BTreeMap<String, String>, String> {
+pub(super) fn match_labels(v: &Value) -> Result<BTreeMap<String, String>, String> {
     match v {
         Value::Null => Ok(BTreeMap::new()),
         Value::Object(labels) => labels
@@ -447,7 +460,7 @@ fn port_number(key: &str) -> Result<u16, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use serde_json::json;
 
     use super::*;
@@ -469,7 +482,7 @@ mod tests {
         })
     }
 
-    fn policy(items: &[Value]) -> MeshPolicy {
+    pub(in crate::inventory) fn policy(items: &[Value]) -> MeshPolicy {
         let mut parsed = ParsedPolicy::default();
         for (i, item) in items.iter().enumerate() {
             assert!(parsed.add(item, i));
@@ -478,15 +491,15 @@ mod tests {
         parsed.policy
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pub(in crate::inventory) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
-    const T0: &str = "2026-01-01T00:00:00Z";
-    const T1: &str = "2026-02-01T00:00:00Z";
+    pub(in crate::inventory) const T0: &str = "2026-01-01T00:00:00Z";
+    pub(in crate::inventory) const T1: &str = "2026-02-01T00:00:00Z";
 
     /// Mesh, namespace, workload and port, one row a case: (objects, namespace, labels, port)
     /// to (mode, governing object).

@@ -250,7 +250,7 @@ pub fn sidecar(spec: &PodSpec, node_id: &str, certs: &Path, log: &Path) -> Strin
     };
 
     let mut outbound_chains = String::new();
-    for peer in &spec.mesh_peers {
+    for peer in spec.mesh_peers.iter().chain(&spec.plaintext_peers) {
         let cluster = mesh_cluster_name(peer);
         outbound_chains += &format!(
             "- name: \"{cluster}\"\n  filter_chain_match: {{ destination_port: {} }}\n  filters:\n  {}\n",
@@ -327,6 +327,14 @@ filter_chains:
         .iter()
         .map(|peer| proxy.mesh_cluster(peer, None))
         .collect();
+    // What a DestinationRule's `tls.mode: DISABLE` makes of a mesh service's cluster: no
+    // transport socket.
+    clusters.extend(spec.plaintext_peers.iter().map(|peer| {
+        format!(
+            "- name: \"{}\"\n  type: ORIGINAL_DST\n  lb_policy: CLUSTER_PROVIDED\n  connect_timeout: 5s",
+            mesh_cluster_name(peer)
+        )
+    }));
     clusters.push(
         "- name: PassthroughCluster\n  type: ORIGINAL_DST\n  lb_policy: CLUSTER_PROVIDED\n  connect_timeout: 5s"
             .into(),
@@ -484,6 +492,42 @@ mod tests {
             2
         );
         assert!(dual.contains("- address: { address: \"::6\", port_value: 0 }"));
+    }
+
+    /// A DestinationRule's DISABLE: a chain and a cluster of its own, without TLS; the mesh
+    /// peer beside it keeps mTLS.
+    #[test]
+    fn a_plaintext_peer_has_a_cluster_without_tls() {
+        let ratings = MeshPeer {
+            port: 9080,
+            service: "ratings".into(),
+            namespace: "shop".into(),
+            service_account: "ratings".into(),
+        };
+        let spec = PodSpec {
+            mesh: Mesh::Sidecar {
+                inbound: InboundMode::Strict,
+                capture: true,
+            },
+            plaintext_peers: vec![ratings],
+            ..PodSpec::new("shop", "web")
+        };
+        let y = sidecar(
+            &spec,
+            "sidecar~10.0.0.1~web",
+            Path::new("/c"),
+            Path::new("/l"),
+        );
+        let cluster = y
+            .split("\n  - name: ")
+            .find(|c| c.starts_with("\"outbound|9080||ratings.shop\""))
+            .unwrap_or_else(|| panic!("no cluster for ratings: {y}"));
+        assert!(cluster.contains("type: ORIGINAL_DST"), "{cluster}");
+        assert!(!cluster.contains("transport_socket"), "{cluster}");
+        assert!(
+            y.contains("filter_chain_match: { destination_port: 9080 }"),
+            "{y}"
+        );
     }
 
     #[test]

@@ -144,6 +144,19 @@ impl App {
         }
     }
 
+    /// The container port's name, which the pod's Service targets (Istio's protocol prefix,
+    /// then the port).
+    pub fn port_name(self) -> String {
+        let protocol = match self {
+            App::Http(_) => "http",
+            App::Tls(_) => "https",
+            App::UdpSink(_) => "udp",
+            App::Dns(_) => "dns",
+            App::Ssh(_) => "tcp-ssh",
+        };
+        format!("{protocol}-{}", self.port())
+    }
+
     /// `TCP` or `UDP`, as a container port says it.
     pub fn protocol(self) -> &'static str {
         match self {
@@ -172,6 +185,10 @@ pub struct PodSpec {
     pub exclude: Exclusions,
     /// Services the sidecar knows as mesh destinations.
     pub mesh_peers: Vec<MeshPeer>,
+    /// Mesh services a DestinationRule tells the sidecar to reach in plaintext (`tls.mode:
+    /// DISABLE`, written beside the pods): a cluster of their own without TLS, as Istio
+    /// configures it.
+    pub plaintext_peers: Vec<MeshPeer>,
 }
 
 impl PodSpec {
@@ -189,6 +206,7 @@ impl PodSpec {
             probe_port: None,
             exclude: Exclusions::default(),
             mesh_peers: Vec::new(),
+            plaintext_peers: Vec::new(),
         }
     }
 

@@ -164,11 +164,13 @@ fn init_container_status(pod: &Pod) -> Value {
     })
 }
 
-/// The node's pods, and the mesh policy declared for them, as `kubectl get
-/// pods,peerauthentications -o json` lists them.
+/// The node's pods, the mesh policy declared for them and the Services its rules name, as
+/// `kubectl get pods,peerauthentications,destinationrules,services -o json` lists them.
 pub fn pod_list(node: &Node) -> Value {
     let mut items: Vec<Value> = node.pods.iter().map(|p| pod(node, p)).collect();
     items.extend(peer_authentications(node));
+    items.extend(destination_rules(node));
+    items.extend(services(node));
     json!({
         "apiVersion": "v1",
         "kind": "List",
@@ -242,6 +244,78 @@ fn peer_authentications(node: &Node) -> Vec<Value> {
     out
 }
 
+/// What an operator would have applied for the services a sidecar reaches in plaintext: a
+/// DestinationRule per service, in its namespace, by its short name, turning TLS off.
+fn destination_rules(node: &Node) -> Vec<Value> {
+    let peers: BTreeSet<(&str, &str)> = node
+        .pods
+        .iter()
+        .flat_map(|p| &p.spec.plaintext_peers)
+        .map(|peer| (peer.namespace.as_str(), peer.service.as_str()))
+        .collect();
+    peers
+        .into_iter()
+        .map(|(namespace, service)| {
+            let name = format!("{service}-plaintext");
+            json!({
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "DestinationRule",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": uuid(&format!("dr/{namespace}/{name}")),
+                    "resourceVersion": "1",
+                    "generation": 1,
+                    "creationTimestamp": "2026-01-01T00:00:00Z",
+                },
+                "spec": {
+                    "host": service,
+                    "trafficPolicy": { "tls": { "mode": "DISABLE" } },
+                },
+            })
+        })
+        .collect()
+}
+
+/// A Service per deployment that serves something, selecting its pods by `app`, each port
+/// targeting the container port's name.
+fn services(node: &Node) -> Vec<Value> {
+    let mut seen = BTreeSet::new();
+    node.pods
+        .iter()
+        .map(|p| &p.spec)
+        .filter(|s| !s.apps.is_empty() && seen.insert((&s.namespace, &s.deployment)))
+        .map(|s| {
+            let ports: Vec<Value> = s
+                .apps
+                .iter()
+                .map(|a| {
+                    json!({ "name": a.port_name(), "port": a.port(), "protocol": a.protocol(),
+                            "targetPort": a.port_name() })
+                })
+                .collect();
+            json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": s.deployment,
+                    "namespace": s.namespace,
+                    "uid": uuid(&format!("svc/{}/{}", s.namespace, s.deployment)),
+                    "resourceVersion": "1",
+                    "creationTimestamp": "2026-01-01T00:00:00Z",
+                    "labels": { "app": s.deployment },
+                },
+                "spec": {
+                    "type": "ClusterIP",
+                    "selector": { "app": s.deployment },
+                    "ports": ports,
+                    "sessionAffinity": "None",
+                },
+            })
+        })
+        .collect()
+}
+
 /// The name the pod would have in Kubernetes: its deployment, the ReplicaSet hash, a suffix.
 pub fn pod_name(pod: &Pod) -> String {
     let s = &pod.spec;
@@ -257,10 +331,19 @@ pub fn pod_name(pod: &Pod) -> String {
 fn container(s: &PodSpec, name: &str) -> Value {
     let port = |port: u16, protocol: &str| json!({ "containerPort": port, "protocol": protocol });
     if name != PROXY_CONTAINER {
+        let ports: Vec<Value> = s
+            .apps
+            .iter()
+            .map(|a| {
+                let mut p = port(a.port(), a.protocol());
+                p["name"] = json!(a.port_name());
+                p
+            })
+            .collect();
         let mut app = json!({
             "name": name,
             "image": image(s, name),
-            "ports": s.apps.iter().map(|a| port(a.port(), a.protocol())).collect::<Vec<_>>(),
+            "ports": ports,
         });
         if let Some(port) = s.probe_port {
             app["readinessProbe"] = json!({ "httpGet": { "path": "/healthz", "port": port, "scheme": "HTTP" }, "periodSeconds": 10 });

@@ -36,6 +36,12 @@ pub fn pods() -> Vec<PodSpec> {
                 ..Exclusions::default()
             },
             mesh_peers: vec![api],
+            plaintext_peers: vec![MeshPeer {
+                port: 9080,
+                service: "ratings".into(),
+                namespace: "shop".into(),
+                service_account: "ratings".into(),
+            }],
             ..PodSpec::new("shop", "web")
         },
         PodSpec {
@@ -81,6 +87,13 @@ pub fn pods() -> Vec<PodSpec> {
             labels: vec![("k8s-app".into(), "kube-dns".into())],
             ..PodSpec::new("kube-system", "coredns")
         },
+        // Reached by web's sidecar in plaintext, as a DestinationRule tells it (see
+        // podlist.rs), so PERMISSIVE.
+        PodSpec {
+            mesh: sidecar(InboundMode::Permissive, true),
+            apps: vec![App::Http(9080)],
+            ..PodSpec::new("shop", "ratings")
+        },
     ]
 }
 
@@ -104,6 +117,9 @@ pub struct Expected {
     pub remote_port: Option<u16>,
     /// The socket owner, where two sockets share the other fields (app and sidecar).
     pub uid: Option<u32>,
+    /// The address its client dialled, where a sidecar's capture accepted it on a port it
+    /// accepts every destination on.
+    pub dialled: Option<(Party, u16)>,
     pub verdict: &'static str,
     pub reason: &'static str,
 }
@@ -125,6 +141,9 @@ impl Expected {
             && port_ok("local", self.local_port)
             && port_ok("remote", self.remote_port)
             && self.uid.is_none_or(|uid| record["process"]["uid"] == uid)
+            && self.dialled.is_none_or(|(party, port)| {
+                record["local"]["dialled"] == format!("{}:{port}", Self::ip(node, party)).as_str()
+            })
     }
 }
 
@@ -244,6 +263,7 @@ fn end(
         local_port: ports.0,
         remote_port: ports.1,
         uid: None,
+        dialled: None,
         verdict,
         reason,
     }
@@ -274,6 +294,78 @@ fn both_ends(
             (Some(server_local_port), None),
             server_end.0,
             server_end.1,
+        ),
+    ]
+}
+
+/// A meshed client's application calling a meshed server's, captured at both ends: the hops
+/// inside each pod, and the sidecar-to-sidecar hop across the bridge with the verdict and
+/// reason `bridge` names at both its ends.
+fn through_both_sidecars(
+    client: &'static str,
+    server: &'static str,
+    port: u16,
+    bridge: (&'static str, &'static str),
+) -> Vec<Expected> {
+    let (client, server) = (Party::Pod(client), Party::Pod(server));
+    let sidecar_to_app = Party::Loopback(INBOUND_PASSTHROUGH_SOURCE);
+    vec![
+        Expected {
+            uid: Some(APP_UID),
+            ..end(
+                "client app to its sidecar (redirected)",
+                client,
+                server,
+                (None, Some(port)),
+                "in-pod",
+                "app-to-sidecar",
+            )
+        },
+        Expected {
+            dialled: Some((server, port)),
+            ..end(
+                "client sidecar accepting its app",
+                Party::Loopback("127.0.0.1"),
+                client,
+                (Some(OUTBOUND_PORT), None),
+                "in-pod",
+                "app-to-sidecar",
+            )
+        },
+        Expected {
+            uid: Some(PROXY_UID),
+            ..end(
+                "client sidecar to server",
+                client,
+                server,
+                (None, Some(port)),
+                bridge.0,
+                bridge.1,
+            )
+        },
+        end(
+            "server sidecar accepting client",
+            server,
+            client,
+            (Some(INBOUND_PORT), None),
+            bridge.0,
+            bridge.1,
+        ),
+        end(
+            "server sidecar to its app",
+            sidecar_to_app,
+            server,
+            (None, Some(port)),
+            "in-pod",
+            "sidecar-to-app",
+        ),
+        end(
+            "server app accepting its sidecar",
+            server,
+            sidecar_to_app,
+            (Some(port), None),
+            "in-pod",
+            "sidecar-to-app",
         ),
     ]
 }
@@ -315,65 +407,22 @@ pub fn all() -> Vec<Scenario> {
                 sni: api_sni,
                 alpn: ISTIO_ALPN.map(String::from).to_vec(),
             },
-            expect: vec![
-                with_uid(
-                    end(
-                        "web app to its sidecar (redirected)",
-                        web,
-                        Party::Pod("api"),
-                        (None, Some(8080)),
-                        "in-pod",
-                        "app-to-sidecar",
-                    ),
-                    APP_UID,
-                ),
-                end(
-                    "web sidecar accepting its app",
-                    Party::Loopback("127.0.0.1"),
-                    web,
-                    (Some(OUTBOUND_PORT), None),
-                    "in-pod",
-                    "app-to-sidecar",
-                ),
-                with_uid(
-                    end(
-                        "web sidecar to api",
-                        web,
-                        Party::Pod("api"),
-                        (None, Some(8080)),
-                        "mtls",
-                        "istio-mtls",
-                    ),
-                    PROXY_UID,
-                ),
-                end(
-                    "api sidecar accepting web",
-                    Party::Pod("api"),
-                    web,
-                    (Some(INBOUND_PORT), None),
-                    "mtls",
-                    "istio-mtls",
-                ),
-                end(
-                    "api sidecar to its app",
-                    Party::Loopback(INBOUND_PASSTHROUGH_SOURCE),
-                    Party::Pod("api"),
-                    (None, Some(8080)),
-                    "in-pod",
-                    "sidecar-to-app",
-                ),
-                end(
-                    "api app accepting its sidecar",
-                    Party::Pod("api"),
-                    Party::Loopback(INBOUND_PASSTHROUGH_SOURCE),
-                    (Some(8080), None),
-                    "in-pod",
-                    "sidecar-to-app",
-                ),
-            ],
+            expect: through_both_sidecars("web", "api", 8080, ("mtls", "istio-mtls")),
             client_port: None,
             also: Vec::new(),
             drive: |node| curl(node, "web", APP_UID, &[], &url(node, "api", 8080, "/")),
+        },
+        Scenario {
+            name: "rule-plaintext",
+            title: "meshed web calls meshed ratings through both sidecars, in plaintext as a DestinationRule says",
+            client: web,
+            server: "ratings",
+            port: 9080,
+            wire: plain(),
+            expect: through_both_sidecars("web", "ratings", 9080, ("plaintext", "tls-disabled")),
+            client_port: None,
+            also: Vec::new(),
+            drive: |node| curl(node, "web", APP_UID, &[], &url(node, "ratings", 9080, "/")),
         },
         Scenario {
             name: "excluded-port",
