@@ -45,6 +45,9 @@ pub enum Awaiting {
     Owner,
     /// The process name, where the container is unknown and the uid is the proxy's.
     Process,
+    /// The address a proxy's accepted connection was dialled to (what its capture hides, and
+    /// what declared intent is looked up by), which its first reply shows.
+    Dialled,
 }
 
 /// The most often the cgroup tree is walked again for a cgroup it did not show.
@@ -171,6 +174,12 @@ impl Judge {
             None
         } else if ev.encryption == Encryption::Tls && !ev.hello_complete && !head_only {
             Some(Awaiting::Handshake)
+        } else if ev.direction == Direction::Ingress
+            && matches!(owner, Owner::Container { container, .. } if container.proxy)
+            && flow.dialled().is_none()
+            && flow.kernel.counters.packets_sent == 0
+        {
+            Some(Awaiting::Dialled)
         } else if let (Some(pod), Owner::Unknown) = (meshed, owner) {
             if flow.cgroup().is_some() && self.cgroups.containers() > 0 {
                 Some(Awaiting::Owner)
@@ -660,6 +669,51 @@ mod tests {
             .collect::<Vec<_>>();
         assert_eq!(later.len(), 1);
         assert!(!later[0].verdict.is_bypass(), "{:?}", later[0]);
+    }
+
+    /// A sidecar's accepted connection is first reported once its reply shows the address its
+    /// client dialled: judged before, it would be looked up by the capture port (15006), where
+    /// no declared intent is.
+    #[test]
+    fn a_sidecar_s_accepted_flow_waits_for_the_address_its_client_dialled() {
+        let (inventory, mut judge) = node();
+        let policy = Policy::default();
+        let mut accepted = proxy_socket();
+        accepted.tuple.direction = DIRECTION_INGRESS;
+        accepted.tuple.local_port = 15006;
+        accepted.tuple.remote_port = 40000;
+        let mut table = FlowTable::new(8, SystemTime::UNIX_EPOCH);
+        let mut feed = |table: &mut FlowTable, state: FlowState, direction| {
+            let (mut updates, mut forget) = (Vec::new(), Vec::new());
+            table.apply(
+                &decode(&sample_at(
+                    1,
+                    state,
+                    direction,
+                    0,
+                    b"GET / HTTP/1.1\r\n\r\n",
+                ))
+                .unwrap(),
+                &mut updates,
+                &mut forget,
+            );
+            table
+                .take_waiting()
+                .into_iter()
+                .map(Update::Evidence)
+                .chain(updates)
+                .filter_map(|u| judge.record(table, u, &inventory, &policy, &"n".into(), 10))
+                .collect::<Vec<_>>()
+        };
+        assert!(feed(&mut table, accepted, DIRECTION_INGRESS).is_empty());
+        // Its reply leaves, after NAT, from the address the client dialled.
+        accepted.flags |= flags::DIALLED;
+        accepted.redirect.addr = accepted.tuple.local_addr;
+        accepted.redirect.port = 9080;
+        accepted.counters.packets_sent = 1;
+        let records = feed(&mut table, accepted, DIRECTION_EGRESS);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].policy.as_ref().map(|p| p.port), Some(9080));
     }
 }
 
