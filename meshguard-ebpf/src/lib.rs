@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the event and map layouts below.
-pub const LAYOUT_VERSION: u16 = 4;
+pub const LAYOUT_VERSION: u16 = 5;
 
 /// Most stream bytes sampled per TCP direction: a TLS handshake's whole first record and the
 /// header of the record after it. Real ClientHellos reach 1.3-2.3 KB (post-quantum key shares,
@@ -39,6 +39,9 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
     pub const REPORTED: &str = "REPORTED";
+    pub const ENFORCE: &str = "ENFORCE";
+    pub const ALLOWED: &str = "ALLOWED";
+    pub const ENFORCE_UNTIL: &str = "ENFORCE_UNTIL";
 
     pub const SOCK_OPS: &str = "flow_lifecycle";
     pub const SKB_EGRESS: &str = "flow_egress";
@@ -106,7 +109,65 @@ pub mod flags {
     /// `FlowState::redirect` holds the address its client dialled, which the socket's replies
     /// leave from after NAT.
     pub const DIALLED: u32 = 1 << 9;
+    /// Enforcement judged the flow, at the first payload packet its socket sent (a client's) or
+    /// received (a server's).
+    pub const ENFORCE_JUDGED: u32 = 1 << 10;
+    /// In `audit`: plaintext past the sidecar that `enforce` would have refused.
+    pub const WOULD_REFUSE: u32 = 1 << 11;
+    /// In `enforce`: refused; every payload packet of the flow is dropped, from the first.
+    pub const REFUSED: u32 = 1 << 12;
 }
+
+/// `Enforce::mode`: judge and record, refuse nothing.
+pub const MODE_AUDIT: u8 = 1;
+/// `Enforce::mode`: refuse.
+pub const MODE_ENFORCE: u8 = 2;
+
+/// The `ENFORCE` map's value, by the cgroup id of an application container of a meshed pod
+/// (never its proxy's): a TCP socket it owns whose first payload is plaintext (not a TLS
+/// handshake record, not an SSH banner), that is neither over the loopback device nor
+/// redirected (so past the sidecar), and that no `ALLOWED` entry covers, is refused; a
+/// client's always, a server's only with `inbound`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enforce {
+    /// [`MODE_AUDIT`] or [`MODE_ENFORCE`].
+    pub mode: u8,
+    /// 1: inbound plaintext too (the workload is STRICT: its sidecar would refuse it).
+    pub inbound: u8,
+    pub _pad: [u8; 6],
+}
+
+/// The data of an `ALLOWED` key (longest prefix match): plaintext the verdict policy expects
+/// (DNS, probes, its own rules), never refused. Scope, direction, family and port match whole
+/// ([`ALLOW_FIXED_BITS`]); the peer's address to the entry's prefix length beyond them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowKey {
+    /// The cgroup id the entry is for, in native byte order ([`AllowKey::scope`]); 0: every
+    /// enforced cgroup. Two words, not a `u64`: the key's data must start right after the
+    /// trie's 4-byte prefix length, with no padding.
+    pub scope: [u32; 2],
+    /// [`DIRECTION_EGRESS`] (to the peer) or [`DIRECTION_INGRESS`] (from it).
+    pub direction: u8,
+    /// `AF_INET` or `AF_INET6`, as a byte.
+    pub family: u8,
+    /// The server's port (the peer's for egress, this end's for ingress), network byte order.
+    pub port: u16,
+    /// The peer's address, as [`FlowTuple`] keeps addresses.
+    pub addr: [u32; 4],
+}
+
+impl AllowKey {
+    /// The `scope` words of a cgroup id.
+    #[inline(always)]
+    pub const fn scope(cgroup: u64) -> [u32; 2] {
+        [cgroup as u32, (cgroup >> 32) as u32]
+    }
+}
+
+/// Bits of an [`AllowKey`] before its address.
+pub const ALLOW_FIXED_BITS: u32 = 96;
 
 /// Indices of the per-CPU `STATS` array. Every loss the kernel side can see is counted here.
 #[repr(u32)]
@@ -311,6 +372,8 @@ const _: () = {
     assert!(size_of::<SampleEvent>() == SAMPLE_HEADER_LEN + SAMPLE_MAX);
     // The kernel bounds lengths by masking: the sizes must be powers of two.
     assert!(size_of::<Reported>() == 32);
+    assert!(size_of::<Enforce>() == 8);
+    assert!(size_of::<AllowKey>() * 8 == ALLOW_FIXED_BITS as usize + 128);
     assert!(SAMPLE_MAX.is_power_of_two() && HELLO_MAX <= u16::MAX as usize);
 };
 
@@ -320,4 +383,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Reported {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Enforce {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AllowKey {}
 }

@@ -3,14 +3,17 @@
 
 use core::ptr::addr_of;
 
+/// Required of an LPM trie: entries are allocated as they are inserted.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
     btf_maps::SkStorage,
     helpers::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use meshguard_ebpf::{FlowCounters, FlowState, Reported, SampleEvent, Stat};
+use meshguard_ebpf::{AllowKey, Enforce, FlowCounters, FlowState, Reported, SampleEvent, Stat};
 
 /// Flow state by socket cookie. LRU so that a flood can never wedge the map; an eviction of a
 /// flow that is still open shows up as `Stat::FlowEvicted` when it closes.
@@ -92,6 +95,21 @@ pub fn quiet_of<T>(sk: *mut T, create: bool) -> *mut Quiet {
         .cast()
     }
 }
+
+/// Written by the agent: what is refused of each enforced container's sockets (see
+/// [`Enforce`]). Empty: nothing is.
+#[map(name = "ENFORCE")]
+pub static ENFORCE: HashMap<u64, Enforce> = HashMap::with_max_entries(8192, 0);
+
+/// Written by the agent: plaintext the verdict policy expects (see [`AllowKey`]).
+#[map(name = "ALLOWED")]
+pub static ALLOWED: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Written by the agent, `[0]`: until when (`bpf_ktime_get_ns`) it vouches for `ENFORCE`. It
+/// renews it while it runs; an agent that stops or hangs lets it lapse, and then nothing is
+/// refused (fail-open), unless it was told to keep it (`u64::MAX`).
+#[map(name = "ENFORCE_UNTIL")]
+pub static ENFORCE_UNTIL: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);

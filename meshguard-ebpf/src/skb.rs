@@ -2,7 +2,8 @@
 //! reads the IP and L4 headers; per packet with payload it finds the flow by socket cookie and
 //! adds to its counters. Once per flow it records the socket owner's uid and whether egress was
 //! redirected away from the socket's peer; once per direction it copies the first payload bytes
-//! into a `Sample` event. It always lets the packet through.
+//! into a `Sample` event. It lets every packet through but those of a flow that enforcement
+//! refuses (see `enforce`).
 //!
 //! A direction of a TCP flow followed from its start whose evidence is all taken (owner, the
 //! redirect, the direction sampled), once the flow has carried `QUIET_AFTER` payload packets,
@@ -16,17 +17,18 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::{bpf_ktime_get_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes},
     macros::cgroup_skb,
+    maps::lpm_trie::Key,
     programs::SkBuffContext,
 };
 use meshguard_ebpf::{
-    flags, peer_key, EventKind, FlowState, FlowTuple, Redirect, Stat, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, HEAD_LEN, HELLO_MAX, PLAIN_SAMPLE, SAMPLES_PER_DIRECTION, SAMPLE_HEADER_LEN,
-    SAMPLE_MAX,
+    flags, peer_key, AllowKey, EventKind, FlowState, FlowTuple, Redirect, Stat, ALLOW_FIXED_BITS,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, HEAD_LEN, HELLO_MAX, MODE_ENFORCE, PLAIN_SAMPLE,
+    SAMPLES_PER_DIRECTION, SAMPLE_HEADER_LEN, SAMPLE_MAX,
 };
 
 use crate::{
     flow::{add, cookie_of, emit, header, normalize_mapped, wakeup_flags},
-    maps::{count, quiet_of, EVENTS, FLOWS, SAMPLE_SCRATCH},
+    maps::{count, quiet_of, ALLOWED, ENFORCE, ENFORCE_UNTIL, EVENTS, FLOWS, SAMPLE_SCRATCH},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -50,14 +52,12 @@ const EVIDENCE_TAKEN: u32 = flags::LIFECYCLE | flags::UID;
 
 #[cgroup_skb(egress)]
 pub fn flow_egress(ctx: SkBuffContext) -> i32 {
-    on_packet(&ctx, DIRECTION_EGRESS);
-    1
+    i32::from(on_packet(&ctx, DIRECTION_EGRESS))
 }
 
 #[cgroup_skb(ingress)]
 pub fn flow_ingress(ctx: SkBuffContext) -> i32 {
-    on_packet(&ctx, DIRECTION_INGRESS);
-    1
+    i32::from(on_packet(&ctx, DIRECTION_INGRESS))
 }
 
 /// What the headers say. `peer` is the destination of an egress packet, the source of an
@@ -118,26 +118,27 @@ struct Ports {
     dport: u16,
 }
 
+/// Whether the packet may pass.
 #[inline(always)]
-fn on_packet(ctx: &SkBuffContext, direction: u8) {
+fn on_packet(ctx: &SkBuffContext, direction: u8) -> bool {
     if cfg!(feature = "empty") {
-        return;
+        return true;
     }
     let Some(packet) = parse(ctx, direction) else {
-        return;
+        return true;
     };
     // Segments without payload (ACKs, handshake, FIN, TIME_WAIT) change nothing meshguard
     // reports: skipping them before the map lookup halves the work of a bulk transfer.
     if packet.protocol == IPPROTO_TCP && packet.payload_len == 0 {
-        return;
+        return true;
     }
     // Only a TCP flow goes quiet: a UDP packet need not look.
     if packet.protocol == IPPROTO_TCP && count_quietly(ctx, direction, packet.payload_len) {
-        return;
+        return true;
     }
     let socket = cookie_of(ctx.skb.skb.cast());
     let Some((key, state)) = flow_of(ctx, socket, direction, &packet) else {
-        return;
+        return true;
     };
     // SAFETY: a live map value; counters are updated atomically, the once-only fields race
     // benignly (the same values).
@@ -168,6 +169,9 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
     if direction == DIRECTION_EGRESS && state.flags & (flags::REDIRECTED | flags::DIALLED) == 0 {
         note_nat(ctx, state, &packet);
     }
+    if state.flags & flags::ENFORCE_JUDGED == 0 && state.tuple.direction == direction {
+        state.flags |= flags::ENFORCE_JUDGED | refusal(ctx, state, &packet, direction);
+    }
 
     let d = usize::from(direction == DIRECTION_INGRESS);
     let sampled = sampled_flag(d);
@@ -179,6 +183,68 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) {
         && c.packets_sent + c.packets_received >= QUIET_AFTER
     {
         go_quiet(ctx, d, sampled, state);
+    }
+    state.flags & flags::REFUSED == 0
+}
+
+/// What enforcement makes of a flow, at the first payload packet its socket sent (a client's)
+/// or received (a server's): `flags::REFUSED`, `flags::WOULD_REFUSE`, or nothing. The agent
+/// says which containers are enforced and what the policy expects; here only what this packet
+/// shows is added: plaintext (not a TLS handshake record, not an SSH banner, as the agent's
+/// fingerprint tells them), not over the loopback device, not redirected into the sidecar.
+/// A first payload too short to tell is never refused here (the agent's verdict still is).
+#[inline(always)]
+fn refusal(ctx: &SkBuffContext, state: &FlowState, packet: &Packet, direction: u8) -> u32 {
+    const HANDSHAKE: u8 = 22;
+    if packet.protocol != IPPROTO_TCP || state.flags & flags::REDIRECTED != 0 {
+        return 0;
+    }
+    // SAFETY: a map value read once, then copied.
+    let Some(rule) = (unsafe { ENFORCE.get(&state.cgroup) }).copied() else {
+        return 0;
+    };
+    if direction == DIRECTION_INGRESS && rule.inbound == 0 {
+        return 0;
+    }
+    // Past the agent's word, nothing is refused.
+    let vouched = ENFORCE_UNTIL.get(0).copied().unwrap_or(0);
+    // SAFETY: `skb` is this program's context.
+    if vouched < unsafe { bpf_ktime_get_ns() } || unsafe { (*ctx.skb.skb).ifindex } == 1 {
+        return 0;
+    }
+    if packet.payload_len < 4 {
+        return 0;
+    }
+    let Some(b) = read::<[u8; 4]>(ctx, packet.payload_off as usize) else {
+        return 0;
+    };
+    if (b[0] == HANDSHAKE && b[1] == 3) || b == *b"SSH-" {
+        return 0;
+    }
+    let mut key = Key::new(
+        ALLOW_FIXED_BITS + if packet.family == AF_INET { 32 } else { 128 },
+        AllowKey {
+            scope: AllowKey::scope(state.cgroup),
+            direction,
+            family: packet.family as u8,
+            port: state.tuple.remote_port.to_be(),
+            addr: packet.peer_addr,
+        },
+    );
+    if direction == DIRECTION_INGRESS {
+        key.data.port = state.tuple.local_port.to_be();
+    }
+    if ALLOWED.get(&key).is_some() {
+        return 0;
+    }
+    key.data.scope = [0, 0];
+    if ALLOWED.get(&key).is_some() {
+        return 0;
+    }
+    if rule.mode == MODE_ENFORCE {
+        flags::REFUSED
+    } else {
+        flags::WOULD_REFUSE
     }
 }
 

@@ -83,7 +83,8 @@ pub struct KernelConfig {
     /// adopts it, and reports the flows of the meantime); "off": nothing pinned, detached on exit.
     #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_path_or_off, value_name = "DIR")]
     pub bpf_pin_dir: OrOff<PathBuf>,
-    /// On exit, keep the pinned kernel side attached (for the next agent) or detach it.
+    /// On exit, keep the pinned kernel side attached (for the next agent), also still refusing
+    /// what enforcement refuses, or detach it.
     #[arg(long, value_enum, default_value_t = OnExit::Keep)]
     pub on_exit: OnExit,
 }
@@ -98,8 +99,13 @@ impl KernelConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnExit {
     /// Leave the programs attached and counting: a restarted agent adopts them and reports
-    /// what happened meanwhile.
+    /// what happened meanwhile. Enforcement stops (fail-open): at once on exit, and within
+    /// seconds when the agent crashes or hangs, since it no longer renews its word.
     Keep,
+    /// As `keep`, and keep refusing what enforcement refuses while no agent runs, crashed and
+    /// hung ones too (fail-closed): bypasses stay refused, unrecorded, their connections left
+    /// to time out rather than reset.
+    KeepEnforcing,
     /// Detach and unpin everything (as `meshguard uninstall` does).
     Detach,
 }

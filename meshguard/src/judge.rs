@@ -14,6 +14,7 @@ use meshguard_ebpf::flags;
 use tracing::{debug, warn};
 
 use crate::{
+    enforce::{Action, Rule},
     event::ip_addr,
     fingerprint::{Encryption, PlaintextHint},
     flow::{
@@ -112,6 +113,17 @@ impl Judge {
             self.scanned_for = inventory.loaded_at;
             self.rescan();
         }
+    }
+
+    /// The cgroup tree as last walked: again first when the inventory changed (new pods, new
+    /// containers), at most once a second.
+    pub fn cgroup_index(&mut self, inventory: &Inventory) -> &CgroupIndex {
+        let due = self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_EVERY);
+        if self.scanned_for != inventory.loaded_at && due {
+            self.scanned_for = inventory.loaded_at;
+            self.rescan();
+        }
+        &self.cgroups
     }
 
     /// The owner of a socket's cgroup, as the inventory names it.
@@ -325,6 +337,19 @@ pub fn record_of(flow: &Flow, node: &Arc<str>, change: Change, judged: Judged) -
         evicted: k.flags & flags::EVICTED != 0,
         netns_cookie: k.netns,
         contradiction: None,
+        action: if k.flags & flags::REFUSED != 0 {
+            Some(Action::Refused)
+        } else if k.flags & flags::WOULD_REFUSE != 0 {
+            Some(Action::WouldRefuse)
+        } else {
+            None
+        },
+        action_rule: (k.flags & (flags::REFUSED | flags::WOULD_REFUSE) != 0).then(|| {
+            match flow.direction() {
+                Direction::Egress => Rule::EgressBypass,
+                Direction::Ingress => Rule::StrictInbound,
+            }
+        }),
     };
     record.contradiction = contradiction(&record);
     record

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod cookie;
+pub mod enforce;
 pub mod event;
 pub mod fingerprint;
 pub mod flow;

@@ -15,6 +15,7 @@ use prometheus::{
 };
 
 use crate::{
+    enforce::{Action, Mode},
     flow::record::{Change, FlowRecord},
     intent::contradicted,
     inventory::Inventory,
@@ -100,6 +101,8 @@ pub struct Metrics {
     /// Flows that contradict what the mesh declares for their server. Bounded: the server's
     /// namespace and workload as the inventory names them, its declared mode, the reason.
     policy_violations: IntCounterVec,
+    /// Flows enforcement refused (or, in audit, would have): bounded like the violations.
+    enforcement_actions: IntCounterVec,
     series: Mutex<Book>,
     max_series: usize,
 }
@@ -233,6 +236,14 @@ impl Metrics {
             &["dst_namespace", "dst_workload", "policy_mode", "reason"],
         )
         .expect("valid metric");
+        let enforcement_actions = IntCounterVec::new(
+            Opts::new(
+                "meshguard_enforcement_actions_total",
+                "Flows enforcement refused (mode enforce) or would have refused (mode audit): plaintext past the sidecar, by the enforced workload (the client's for egress-bypass, the server's for strict-inbound; enforced_* so that a ServiceMonitor's namespace label stays the agent's) and the verdict's reason.",
+            ),
+            &["mode", "enforced_namespace", "enforced_workload", "reason"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("meshguard_build_info", "meshguard's version."),
             &["version"],
@@ -262,6 +273,7 @@ impl Metrics {
             Box::new(kernel_repairs.clone()),
             Box::new(connections_refused.clone()),
             Box::new(policy_violations.clone()),
+            Box::new(enforcement_actions.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -285,6 +297,7 @@ impl Metrics {
             kernel_repairs,
             connections_refused,
             policy_violations,
+            enforcement_actions,
             series: Mutex::new(Book::default()),
             max_series: max_series.max(1),
         }
@@ -316,6 +329,17 @@ impl Metrics {
             let (namespace, workload) = record.local.workload_labels();
             self.policy_violations
                 .with_label_values(&[namespace, workload, mode, reason.as_str()])
+                .inc();
+        }
+        if let (true, Some(action)) = (count_flow, record.action) {
+            // The enforced end is this socket's own.
+            let (namespace, workload) = record.local.workload_labels();
+            let mode = match action {
+                Action::Refused => Mode::Enforce,
+                Action::WouldRefuse => Mode::Audit,
+            };
+            self.enforcement_actions
+                .with_label_values(&[mode.as_str(), namespace, workload, &record.reason])
                 .inc();
         }
         let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());

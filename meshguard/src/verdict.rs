@@ -33,6 +33,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    enforce::Mode,
     fingerprint::Encryption,
     inventory::{policy::PolicyRef, ContainerInfo, Identity, MeshMode, PodInfo},
     wire::wire_enum,
@@ -336,6 +337,9 @@ pub struct Policy {
     /// The mesh's root namespace: a PeerAuthentication there without a selector is mesh-wide
     /// (Istio's `istio-system`; OpenShift Service Mesh's control plane namespace).
     pub mesh_root_namespace: String,
+    /// The enforcement mode of a pod whose own annotation or label and namespace's label say
+    /// none (see `enforce`).
+    pub enforcement: Mode,
 }
 
 impl Default for Policy {
@@ -358,6 +362,7 @@ impl Default for Policy {
             ],
             probes: true,
             mesh_root_namespace: crate::inventory::policy::DEFAULT_ROOT_NAMESPACE.into(),
+            enforcement: Mode::Off,
             expected: vec![
                 ExpectedRule {
                     rule: "dns".into(),

@@ -57,6 +57,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             node: config.node.node_name.clone(),
             kernel: kernel_release(),
             started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            enforcement_on_exit: match config.kernel.on_exit {
+                OnExit::KeepEnforcing => "keep refusing (fail-closed)",
+                OnExit::Keep | OnExit::Detach => "refuse nothing (fail-open)",
+            }
+            .to_string(),
             ..Status::default()
         },
     ));
@@ -89,8 +94,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     serving.stop();
     let on_exit = config.kernel.on_exit;
-    let tracked = pipeline.stop(on_exit == OnExit::Detach);
-    if config.kernel.pin_root().is_some() && on_exit == OnExit::Keep {
+    let tracked = pipeline.stop(on_exit);
+    if config.kernel.pin_root().is_some() && on_exit != OnExit::Detach {
         info!(
             tracked,
             "stopped; the kernel programs stay attached (meshguard uninstall removes them)"

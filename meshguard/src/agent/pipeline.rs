@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     io::Write,
+    net::SocketAddr,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
@@ -21,7 +22,8 @@ use super::losses::Losses;
 use crate::{
     api::types::InventoryStatus,
     clock,
-    config::{AgentConfig, Evidence},
+    config::{AgentConfig, Evidence, OnExit},
+    enforce::{self, Action},
     event::decode,
     flow::{
         record::{Change, FlowRecord},
@@ -30,7 +32,11 @@ use crate::{
     },
     inventory::Shared,
     judge::Judge,
-    kernel::{prereq::Node, Kernel, KernelError, OldGeneration, ProcessAttribution, Sizes, Walk},
+    kernel::{
+        prereq::Node,
+        reset::{self, Resetter},
+        Kernel, KernelError, OldGeneration, ProcessAttribution, Sizes, Walk,
+    },
     state::AgentState,
     verdict::{intern_reason, Policy, Verdict},
 };
@@ -66,7 +72,21 @@ pub(super) struct Pipeline {
     /// Endpoints that could not be served (the agent is degraded while any is missing).
     not_served: Vec<String>,
     ticks: u64,
+    enforcement: Enforcement,
 }
+
+/// How enforcement stands.
+struct Enforcement {
+    on_exit: OnExit,
+    /// Cgroups in the last plan.
+    containers: usize,
+    /// Why the last plan could not be written whole.
+    error: Option<String>,
+}
+
+/// How long the agent's word for enforcement lasts: renewed every tick, it lapses (and the
+/// kernel refuses nothing) this long after the agent stopped renewing it.
+const VOUCH: Duration = Duration::from_secs(10);
 
 /// How a generation of the kernel side is attached: at start, and again when one is found
 /// detached.
@@ -119,6 +139,7 @@ struct Publisher {
     state: Arc<AgentState>,
     node: Arc<str>,
     log: Option<std::io::BufWriter<std::io::StdoutLock<'static>>>,
+    resetter: Resetter,
 }
 
 impl Publisher {
@@ -130,6 +151,9 @@ impl Publisher {
                 .verdict_corrections
                 .with_label_values(&[from.verdict.as_str(), record.verdict.as_str()])
                 .inc();
+        }
+        if record.first_report {
+            self.enforced(&record);
         }
         match record.event {
             // Kept in the kernel: an agent after this one will not report it again.
@@ -143,6 +167,37 @@ impl Publisher {
         }
         self.state.publish(record);
         Ok(())
+    }
+
+    /// Says what enforcement did to a flow, and resets a refused one's connection (the kernel
+    /// already drops what it sends, from its first payload packet).
+    fn enforced(&mut self, record: &FlowRecord) {
+        let (Some(action), Some(rule)) = (record.action, record.action_rule) else {
+            return;
+        };
+        let (namespace, workload) = record.local.workload_labels();
+        let what = (record.verdict.as_str(), &*record.reason);
+        if action == Action::WouldRefuse {
+            info!(id = %record.id, namespace, workload, rule = rule.as_str(), verdict = what.0, reason = what.1, "enforcement (audit): would have refused");
+            return;
+        }
+        let socket = reset::Socket {
+            cookie: record.cookie(),
+            netns: record.netns_cookie,
+            local: SocketAddr::new(record.local.ip, record.local.port),
+            remote: SocketAddr::new(record.remote.ip, record.remote.port),
+            pid: record.process.pid,
+        };
+        let reset = match self.resetter.reset(socket) {
+            Ok(()) => "done".to_string(),
+            Err(e) => format!("failed ({e}): the connection carries nothing and times out"),
+        };
+        warn!(id = %record.id, namespace, workload, rule = rule.as_str(), verdict = what.0, reason = what.1, reset, "enforcement: refused");
+        if !record.verdict.is_bypass() {
+            // The kernel saw plaintext past the sidecar, the verdict says otherwise: said
+            // loudly, since a refusal the verdicts do not back is an outage.
+            warn!(id = %record.id, verdict = what.0, reason = what.1, "enforcement refused a flow that its verdict does not call a bypass");
+        }
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
@@ -193,12 +248,19 @@ impl Pipeline {
                     .node
                     .log_flows
                     .then(|| std::io::BufWriter::new(std::io::stdout().lock())),
+                resetter: Resetter::default(),
             },
             losses: Losses::default(),
             reconcile: Schedule::default(),
             not_served,
             ticks: 0,
+            enforcement: Enforcement {
+                on_exit: config.kernel.on_exit,
+                containers: 0,
+                error: None,
+            },
         };
+        pipeline.enforce();
         pipeline.attached(true);
         for old in pipeline.kernel.take_retiring() {
             pipeline.retire(old, "upgrade")?;
@@ -275,6 +337,7 @@ impl Pipeline {
             self.reconcile(trigger)?;
         }
         let detached = self.ticks.is_multiple_of(HEALTH_EVERY_TICKS) && self.check_kernel();
+        self.enforce();
         self.report_status(table);
         if detached {
             self = self.reattach()?;
@@ -545,14 +608,49 @@ impl Pipeline {
         self.publisher.flush()
     }
 
-    /// Stops; detaches the kernel side, or leaves it pinned for the next agent. Returns how
-    /// many flows were open.
-    pub(super) fn stop(self, detach: bool) -> usize {
+    /// Stops; detaches the kernel side, or leaves it pinned for the next agent, enforcing
+    /// only if told to. Returns how many flows were open.
+    pub(super) fn stop(mut self, on_exit: OnExit) -> usize {
         let tracked = self.table.stats().tracked;
-        if detach {
-            self.kernel.detach();
+        match on_exit {
+            OnExit::Detach => self.kernel.detach(),
+            OnExit::Keep => self.kernel.vouch(0),
+            OnExit::KeepEnforcing => self.kernel.vouch(u64::MAX),
         }
         tracked
+    }
+
+    /// Writes what enforcement refuses now (the inventory's modes, the cgroup tree, the
+    /// policy), and renews the agent's word for it.
+    fn enforce(&mut self) {
+        let pods = Arc::clone(&self.inventory.read().unwrap_or_else(|e| e.into_inner()));
+        let plan = enforce::plan(&pods, self.judge.cgroup_index(&pods), &self.policy);
+        let result = self.kernel.enforce(&plan);
+        if let Err(e) = &result {
+            if self.enforcement.error.as_ref() != Some(e) {
+                warn!(error = %e, "enforcement maps not written as planned; retrying");
+            }
+        }
+        if plan.containers.len() != self.enforcement.containers {
+            info!(
+                containers = plan.containers.len(),
+                "enforcement: cgroups audited or enforced"
+            );
+        }
+        self.enforcement.containers = plan.containers.len();
+        self.enforcement.error = result.err();
+        let until = match self.enforcement.on_exit {
+            OnExit::KeepEnforcing => u64::MAX,
+            OnExit::Keep | OnExit::Detach => clock::now_ns() + VOUCH.as_nanos() as u64,
+        };
+        self.kernel.vouch(until);
+        let mut status = self
+            .state()
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        status.enforcement = enforce::by_namespace(&pods, self.policy.enforcement);
+        status.enforcement_error = self.enforcement.error.clone();
     }
 }
 

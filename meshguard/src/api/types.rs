@@ -366,6 +366,28 @@ pub struct Status {
     pub kernel_repairs: Vec<String>,
     /// Connections the endpoints closed at once because a limit was reached, since start.
     pub connections_refused: u64,
+    /// Enforcement by namespace of the pods with a sidecar on this node.
+    pub enforcement: Vec<NamespaceEnforcement>,
+    /// What the kernel keeps doing when the agent stops: `open` (refuses nothing once the
+    /// agent's word lapses) or `keep`.
+    pub enforcement_on_exit: String,
+    /// Enforcement's own trouble (maps that could not be written), if any.
+    pub enforcement_error: Option<String>,
+}
+
+/// One namespace's enforcement on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NamespaceEnforcement {
+    pub namespace: String,
+    /// `off`, `audit` or `enforce`: the namespace's label, else the policy's default.
+    pub mode: String,
+    /// `namespace` (its label) or `default`.
+    pub source: String,
+    /// Its pods with a sidecar on this node.
+    pub pods: usize,
+    /// Those whose own annotation or label sets another mode: `pod=mode`.
+    pub overrides: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

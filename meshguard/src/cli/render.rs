@@ -225,6 +225,28 @@ pub(crate) fn status_text(s: &Status) -> String {
             s.flows_recovered
         ));
     }
+    if s.enforcement.is_empty() {
+        out.line("Enforcement: no pod with a sidecar on this node");
+    } else {
+        out.line(format!(
+            "Enforcement: by namespace (when the agent stops: {})",
+            s.enforcement_on_exit
+        ));
+        for ns in &s.enforcement {
+            let overrides = if ns.overrides.is_empty() {
+                String::new()
+            } else {
+                format!("; pods of their own: {}", ns.overrides.join(", "))
+            };
+            out.line(format!(
+                "  {:<24} {:<8} ({}, {} pods with a sidecar){overrides}",
+                ns.namespace, ns.mode, ns.source, ns.pods
+            ));
+        }
+    }
+    if let Some(e) = &s.enforcement_error {
+        out.line(format!("  NOT ENFORCED AS PLANNED: {e}"));
+    }
     let lost: Vec<String> = s
         .events_lost
         .iter()

@@ -18,6 +18,7 @@ use meshguard_ebpf::COMM_LEN;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    enforce::{Action, Rule},
     fingerprint::{Encryption, PlaintextProtocol, TlsInfo},
     intent::Contradiction,
     inventory::{
@@ -129,6 +130,13 @@ pub struct FlowRecord {
     /// How what the kernel saw contradicts what the mesh declares for the server (`policy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contradiction: Option<Contradiction>,
+    /// What enforcement did: `refused` (every payload packet dropped, from the first, and the
+    /// connection reset) or, in `audit`, `would-refuse`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    /// The refusal it met: `egress-bypass` or `strict-inbound`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_rule: Option<Rule>,
 }
 
 impl FlowRecord {
@@ -500,6 +508,8 @@ pub(crate) mod tests {
             evicted: false,
             netns_cookie: 0,
             contradiction: None,
+            action: None,
+            action_rule: None,
         })
     }
 

@@ -329,6 +329,11 @@ impl CgroupIndex {
             .len();
     }
 
+    /// Every pod's and container's cgroup, by id.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &CgroupEntry)> {
+        self.entries.iter().map(|(id, entry)| (*id, entry))
+    }
+
     pub fn get(&self, cgroup_id: u64) -> Option<&CgroupEntry> {
         self.entries.get(&cgroup_id)
     }

@@ -19,9 +19,11 @@ use kube::{
 use serde_json::Value;
 use tracing::{info, warn};
 
+use crate::enforce::Mode;
+
 use super::{
     destination::Service,
-    namespace_proxy_uid,
+    namespace_mode, namespace_proxy_uid,
     policy::{DestinationRule, MeshPolicy, PeerAuthentication},
     Inventory, ParsedPod, PodInfo, Shared,
 };
@@ -45,6 +47,7 @@ pub enum Change {
 pub struct Store {
     pods: Objects<PodInfo>,
     namespaces: BTreeMap<String, u32>,
+    enforcement: BTreeMap<String, Mode>,
     peer_authentications: Objects<PeerAuthentication>,
     destination_rules: Objects<DestinationRule>,
     services: Objects<Service>,
@@ -142,10 +145,19 @@ impl Store {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        match namespace_proxy_uid(v) {
+        let mode = namespace_mode(v).unwrap_or_else(|what| {
+            warn!(namespace = %name, %what, "enforcement mode not understood; the policy's default holds");
+            None
+        });
+        let mode_changed = match mode {
+            Some(mode) => self.enforcement.insert(name.clone(), mode) != Some(mode),
+            None => self.enforcement.remove(&name).is_some(),
+        };
+        let uid_changed = match namespace_proxy_uid(v) {
             Some(uid) => self.namespaces.insert(name, uid) != Some(uid),
             None => self.namespaces.remove(&name).is_some(),
-        }
+        };
+        mode_changed || uid_changed
     }
 
     pub fn peer_authentication(&mut self, change: Change) -> bool {
@@ -163,13 +175,13 @@ impl Store {
     }
 
     pub fn inventory(&self) -> Inventory {
-        Inventory::with_namespaces(SOURCE, self.pods.all(), &self.namespaces).with_policy(
-            MeshPolicy {
+        Inventory::with_namespaces(SOURCE, self.pods.all(), &self.namespaces)
+            .with_policy(MeshPolicy {
                 peer_authentications: self.peer_authentications.all(),
                 destination_rules: self.destination_rules.all(),
                 services: self.services.all(),
-            },
-        )
+            })
+            .with_enforcement(self.enforcement.clone())
     }
 }
 

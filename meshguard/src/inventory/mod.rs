@@ -22,6 +22,8 @@ pub use pod::{ContainerInfo, MeshMode, ParsedPod, PodError, PodInfo, PROXY_CONTA
 pub use policy::{MeshPolicy, ParsedPolicy};
 use serde_json::Value;
 
+use crate::enforce::{self, Mode};
+
 /// What an address is, as far as the inventory knows.
 #[derive(Clone, Copy, Debug)]
 pub enum Identity<'a> {
@@ -51,6 +53,8 @@ pub struct Inventory {
     by_uid: BTreeMap<String, Option<usize>>,
     /// What the mesh declares: PeerAuthentication and DestinationRule objects.
     pub policy: MeshPolicy,
+    /// Namespaces' enforcement modes, from their `meshguard.io/enforce` label.
+    pub enforcement: BTreeMap<String, Mode>,
     /// Where it came from (`file:PATH`, `kubernetes`, `none`).
     pub source: String,
     /// When this snapshot was made; `None` before the source delivered one.
@@ -60,6 +64,19 @@ pub struct Inventory {
 /// OpenShift gives each namespace a uid range; Istio's proxy there runs as the range's first
 /// uid plus one.
 const OPENSHIFT_UID_RANGE: &str = "openshift.io/sa.scc.uid-range";
+
+/// The enforcement mode a Namespace object's `meshguard.io/enforce` label sets, if any; an
+/// unknown word is an error (the namespace then has none: the policy's default holds).
+pub fn namespace_mode(ns: &Value) -> Result<Option<Mode>, String> {
+    match &ns["metadata"]["labels"][enforce::KEY] {
+        Value::Null => Ok(None),
+        Value::String(word) => word
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("label {}: {e}", enforce::KEY)),
+        other => Err(format!("label {}: {other} is not a mode", enforce::KEY)),
+    }
+}
 
 /// The proxy uid a Namespace object implies, if it has an OpenShift uid range.
 pub fn namespace_proxy_uid(ns: &Value) -> Option<u32> {
@@ -115,6 +132,7 @@ impl Inventory {
             by_container,
             by_uid,
             policy: MeshPolicy::default(),
+            enforcement: BTreeMap::new(),
             source: source.to_string(),
             loaded_at: Some(std::time::SystemTime::now()),
         }
@@ -124,6 +142,21 @@ impl Inventory {
     pub fn with_policy(mut self, policy: MeshPolicy) -> Self {
         self.policy = policy;
         self
+    }
+
+    /// With namespaces' enforcement modes.
+    pub fn with_enforcement(mut self, namespaces: BTreeMap<String, Mode>) -> Self {
+        self.enforcement = namespaces;
+        self
+    }
+
+    pub fn pods(&self) -> &[PodInfo] {
+        &self.pods
+    }
+
+    /// The node's addresses (and host-network pods', which are the same).
+    pub fn node_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.node_ips.iter().copied()
     }
 
     pub fn empty(source: &str) -> Self {
@@ -220,6 +253,8 @@ pub struct Parsed {
     pub pods: Vec<PodInfo>,
     /// Proxy uids of namespaces listed with the pods (OpenShift uid ranges).
     pub namespaces: BTreeMap<String, u32>,
+    /// Enforcement modes of namespaces listed with the pods.
+    pub enforcement: BTreeMap<String, Mode>,
     pub errors: Vec<PodError>,
     /// What parsed pods had wrong that verdicts can do without.
     pub warnings: Vec<PodError>,
@@ -243,10 +278,19 @@ pub fn parse_pods(text: &str) -> Result<Parsed, String> {
             continue;
         }
         if item["kind"] == "Namespace" {
-            if let (Some(name), Some(uid)) =
-                (item["metadata"]["name"].as_str(), namespace_proxy_uid(item))
-            {
+            let name = item["metadata"]["name"].as_str().unwrap_or_default();
+            if let Some(uid) = namespace_proxy_uid(item) {
                 parsed.namespaces.insert(name.to_string(), uid);
+            }
+            match namespace_mode(item) {
+                Ok(Some(mode)) => {
+                    parsed.enforcement.insert(name.to_string(), mode);
+                }
+                Ok(None) => {}
+                Err(what) => parsed.warnings.push(PodError {
+                    object: format!("namespace {name}"),
+                    what,
+                }),
             }
             continue;
         }

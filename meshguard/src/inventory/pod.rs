@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::cgroups::ContainerId;
+use crate::enforce::{self, Mode};
 
 /// The uid Istio's sidecar runs as, unless the pod or its namespace says otherwise.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
@@ -91,6 +92,8 @@ pub struct PodInfo {
     pub probe_ports: BTreeSet<u16>,
     /// The containers' named ports (what a Service's `targetPort` may name).
     pub named_ports: BTreeMap<String, u16>,
+    /// The pod's own enforcement mode (`meshguard.io/enforce`, annotation or label).
+    pub enforce: Option<Mode>,
     /// Init containers, then main ones, then ephemeral ones, in spec order.
     pub containers: Vec<ContainerInfo>,
 }
@@ -115,6 +118,7 @@ impl Default for PodInfo {
             exclude_outbound_ranges: Vec::new(),
             probe_ports: BTreeSet::new(),
             named_ports: BTreeMap::new(),
+            enforce: None,
             containers: Vec::new(),
         }
     }
@@ -232,6 +236,17 @@ impl PodInfo {
                 Some(list) => parse_ports(list).map_err(|e| err(format!("annotation {key}: {e}"))),
             }
         };
+        // A mode not understood is said, and the namespace's (or the default) holds.
+        let enforce = match annotations[enforce::KEY]
+            .as_str()
+            .or(labels.get(enforce::KEY).map(String::as_str))
+        {
+            None => None,
+            Some(word) => word
+                .parse()
+                .map_err(|e| warnings.push(err(format!("{}: {e}", enforce::KEY))))
+                .ok(),
+        };
         let exclude_outbound_ranges = match annotations[EXCLUDE_OUTBOUND_RANGES].as_str() {
             None => Vec::new(),
             Some(list) => parse_ranges(list)
@@ -255,6 +270,7 @@ impl PodInfo {
             exclude_outbound_ranges,
             probe_ports: probe_ports(&long_running),
             named_ports: named_ports(&long_running),
+            enforce,
             containers,
         };
         Ok(ParsedPod { pod, warnings })

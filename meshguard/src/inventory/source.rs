@@ -99,6 +99,7 @@ pub fn reload(path: &Path, shared: &Shared) {
     let Parsed {
         mut pods,
         namespaces,
+        enforcement,
         errors,
         warnings,
         mut policy,
@@ -136,8 +137,11 @@ pub fn reload(path: &Path, shared: &Shared) {
         destination_rules = policy.destination_rules.len(),
         "inventory loaded"
     );
-    *shared.write().unwrap_or_else(|e| e.into_inner()) =
-        Arc::new(Inventory::with_namespaces(&source, pods, &namespaces).with_policy(policy));
+    *shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(
+        Inventory::with_namespaces(&source, pods, &namespaces)
+            .with_policy(policy)
+            .with_enforcement(enforcement),
+    );
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ use meshguard_ebpf::{names, FlowState, Reported, Stat, LAYOUT_VERSION};
 use tracing::{info, warn};
 
 pub mod btf;
+mod enforce;
 pub mod prereq;
+pub mod reset;
 pub mod sys;
 
 use prereq::Node;
@@ -105,6 +107,8 @@ pub struct Kernel {
     reported: Option<aya::maps::HashMap<MapData, u64, Reported>>,
     /// Generations this one replaced: detached, their maps still to be drained by the agent.
     retiring: Vec<OldGeneration>,
+    /// The enforcement maps (absent from generations older than them).
+    enforcement: Option<enforce::EnforceMaps>,
 }
 
 /// A link the agent holds: while its fd is open the program stays attached, pinned or not.
@@ -426,12 +430,20 @@ impl Kernel {
             take_map(&mut ebpf, names::STATS)?,
             take_map(&mut ebpf, names::REPORTED)?,
         );
+        let (enforce, allowed, until) = (
+            take_map(&mut ebpf, names::ENFORCE)?,
+            take_map(&mut ebpf, names::ALLOWED)?,
+            take_map(&mut ebpf, names::ENFORCE_UNTIL)?,
+        );
         let mut map_ids = Vec::new();
         for (name, map) in [
             (names::FLOWS, &flows),
             (names::EVENTS, &events),
             (names::STATS, &stats),
             (names::REPORTED, &reported),
+            (names::ENFORCE, &enforce),
+            (names::ALLOWED, &allowed),
+            (names::ENFORCE_UNTIL, &until),
         ] {
             let data = map_data(map);
             if let Some(id) = data.and_then(|d| d.info().ok()).map(|i| i.id()) {
@@ -457,6 +469,7 @@ impl Kernel {
             stats: typed(names::STATS, stats)?,
             reported: Some(typed(names::REPORTED, reported)?),
             retiring: Vec::new(),
+            enforcement: Some(enforce::EnforceMaps::new(enforce, allowed, until, true)?),
         };
 
         for &(name, hook, _) in &CGROUP_PROGRAMS {
@@ -501,11 +514,22 @@ impl Kernel {
             .max_entries();
         let (events, stats) = (open(names::EVENTS)?, open(names::STATS)?);
         let reported = open(names::REPORTED).ok();
+        let enforcement = match (
+            open(names::ENFORCE),
+            open(names::ALLOWED),
+            open(names::ENFORCE_UNTIL),
+        ) {
+            (Ok(enforce), Ok(allowed), Ok(until)) => Some((enforce, allowed, until)),
+            _ => None,
+        };
         let map_ids = [
             (names::FLOWS, Some(&flows)),
             (names::EVENTS, Some(&events)),
             (names::STATS, Some(&stats)),
             (names::REPORTED, reported.as_ref()),
+            (names::ENFORCE, enforcement.as_ref().map(|m| &m.0)),
+            (names::ALLOWED, enforcement.as_ref().map(|m| &m.1)),
+            (names::ENFORCE_UNTIL, enforcement.as_ref().map(|m| &m.2)),
         ]
         .into_iter()
         .filter_map(|(name, map)| Some((name, map?.info().ok()?.id())))
@@ -555,6 +579,16 @@ impl Kernel {
                 .map(|m| typed(names::REPORTED, Map::LruHashMap(m)))
                 .transpose()?,
             retiring: Vec::new(),
+            enforcement: enforcement
+                .map(|(enforce, allowed, until)| {
+                    enforce::EnforceMaps::new(
+                        Map::HashMap(enforce),
+                        Map::LpmTrie(allowed),
+                        Map::Array(until),
+                        false,
+                    )
+                })
+                .transpose()?,
         })
     }
 

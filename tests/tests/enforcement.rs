@@ -1,0 +1,260 @@
+//! Enforcement on the testbed, one agent switched from mode to mode by the `meshguard.io/enforce`
+//! label of the shop namespace in its pod list (no restart): in `audit` every bypass is
+//! recorded as `would-refuse` and every scenario's traffic still succeeds; in `enforce` the
+//! bypasses fail at their client with a reset, while every mesh, in-pod, probe and expected
+//! flow succeeds, 1,000 mesh requests among them; back to `off`, nothing is refused.
+
+use std::{path::Path, process::Output};
+
+use meshguard_tests::{
+    privileged,
+    testbed::{scenarios, Node, APP_UID},
+    Agent, Cgroup,
+};
+use serde_json::{json, Value};
+
+/// Sets the shop namespace's mode (`None`: no label) in the pod list, as `kubectl label` would,
+/// written whole at once (the agent watches the file).
+fn label_shop(pods: &Path, mode: Option<&str>) {
+    let mut list: Value = serde_json::from_str(&std::fs::read_to_string(pods).unwrap()).unwrap();
+    let items = list["items"].as_array_mut().unwrap();
+    items.retain(|i| !(i["kind"] == "Namespace" && i["metadata"]["name"] == "shop"));
+    let mut namespace = json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}},
+    });
+    if let Some(mode) = mode {
+        namespace["metadata"]["labels"]["meshguard.io/enforce"] = json!(mode);
+    }
+    items.push(namespace);
+    let scratch = pods.with_extension("json.new");
+    std::fs::write(&scratch, serde_json::to_vec(&list).unwrap()).unwrap();
+    std::fs::rename(&scratch, pods).unwrap();
+}
+
+/// Waits until the agent's status says shop's mode is `mode`: the plan is written by then.
+fn wait_for_mode(agent: &Agent, mode: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let status = agent.status();
+        let shop = status["enforcement"]
+            .as_array()
+            .and_then(|all| all.iter().find(|n| n["namespace"] == "shop").cloned());
+        if shop.as_ref().is_some_and(|s| s["mode"] == mode) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shop never became {mode}: {status:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The ends of the scenarios' connections that enforcement judges, with the rule each meets:
+/// the meshed clients' sockets that sent plaintext past their sidecar, and STRICT api's
+/// application accepting plaintext past its own.
+const ENFORCED: [(&str, &str, &str); 4] = [
+    ("excluded-port", "client socket", "egress-bypass"),
+    ("proxy-uid-app", "client socket", "egress-bypass"),
+    ("no-capture", "client socket", "egress-bypass"),
+    ("strict-excluded-inbound", "server socket", "strict-inbound"),
+];
+
+fn is_bypass_scenario(name: &str) -> bool {
+    ENFORCED.iter().any(|(s, ..)| *s == name)
+}
+
+/// The record of one enforced end among `records`.
+fn enforced_end<'a>(
+    node: &Node,
+    records: &'a [Value],
+    scenario: &str,
+    what: &str,
+) -> Option<&'a Value> {
+    let s = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == scenario)
+        .unwrap();
+    let e = s.expect.iter().find(|e| e.what == what).unwrap().clone();
+    records.iter().find(|r| e.matches(node, r))
+}
+
+/// Distinct flows among records.
+fn flows(records: &[&Value]) -> usize {
+    records
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+fn curl_failed_fast(out: &anyhow::Error) -> bool {
+    let text = format!("{out:#}");
+    // curl's "(56) Recv failure" (reset, aborted) or "(52) Empty reply", never its timeout.
+    (text.contains("reset") || text.contains("abort") || text.contains("(52)"))
+        && !text.contains("(28)")
+}
+
+#[test]
+fn audit_then_enforce_then_off_without_a_restart() {
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("enforcement").unwrap();
+    let node = Node::up("mgenforce", [245, 11], scenarios::pods()).unwrap();
+    let pods = node.dir.join("pods.json");
+    label_shop(&pods, Some("audit"));
+    let inventory = format!("file:{}", pods.display());
+    let agent = Agent::start(&cgroup, &["--inventory", &inventory]).unwrap();
+    wait_for_mode(&agent, "audit");
+
+    // Audit: everything passes; each enforced end says what enforce would have done.
+    for s in scenarios::all() {
+        s.run(&node).unwrap();
+    }
+    for (scenario, what, rule) in ENFORCED {
+        let s = scenarios::all()
+            .into_iter()
+            .find(|s| s.name == scenario)
+            .unwrap();
+        let e = s.expect.iter().find(|e| e.what == what).unwrap().clone();
+        let r = agent
+            .wait_for(1, &format!("{scenario}: {what}"), |r| {
+                r["event"] == "closed" && e.matches(&node, r)
+            })
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            (&r["action"], &r["action_rule"], &r["verdict"]),
+            (
+                &Value::from("would-refuse"),
+                &Value::from(rule),
+                &Value::from("bypass-plaintext")
+            ),
+            "{scenario}: {what}: {r}"
+        );
+    }
+    // Settled: every scenario's every end recorded; no other record carries an action.
+    for s in scenarios::all() {
+        for e in &s.expect {
+            agent
+                .wait_for(1, e.what, |r| r["event"] == "closed" && e.matches(&node, r))
+                .unwrap();
+        }
+    }
+    let audited = agent.records();
+    let acted: Vec<&Value> = audited.iter().filter(|r| !r["action"].is_null()).collect();
+    assert_eq!(flows(&acted), ENFORCED.len(), "{acted:#?}");
+    let metrics = agent.metrics_page();
+    assert!(
+        metrics.contains("meshguard_enforcement_actions_total{enforced_namespace=\"shop\",enforced_workload=\"web\",mode=\"audit\",reason=\"excluded-port\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("enforcement"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // Enforce, by the label alone: the bypasses fail at their client at once, the rest passes.
+    label_shop(&pods, Some("enforce"));
+    wait_for_mode(&agent, "enforce");
+    let before = agent.records().len();
+    for s in scenarios::all() {
+        let result = s.run(&node);
+        match (is_bypass_scenario(s.name), result) {
+            (true, Ok(())) => panic!("{}: the bypass was not refused", s.name),
+            (true, Err(e)) => {
+                eprintln!("{}: refused: {e:#}", s.name);
+                assert!(curl_failed_fast(&e), "{}: {e:#}", s.name);
+            }
+            (false, Err(e)) => panic!("{}: refused: {e:#}", s.name),
+            (false, Ok(())) => {}
+        }
+    }
+    let refused: Vec<Value> = agent
+        .wait_for(ENFORCED.len(), "refused flows", |r| {
+            r["action"] == "refused" && r["event"] == "closed"
+        })
+        .unwrap();
+    assert_eq!(
+        flows(&refused.iter().collect::<Vec<_>>()),
+        ENFORCED.len(),
+        "each bypass refused once: {refused:#?}"
+    );
+    for (scenario, what, rule) in ENFORCED {
+        let r = enforced_end(&node, &refused, scenario, what)
+            .unwrap_or_else(|| panic!("{scenario}: {what}: not among {refused:#?}"));
+        assert_eq!(r["action_rule"], rule, "{r}");
+    }
+
+    // Not one byte of a refused client's plaintext reached its server: catalog's end of the
+    // refused connections (accepted, then reset) received nothing.
+    let ip = |pod: &str| Value::from(node.pod(pod).ip.to_string());
+    let refused_at_catalog = |r: &Value| {
+        r["event"] == "closed"
+            && r["local"]["ip"] == ip("catalog")
+            && [ip("web"), ip("batch")].contains(&r["remote"]["ip"])
+    };
+    // (The audit phase's two are before these.)
+    agent
+        .wait_for(4, "catalog's ends", refused_at_catalog)
+        .unwrap();
+    let reached: Vec<Value> = agent.records()[before..]
+        .iter()
+        .filter(|r| refused_at_catalog(r))
+        .cloned()
+        .collect();
+    assert_eq!(reached.len(), 2, "catalog accepted the refused connections");
+    assert!(
+        reached.iter().all(|r| r["bytes_received"] == 0),
+        "{reached:#?}"
+    );
+
+    // 1,000 mesh requests, each on a connection of its own: not one refused.
+    let web = node.pod("web");
+    let api = node.pod("api");
+    let out: Output = web
+        .run(
+            web.command(APP_UID, "curl")
+                .args([
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-m",
+                    "30",
+                    "-w",
+                    "%{http_code}\\n",
+                ])
+                .args(["-H", "Connection: close"])
+                .arg(format!("http://{}:8080/?n=[1-1000]", api.ip)),
+        )
+        .unwrap();
+    let ok = String::from_utf8_lossy(&out.stdout).matches("200").count();
+    assert_eq!(
+        ok,
+        1000,
+        "mesh requests under enforce: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Off again: the bypass passes.
+    label_shop(&pods, None);
+    wait_for_mode(&agent, "off");
+    let excluded = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == "excluded-port")
+        .unwrap();
+    excluded.run(&node).unwrap();
+    let log = agent.stop().unwrap();
+    for line in log.lines().filter(|l| l.contains("enforcement")) {
+        eprintln!("{line}");
+    }
+    assert!(log.contains("enforcement: refused"), "{log}");
+    assert!(
+        !log.contains("enforcement refused a flow that its verdict does not call a bypass"),
+        "{log}"
+    );
+}
