@@ -47,6 +47,8 @@ METRICS = {
     "meshguard_kernel_repairs_total": {"action"},
     "meshguard_connections_refused_total": {"listener", "reason"},
     "meshguard_policy_violations_total": {"dst_namespace", "dst_workload", "policy_mode", "reason"},
+    "meshguard_enforcement_actions_total": {"mode", "enforced_namespace", "enforced_workload",
+                                            "reason"},
     "meshguard_inventory_age_seconds": set(),
     "meshguard_build_info": {"version"},
 }
@@ -59,6 +61,7 @@ LABEL_VALUES = {
     "map": {"flows"},
     "store": {"recent", "flagged", "bypass"},
     "policy_mode": {"STRICT", "PERMISSIVE", "DISABLE"},
+    "mode": {"audit", "enforce"},
 }
 # Labels that Prometheus and the ServiceMonitor (its node relabeling) add to every series.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container",

@@ -200,7 +200,7 @@ fn refusal(ctx: &SkBuffContext, state: &FlowState, packet: &Packet, direction: u
         return 0;
     }
     // SAFETY: a map value read once, then copied.
-    let Some(rule) = (unsafe { ENFORCE.get(&state.cgroup) }).copied() else {
+    let Some(rule) = (unsafe { ENFORCE.get(state.cgroup) }).copied() else {
         return 0;
     };
     if direction == DIRECTION_INGRESS && rule.inbound == 0 {

@@ -30,19 +30,15 @@ pub const KEY: &str = "meshguard.io/enforce";
 
 wire_enum! {
     /// What enforcement does for a pod.
+    #[derive(Default)]
     pub enum Mode ("enforcement mode") {
         /// Nothing (detection only).
+        #[default]
         Off = "off",
         /// Judges as if enforcing: what would be refused is recorded and counted, and passes.
         Audit = "audit",
         /// Refuses.
         Enforce = "enforce",
-    }
-}
-
-impl Default for Mode {
-    fn default() -> Self {
-        Self::Off
     }
 }
 
@@ -277,4 +273,216 @@ fn any() -> impl Iterator<Item = IpNet> {
     ["0.0.0.0/0", "::/0"]
         .into_iter()
         .map(|n| n.parse().expect("a network"))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::inventory::parse_pods;
+
+    const POD: &str = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podb3e9a8d2_51c4_4f0a_a7e6_9c2d4f1b8e30.slice";
+    const PROXY_ID: &str = "0a5f711ae6c938ab34a06c4532ef0f827134e40478f4e06ba86fb7dd8cd47fa0";
+    const APP_ID: &str = "87cfef2c0842f3a693b457b27902551b7d9c86a83752e12456d69994d133b633";
+    /// Cgroup ids: the pod's own, its proxy's, its application's, and one below that.
+    const SANDBOX: u64 = 10;
+    const PROXY: u64 = 11;
+    const APP: u64 = 12;
+    const APP_CHILD: u64 = 13;
+
+    /// The real Istio pod fixture (reviews-v1 in bookinfo), changed by `edit`, listed with
+    /// `beside` (its Namespace, PeerAuthentications); and its cgroups as the kubelet lays them.
+    fn node(edit: impl Fn(&mut Value), beside: &[Value]) -> (Inventory, CgroupIndex) {
+        let mut pod: Value =
+            serde_json::from_str(include_str!("../tests/fixtures/istio-pod.json")).unwrap();
+        edit(&mut pod);
+        let mut items = vec![pod];
+        items.extend(beside.iter().cloned());
+        let parsed = parse_pods(&json!({"kind": "List", "items": items}).to_string()).unwrap();
+        assert_eq!(parsed.policy.errors, []);
+        let inventory = Inventory::with_namespaces("test", parsed.pods, &parsed.namespaces)
+            .with_policy(parsed.policy.policy)
+            .with_enforcement(parsed.enforcement);
+        let proxy = format!("{POD}/cri-containerd-{PROXY_ID}.scope");
+        let app = format!("{POD}/cri-containerd-{APP_ID}.scope");
+        let child = format!("{app}/worker");
+        let cgroups = CgroupIndex::from_entries([
+            (POD, SANDBOX),
+            (proxy.as_str(), PROXY),
+            (app.as_str(), APP),
+            (child.as_str(), APP_CHILD),
+        ]);
+        (inventory, cgroups)
+    }
+
+    fn namespace(mode: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "bookinfo", "labels": {KEY: mode}}})
+    }
+
+    fn peer_authentication(spec: Value) -> Value {
+        json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+               "metadata": {"name": "default", "namespace": "bookinfo",
+                            "creationTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": spec})
+    }
+
+    fn annotate(value: &'static str) -> impl Fn(&mut Value) {
+        move |pod| pod["metadata"]["annotations"][KEY] = json!(value)
+    }
+
+    /// One row a case: the pod's own mode, what sits beside it, the policy's default, and
+    /// what its application container gets (mode, inbound), if anything.
+    #[test]
+    fn which_containers_are_enforced_and_how() {
+        let strict = peer_authentication(json!({"mtls": {"mode": "STRICT"}}));
+        let none = |_: &mut Value| {};
+        type Row = (
+            &'static str,
+            Box<dyn Fn(&mut Value)>,
+            Vec<Value>,
+            Mode,
+            Option<(u8, u8)>,
+        );
+        let rows: Vec<Row> = vec![
+            ("nothing says: off", Box::new(none), vec![], Mode::Off, None),
+            (
+                "the namespace's label",
+                Box::new(none),
+                vec![namespace("enforce")],
+                Mode::Off,
+                Some((MODE_ENFORCE, 0)),
+            ),
+            (
+                "the policy's default",
+                Box::new(none),
+                vec![],
+                Mode::Audit,
+                Some((MODE_AUDIT, 0)),
+            ),
+            (
+                "the pod's annotation over its namespace",
+                Box::new(annotate("audit")),
+                vec![namespace("enforce")],
+                Mode::Off,
+                Some((MODE_AUDIT, 0)),
+            ),
+            (
+                "the pod's label over the default",
+                Box::new(|p: &mut Value| p["metadata"]["labels"][KEY] = json!("off")),
+                vec![],
+                Mode::Enforce,
+                None,
+            ),
+            (
+                "a word not understood: the namespace's holds",
+                Box::new(annotate("enforcing")),
+                vec![namespace("audit")],
+                Mode::Off,
+                Some((MODE_AUDIT, 0)),
+            ),
+            (
+                "a STRICT workload: inbound too",
+                Box::new(none),
+                vec![namespace("enforce"), strict.clone()],
+                Mode::Off,
+                Some((MODE_ENFORCE, 1)),
+            ),
+            (
+                "no sidecar: never",
+                Box::new(|p: &mut Value| {
+                    p["metadata"]["annotations"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("sidecar.istio.io/status");
+                    p["metadata"]["labels"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("security.istio.io/tlsMode");
+                    p["spec"]["containers"]
+                        .as_array_mut()
+                        .unwrap()
+                        .retain(|c| c["name"] != "istio-proxy");
+                }),
+                vec![namespace("enforce")],
+                Mode::Off,
+                None,
+            ),
+        ];
+        for (what, edit, beside, default, want) in rows {
+            let (inventory, cgroups) = node(edit, &beside);
+            let policy = Policy {
+                enforcement: default,
+                ..Policy::default()
+            };
+            let plan = plan(&inventory, &cgroups, &policy);
+            let got = |id| plan.containers.get(&id).map(|e| (e.mode, e.inbound));
+            assert_eq!(got(APP), want, "{what}");
+            assert_eq!(
+                got(APP_CHILD),
+                want,
+                "{what}: a cgroup below the container's"
+            );
+            assert_eq!(
+                (got(PROXY), got(SANDBOX)),
+                (None, None),
+                "{what}: the proxy never"
+            );
+            assert_eq!(plan.allowed.is_empty(), want.is_none(), "{what}");
+        }
+    }
+
+    /// What a STRICT workload's application may still accept, and where any enforced
+    /// container may still send plaintext.
+    #[test]
+    fn what_the_policy_expects_is_allowed() {
+        let strict = peer_authentication(json!({
+            "selector": {"matchLabels": {"app": "reviews"}},
+            "mtls": {"mode": "STRICT"},
+            "portLevelMtls": {"9080": {"mode": "PERMISSIVE"}}}));
+        let (inventory, cgroups) = node(|_| {}, &[namespace("enforce"), strict]);
+        let plan = plan(&inventory, &cgroups, &Policy::default());
+        let has = |scope, direction, port, net: &str| {
+            plan.allowed.contains(&Allowed {
+                scope,
+                direction,
+                port,
+                net: net.parse().unwrap(),
+            })
+        };
+        // kubelet's probe of the proxy's readiness port, from the node only.
+        assert!(has(APP, DIRECTION_INGRESS, 15021, "172.18.0.4/32"));
+        assert!(!has(APP, DIRECTION_INGRESS, 15021, "0.0.0.0/0"));
+        // Its own policy leaves 9080 PERMISSIVE: from anywhere.
+        assert!(has(APP, DIRECTION_INGRESS, 9080, "0.0.0.0/0"));
+        assert!(has(APP, DIRECTION_INGRESS, 9080, "::/0"));
+        assert!(!has(APP, DIRECTION_INGRESS, 8080, "0.0.0.0/0"));
+        // The default rules: DNS to the node and the usual service addresses, for everyone.
+        assert!(has(0, DIRECTION_EGRESS, 53, "172.18.0.4/32"));
+        assert!(has(0, DIRECTION_EGRESS, 53, "10.96.0.10/32"));
+        // Metrics to a mesh proxy: this meshed pod's address.
+        assert!(has(0, DIRECTION_EGRESS, 15020, "10.244.0.23/32"));
+        assert!(!plan
+            .allowed
+            .iter()
+            .any(|a| a.direction == DIRECTION_EGRESS && a.port == 5000));
+    }
+
+    #[test]
+    fn status_shows_each_namespace_s_mode_and_the_pods_of_their_own() {
+        let (inventory, _) = node(annotate("audit"), &[namespace("enforce")]);
+        let got = by_namespace(&inventory, Mode::Off);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (
+                got[0].namespace.as_str(),
+                got[0].mode.as_str(),
+                got[0].source.as_str(),
+                got[0].pods
+            ),
+            ("bookinfo", "enforce", "namespace", 1)
+        );
+        assert_eq!(got[0].overrides, ["reviews-v1-5c4d9f7b68-qk7zd=audit"]);
+    }
 }

@@ -2,14 +2,19 @@
 //! label of the shop namespace in its pod list (no restart): in `audit` every bypass is
 //! recorded as `would-refuse` and every scenario's traffic still succeeds; in `enforce` the
 //! bypasses fail at their client with a reset, while every mesh, in-pod, probe and expected
-//! flow succeeds, 1,000 mesh requests among them; back to `off`, nothing is refused.
+//! flow succeeds, 1,000 mesh requests among them; back to `off`, nothing is refused. And
+//! what the kernel keeps doing once the agent is gone: fail-open, or fail-closed when told.
 
-use std::{path::Path, process::Output};
+use std::{
+    path::Path,
+    process::Output,
+    time::{Duration, Instant},
+};
 
 use meshguard_tests::{
     privileged,
     testbed::{scenarios, Node, APP_UID},
-    Agent, Cgroup,
+    Agent, Cgroup, Pins,
 };
 use serde_json::{json, Value};
 
@@ -35,7 +40,7 @@ fn label_shop(pods: &Path, mode: Option<&str>) {
 
 /// Waits until the agent's status says shop's mode is `mode`: the plan is written by then.
 fn wait_for_mode(agent: &Agent, mode: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = agent.status();
         let shop = status["enforcement"]
@@ -45,10 +50,10 @@ fn wait_for_mode(agent: &Agent, mode: &str) {
             return;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "shop never became {mode}: {status:#}"
         );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -257,4 +262,66 @@ fn audit_then_enforce_then_off_without_a_restart() {
         !log.contains("enforcement refused a flow that its verdict does not call a bypass"),
         "{log}"
     );
+}
+
+/// What the kernel does once the agent is gone, programs pinned: by default it refuses nothing
+/// (at once after a clean stop, within the agent's 10 s word after a crash); with
+/// `--on-exit keep-enforcing` it keeps refusing (the connection then times out: no agent resets
+/// it).
+#[test]
+fn fail_open_by_default_fail_closed_when_told() {
+    if !privileged() {
+        return;
+    }
+    let cgroup = Cgroup::new("enforcement-exit").unwrap();
+    let node = Node::up("mgexit", [245, 12], scenarios::pods()).unwrap();
+    let pods = node.dir.join("pods.json");
+    label_shop(&pods, Some("enforce"));
+    let inventory = format!("file:{}", pods.display());
+    let pins = Pins::new("enforcement-exit");
+    let pin_dir = pins.path.display().to_string();
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--inventory", &inventory, "--bpf-pin-dir", &pin_dir];
+        args.extend(extra);
+        let agent = Agent::start(&cgroup, &args).unwrap();
+        wait_for_mode(&agent, "enforce");
+        agent
+    };
+    let bypass = scenarios::all()
+        .into_iter()
+        .find(|s| s.name == "excluded-port")
+        .unwrap();
+
+    let agent = start(&[]);
+    assert!(bypass.run(&node).is_err(), "refused while the agent runs");
+    agent.stop().unwrap();
+    bypass
+        .run(&node)
+        .expect("a clean stop withdraws the agent's word at once");
+
+    let agent = start(&[]);
+    assert!(bypass.run(&node).is_err(), "{}", agent.log());
+    agent.kill9().unwrap();
+    let crashed = Instant::now();
+    let err = bypass.run(&node).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("(28)"),
+        "refused on the crashed agent's last word, with no agent to reset it: {err:#}"
+    );
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(crashed.elapsed()));
+    bypass
+        .run(&node)
+        .expect("the crashed agent's word lapsed: fail-open");
+
+    let agent = start(&["--on-exit", "keep-enforcing"]);
+    assert!(bypass.run(&node).is_err());
+    agent.stop().unwrap();
+    std::thread::sleep(Duration::from_secs(11));
+    let err = bypass.run(&node).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("(28)"),
+        "still refused with no agent (fail-closed): {err:#}"
+    );
+    drop(pins);
+    bypass.run(&node).expect("uninstalled: nothing refused");
 }

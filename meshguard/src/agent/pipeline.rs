@@ -26,7 +26,7 @@ use crate::{
     enforce::{self, Action},
     event::decode,
     flow::{
-        record::{Change, FlowRecord},
+        record::{Change, FlowRecord, State},
         table::{FlowTable, TableStats},
         Update,
     },
@@ -169,8 +169,8 @@ impl Publisher {
         Ok(())
     }
 
-    /// Says what enforcement did to a flow, and resets a refused one's connection (the kernel
-    /// already drops what it sends, from its first payload packet).
+    /// Says what enforcement did to a flow, and resets a refused one's connection while it is
+    /// open (the kernel already drops what it sends, from its first payload packet).
     fn enforced(&mut self, record: &FlowRecord) {
         let (Some(action), Some(rule)) = (record.action, record.action_rule) else {
             return;
@@ -188,9 +188,12 @@ impl Publisher {
             remote: SocketAddr::new(record.remote.ip, record.remote.port),
             pid: record.process.pid,
         };
-        let reset = match self.resetter.reset(socket) {
-            Ok(()) => "done".to_string(),
-            Err(e) => format!("failed ({e}): the connection carries nothing and times out"),
+        let reset = match record.state {
+            State::Closed => "not needed: closed".to_string(),
+            State::Open => match self.resetter.reset(socket) {
+                Ok(()) => "done".to_string(),
+                Err(e) => format!("failed ({e}): the connection carries nothing and times out"),
+            },
         };
         warn!(id = %record.id, namespace, workload, rule = rule.as_str(), verdict = what.0, reason = what.1, reset, "enforcement: refused");
         if !record.verdict.is_bypass() {

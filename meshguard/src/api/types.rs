@@ -12,6 +12,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    enforce::Action,
     fingerprint::Encryption,
     flow::record::FlowRecord,
     intent::contradicted,
@@ -249,6 +250,12 @@ fn evidence(r: &FlowRecord) -> Vec<String> {
             rule.host,
             rule.port
         ));
+    }
+    if let (Some(action), Some(rule)) = (r.action, r.action_rule) {
+        lines.push(match action {
+            Action::Refused => format!("enforcement: refused ({rule}): the kernel dropped every payload packet from the first, and the agent reset the connection"),
+            Action::WouldRefuse => format!("enforcement: would refuse ({rule}) in mode enforce; audit let it pass"),
+        });
     }
     if let Some(c) = r.contradiction {
         let by = match contradicted(r) {

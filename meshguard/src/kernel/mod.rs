@@ -238,7 +238,12 @@ fn held(name: &'static str, link: FdLink) -> Result<HeldLink, String> {
 
 fn map_data(map: &Map) -> Option<&MapData> {
     match map {
-        Map::LruHashMap(m) | Map::RingBuf(m) | Map::PerCpuArray(m) | Map::HashMap(m) => Some(m),
+        Map::LruHashMap(m)
+        | Map::RingBuf(m)
+        | Map::PerCpuArray(m)
+        | Map::HashMap(m)
+        | Map::LpmTrie(m)
+        | Map::Array(m) => Some(m),
         _ => None,
     }
 }
