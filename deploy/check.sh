@@ -9,7 +9,7 @@
 #   apt-get install --no-install-recommends prometheus
 #
 # What is checked:
-#   - both kustomizations render (base, overlays/openshift);
+#   - the kustomizations render (base, overlays/openshift, overlays/enforce);
 #   - every rendered object of a built-in kind validates against the Kubernetes 1.32 schema,
 #     strictly (unknown fields fail), with kubernetes-validate;
 #   - ServiceMonitor, PrometheusRule and SecurityContextConstraints, which kubernetes-validate has
@@ -98,7 +98,7 @@ if [ "$failed" -ne 0 ]; then
     exit 1
 fi
 
-for target in base overlays/openshift; do
+for target in base overlays/openshift overlays/enforce; do
     out="$TMP/$(echo "$target" | tr / _).yaml"
     validate="$target: built-in kinds valid (kubernetes-validate -k $KUBERNETES_VERSION --strict)"
     crds="$target: ServiceMonitor, PrometheusRule, SCC valid by structure"
