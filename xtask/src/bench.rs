@@ -2,8 +2,10 @@
 //! the users' alternative, a full-packet tcpdump. Every round runs each configuration in turn
 //! (A B C A B C ...) so that drift on a shared machine cancels; figures are medians with min and
 //! max, and ratios to no agent. Then, in runs of their own: each kernel program's cost per run
-//! (`kernel.bpf_stats_enabled`), the agent under connection churn (losses counted), and its
-//! memory with many open flows.
+//! (`kernel.bpf_stats_enabled`), the same while enforcing the client's container (every flow
+//! through enforcement's whole decision), the agent under connection churn (losses counted),
+//! and its memory with many open flows. The enforcing agent also runs in every round, beside
+//! the plain one: enforce against off in the same rounds.
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +13,7 @@ use std::{
     fs,
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -55,14 +57,18 @@ enum Config {
     Tcpdump,
     /// The agent with programs that return at once (`--floor`).
     Floor,
+    /// The agent enforcing the client's container: every flow takes enforcement's whole
+    /// decision (and is allowed by a policy rule, so that the loads run).
+    Enforce,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 5] = [
         Config::NoAgent,
         Config::Agent,
         Config::Tcpdump,
         Config::Floor,
+        Config::Enforce,
     ];
 
     fn name(self) -> &'static str {
@@ -71,6 +77,7 @@ impl Config {
             Config::Agent => "meshguard agent",
             Config::Tcpdump => "tcpdump -w (full packets)",
             Config::Floor => "meshguard, programs emptied (floor)",
+            Config::Enforce => "meshguard, enforce (every flow judged, allowed)",
         }
     }
 
@@ -130,6 +137,10 @@ const ECHO_PORT: u16 = 7000;
 const HOLD_PORTS: [u16; 1] = [7100];
 
 struct Bed {
+    /// The container cgroup of a meshed pod that the client's loads run in (the inventory of
+    /// `Config::Enforce` lists it), and its pod's: the container's first, dropped first.
+    app: Cgroup,
+    _pod: Cgroup,
     bin: PathBuf,
     /// The same agent with programs that return at once: the floor (`--floor`).
     floor_bin: Option<PathBuf>,
@@ -161,7 +172,10 @@ pub fn bench(args: &Args) -> anyhow::Result<()> {
             workspace_root().join("target/release/meshguard")
         }
     };
+    let (pod, app) = bench_pod()?;
     let bed = Bed {
+        app,
+        _pod: pod,
         bin,
         floor_bin: args
             .floor
@@ -245,6 +259,7 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
                 (Config::Tcpdump, _) => Some(start_tcpdump(bed)?),
                 (Config::Floor, Some(bin)) => Some(start_agent_of(bed, bin, &[])?),
                 (Config::Floor, None) => continue,
+                (Config::Enforce, _) => Some(start_enforcing(bed)?),
             };
             let cpu_before = running.as_ref().map(|c| cpu_seconds(c.id())).transpose()?;
             for load in Load::ALL {
@@ -275,6 +290,9 @@ fn measure(bed: &Bed, report: &mut Report, open_flows: &[usize]) -> anyhow::Resu
     let programs = costs_by_load(bed, &bed.bin, seconds)?;
     (report.costs, report.load_costs, report.work) =
         (programs.totals, programs.by_load, programs.work);
+    println!("==> the same, enforcing the client's container");
+    let enforcing = costs_by_load_with(bed, &bed.bin, seconds, &enforce_args(bed))?;
+    (report.enforce_costs, report.enforce_work) = (enforcing.by_load, enforcing.work);
     if let Some(bin) = &bed.floor_bin {
         println!("==> the same with empty programs (what the stats charge doing nothing)");
         let floor = costs_by_load(bed, bin, seconds)?;
@@ -323,8 +341,21 @@ struct LoadRun {
 }
 
 fn costs_by_load(bed: &Bed, bin: &std::path::Path, seconds: u32) -> anyhow::Result<LoadRun> {
+    costs_by_load_with(bed, bin, seconds, &[])
+}
+
+fn costs_by_load_with(
+    bed: &Bed,
+    bin: &std::path::Path,
+    seconds: u32,
+    extra: &[String],
+) -> anyhow::Result<LoadRun> {
     let started = SystemTime::now() - Duration::from_secs(1);
-    let mut agent = start_agent_of(bed, bin, &[])?;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut agent = start_agent_of(bed, bin, &extra)?;
+    if !extra.is_empty() {
+        wait_enforcing(bed, &mut agent)?;
+    }
     let mut by_load = LoadCosts::new();
     let mut work = BTreeMap::new();
     let result = (|| {
@@ -375,29 +406,31 @@ fn build_floor(release: bool) -> anyhow::Result<PathBuf> {
 
 fn loadgen(bed: &Bed, load: Load, seconds: u32, connections: usize) -> anyhow::Result<Value> {
     let mode = if load == Load::Rr { "rr" } else { "crr" };
-    let out = run(bed
-        .client
-        .command(&bed.xtask.to_string_lossy())
-        .args([
-            "loadgen",
-            "run",
-            "--mode",
-            mode,
-            "--target",
-            &format!("{SERVER}:{ECHO_PORT}"),
-        ])
-        .args([
-            "--seconds",
-            &seconds.to_string(),
-            "--connections",
-            &connections.to_string(),
-        ]))?;
+    let out = run_in(
+        &bed.app,
+        bed.client
+            .command(&bed.xtask.to_string_lossy())
+            .args([
+                "loadgen",
+                "run",
+                "--mode",
+                mode,
+                "--target",
+                &format!("{SERVER}:{ECHO_PORT}"),
+            ])
+            .args([
+                "--seconds",
+                &seconds.to_string(),
+                "--connections",
+                &connections.to_string(),
+            ]),
+    )?;
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn run_load(bed: &Bed, load: Load, seconds: u32) -> anyhow::Result<f64> {
     match load {
-        Load::Stream => iperf(&bed.client, seconds),
+        Load::Stream => iperf(bed, seconds),
         Load::Rr | Load::Crr => Ok(loadgen(bed, load, seconds, 2)?["tps"]
             .as_f64()
             .unwrap_or(0.0)),
@@ -426,6 +459,100 @@ fn start_agent_of(bed: &Bed, bin: &std::path::Path, extra: &[&str]) -> anyhow::R
         thread::sleep(Duration::from_millis(50));
     }
     Ok(child)
+}
+
+/// Runs `cmd` to completion in `cgroup`; fails on a failing exit.
+fn run_in(cgroup: &Cgroup, cmd: &mut Command) -> anyhow::Result<std::process::Output> {
+    let out = cgroup.spawn(cmd)?.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// The bench client's pod, as the kubelet would lay out its cgroups: a pod slice and the
+/// application container's scope below it.
+const BENCH_POD_UID: &str = "6f1c2d3e-4a5b-4c6d-8e7f-90a1b2c3d4e5";
+const BENCH_APP_ID: &str = "b3ec0a1f5d2e4c6b8a9f0e1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d0c1b";
+const BENCH_PROXY_ID: &str = "c4fd1b2a6e3f5d7c9b0a1f2e3d4c5b6a7f8e9d0c1b2a3f4e5d6c7b8a9f0e1d2c";
+
+fn bench_pod() -> anyhow::Result<(Cgroup, Cgroup)> {
+    let pod = PathBuf::from(format!(
+        "meshguard-tests/kubepods-pod{}.slice",
+        BENCH_POD_UID.replace('-', "_")
+    ));
+    let app = pod.join(format!("cri-containerd-{BENCH_APP_ID}.scope"));
+    Ok((Cgroup::at(&pod)?, Cgroup::at(&app)?))
+}
+
+/// What makes the agent enforce the bench client's container, every flow allowed: the pod
+/// (meshed, in namespace bench labelled enforce) and a policy whose rule expects the loads'
+/// plaintext.
+fn enforce_args(bed: &Bed) -> Vec<String> {
+    let inventory = bed.dir.path.join("enforce-pods.json");
+    let policy = bed.dir.path.join("enforce-policy.json");
+    let status = |name: &str, id: &str| json!({"name": name, "containerID": format!("containerd://{id}"), "ready": true, "started": true, "restartCount": 0, "state": {"running": {}}});
+    let pods = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "bench", "labels": {"meshguard.io/enforce": "enforce"}}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": "bench-client", "namespace": "bench", "uid": BENCH_POD_UID,
+                      "labels": {"app": "bench-client", "security.istio.io/tlsMode": "istio"},
+                      "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"}},
+         "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy"}]},
+         "status": {"phase": "Running", "podIP": "10.202.0.1", "podIPs": [{"ip": "10.202.0.1"}],
+                    "containerStatuses": [status("app", BENCH_APP_ID), status("istio-proxy", BENCH_PROXY_ID)]}}
+    ]});
+    let rule = json!({"expected": [{"rule": "bench", "ports": [ECHO_PORT, 5201], "to": ["any"]}]});
+    let written =
+        fs::write(&inventory, pods.to_string()).and_then(|()| fs::write(&policy, rule.to_string()));
+    if let Err(e) = written {
+        eprintln!("writing the bench's inventory: {e}");
+    }
+    vec![
+        "--inventory".into(),
+        format!("file:{}", inventory.display()),
+        "--policy".into(),
+        policy.display().to_string(),
+        "--api-socket".into(),
+        bed.dir.path.join("enforce.sock").display().to_string(),
+    ]
+}
+
+/// The agent of `Config::Enforce`, once it enforces the client's container.
+fn start_enforcing(bed: &Bed) -> anyhow::Result<Child> {
+    let args = enforce_args(bed);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = start_agent(bed, &args)?;
+    wait_enforcing(bed, &mut agent)?;
+    Ok(agent)
+}
+
+/// Waits until the agent's status says it enforces a container cgroup.
+fn wait_enforcing(bed: &Bed, agent: &mut Child) -> anyhow::Result<()> {
+    let socket = bed.dir.path.join("enforce.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = Command::new(&bed.bin)
+            .args(["status", "-o", "json", "--agent"])
+            .arg(&socket)
+            .output()?;
+        let enforced = serde_json::from_slice::<Value>(&status.stdout)
+            .ok()
+            .and_then(|s| s["enforced_cgroups"].as_u64())
+            .unwrap_or(0);
+        if enforced > 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline || agent.try_wait()?.is_some() {
+            bail!("the agent never enforced the bench client's container");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn start_tcpdump(bed: &Bed) -> anyhow::Result<Child> {
@@ -585,12 +712,13 @@ fn memory_with_open_flows(bed: &Bed, flows: usize) -> anyhow::Result<Value> {
 }
 
 /// One iperf3 stream test; returns the receiver's Gbit/s.
-fn iperf(client: &Netns, seconds: u32) -> anyhow::Result<f64> {
-    let out = client
-        .command("iperf3")
-        .args(["-c", SERVER, "-J", "-t", &seconds.to_string()])
-        .stderr(Stdio::inherit())
-        .output()?;
+fn iperf(bed: &Bed, seconds: u32) -> anyhow::Result<f64> {
+    let out = run_in(
+        &bed.app,
+        bed.client
+            .command("iperf3")
+            .args(["-c", SERVER, "-J", "-t", &seconds.to_string()]),
+    )?;
     let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     v.pointer("/end/sum_received/bits_per_second")
         .and_then(Value::as_f64)
@@ -614,6 +742,9 @@ struct Report {
     floor_work: BTreeMap<Load, (f64, f64)>,
     /// Each load's figure and the agent's CPU seconds during it, in the per-program run.
     work: BTreeMap<Load, (f64, f64)>,
+    /// The same while enforcing the client's container.
+    enforce_costs: LoadCosts,
+    enforce_work: BTreeMap<Load, (f64, f64)>,
     /// New connections per second reached, and the agent's losses by source.
     churn: Option<(f64, Value)>,
     memory: Vec<(usize, Value)>,
@@ -676,6 +807,9 @@ impl Report {
             if self.costs.get(program).is_none_or(|c| c.runs == 0) {
                 missing.push(format!("the cost of {program}"));
             }
+        }
+        if self.enforce_per_transaction(Load::Crr).is_none() {
+            missing.push("the cost of enforcing".into());
         }
         if self.churn.is_none() {
             missing.push("connection churn".into());
@@ -781,6 +915,11 @@ impl Report {
     /// The same with empty programs (`--floor`): what being attached costs a transaction.
     fn floor_per_transaction(&self, load: Load) -> Option<(f64, f64)> {
         self.work_per_transaction(&self.floor_costs, &self.floor_work, load)
+    }
+
+    /// The same while enforcing the client's container.
+    fn enforce_per_transaction(&self, load: Load) -> Option<(f64, f64)> {
+        self.work_per_transaction(&self.enforce_costs, &self.enforce_work, load)
     }
 
     fn work_per_transaction(
@@ -889,9 +1028,19 @@ impl Report {
                 if let Some((kernel, agent)) = self.floor_per_transaction(load) {
                     let _ = write!(md, " (floor: {kernel:.2} and {agent:.2})");
                 }
+                if let Some((kernel, agent)) = self.enforce_per_transaction(load) {
+                    let _ = write!(md, "; enforcing: {kernel:.2} and {agent:.2}");
+                }
                 let _ = writeln!(md, ".");
             }
         }
+        let _ = writeln!(
+            md,
+            "\nEnforce against off, in the same rounds (medians, enforcing over the plain agent): stream {:.3}, request/response {:.3}, connect/request/close {:.3}.",
+            self.median(Load::Stream, Config::Enforce) / self.median(Load::Stream, Config::Agent),
+            self.median(Load::Rr, Config::Enforce) / self.median(Load::Rr, Config::Agent),
+            self.median(Load::Crr, Config::Enforce) / self.median(Load::Crr, Config::Agent),
+        );
         if let Some((rate, lost)) = &self.churn {
             let _ = writeln!(md, "\nConnection churn (4 connect/request/close loops): {rate:.0} new connections/s; agent losses: {lost}.");
         }
@@ -966,8 +1115,12 @@ impl Report {
                 if let Some((kernel, agent)) = self.floor_per_transaction(*load) {
                     v["floor"] = json!({"kernel_us": kernel, "agent_cpu_us": agent});
                 }
+                if let Some((kernel, agent)) = self.enforce_per_transaction(*load) {
+                    v["enforce"] = json!({"kernel_us": kernel, "agent_cpu_us": agent});
+                }
                 Some((load.key().to_string(), v))
             }).collect::<serde_json::Map<_, _>>()),
+            "enforce_vs_off": Load::ALL.iter().map(|load| (load.key().to_string(), json!(self.median(*load, Config::Enforce) / self.median(*load, Config::Agent)))).collect::<serde_json::Map<_, _>>(),
             "churn": self.churn.as_ref().map(|(rate, lost)| json!({"new_connections_per_second": rate, "events_lost": lost})),
             "memory": self.memory.iter().map(|(n, m)| json!({"open_flows": n, "agent": m})).collect::<Vec<_>>(),
             "targets": self.targets().into_iter().map(|(key, value, wanted, met)| (key, json!({"value": value, "wanted": wanted, "met": met}))).collect::<serde_json::Map<_, _>>(),

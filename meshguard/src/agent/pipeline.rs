@@ -653,6 +653,7 @@ impl Pipeline {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         status.enforcement = enforce::by_namespace(&pods, self.policy.enforcement);
+        status.enforced_cgroups = plan.containers.len();
         status.enforcement_error = self.enforcement.error.clone();
     }
 }

@@ -375,6 +375,8 @@ pub struct Status {
     pub connections_refused: u64,
     /// Enforcement by namespace of the pods with a sidecar on this node.
     pub enforcement: Vec<NamespaceEnforcement>,
+    /// Container cgroups enforced or audited now.
+    pub enforced_cgroups: usize,
     /// What the kernel keeps doing when the agent stops: `open` (refuses nothing once the
     /// agent's word lapses) or `keep`.
     pub enforcement_on_exit: String,

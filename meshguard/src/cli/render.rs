@@ -229,8 +229,8 @@ pub(crate) fn status_text(s: &Status) -> String {
         out.line("Enforcement: no pod with a sidecar on this node");
     } else {
         out.line(format!(
-            "Enforcement: by namespace (when the agent stops: {})",
-            s.enforcement_on_exit
+            "Enforcement: {} container cgroups audited or enforced; by namespace (when the agent stops: {})",
+            s.enforced_cgroups, s.enforcement_on_exit
         ));
         for ns in &s.enforcement {
             let overrides = if ns.overrides.is_empty() {
