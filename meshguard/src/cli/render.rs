@@ -477,7 +477,39 @@ pub(crate) mod tests {
         s["programs_attached"] = serde_json::json!(["flow_lifecycle"]);
         s["degraded"] = serde_json::json!(["no BTF"]);
         s["events_lost"] = serde_json::json!({ POISON: 3, "ringbuf_full": 1 });
+        s["enforcement"] = serde_json::json!([{"namespace": "shop", "mode": "audit",
+            "source": "namespace", "pods": 1, "overrides": ["web-1=enforce"]}]);
         serde_json::from_value(poisoned(&s)).unwrap()
+    }
+
+    #[test]
+    fn status_says_each_namespace_s_enforcement() {
+        let mut s = Status {
+            enforced_cgroups: 3,
+            enforcement_on_exit: "refuse nothing (fail-open)".into(),
+            ..Status::default()
+        };
+        let text = status_text(&s);
+        assert!(
+            text.contains("Enforcement: no pod with a sidecar on this node"),
+            "{text}"
+        );
+        s.enforcement = vec![crate::api::types::NamespaceEnforcement {
+            namespace: "shop".into(),
+            mode: "enforce".into(),
+            source: "namespace".into(),
+            pods: 2,
+            overrides: vec!["web-1=audit".into()],
+        }];
+        s.enforcement_error = Some("cgroup 12: no space".into());
+        let text = status_text(&s);
+        for needle in [
+            "Enforcement: 3 container cgroups audited or enforced; by namespace (when the agent stops: refuse nothing (fail-open))",
+            "  shop                     enforce  (namespace, 2 pods with a sidecar); pods of their own: web-1=audit",
+            "  NOT ENFORCED AS PLANNED: cgroup 12: no space",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
     }
 
     #[test]

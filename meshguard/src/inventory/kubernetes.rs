@@ -480,4 +480,28 @@ mod tests {
         assert!(store.namespace(&ns));
         assert_eq!(fixture_pod(&store.inventory()).proxy_uid, 1000650001);
     }
+
+    /// A namespace's enforcement label, as `kubectl label` changes it: each change
+    /// republishes the inventory; a word not understood leaves the namespace without a mode.
+    #[test]
+    fn namespace_labels_set_the_enforcement_mode() {
+        let mut store = Store::default();
+        let ns = |labels: Value| serde_json::json!({"kind": "Namespace", "metadata": {"name": "bookinfo", "labels": labels}});
+        let mode = |store: &Store| store.inventory().enforcement.get("bookinfo").copied();
+        assert!(store.namespace(&ns(serde_json::json!({"meshguard.io/enforce": "audit"}))));
+        assert_eq!(mode(&store), Some(Mode::Audit));
+        assert!(
+            !store.namespace(&ns(serde_json::json!({"meshguard.io/enforce": "audit"}))),
+            "unchanged"
+        );
+        assert!(store.namespace(&ns(serde_json::json!({"meshguard.io/enforce": "enforce"}))));
+        assert_eq!(mode(&store), Some(Mode::Enforce));
+        assert!(store.namespace(&ns(
+            serde_json::json!({"meshguard.io/enforce": "enforcing"})
+        )));
+        assert_eq!(mode(&store), None);
+        assert!(store.namespace(&ns(serde_json::json!({"meshguard.io/enforce": "off"}))));
+        assert!(store.namespace(&ns(serde_json::json!({}))));
+        assert_eq!(mode(&store), None);
+    }
 }
