@@ -19,10 +19,19 @@ use std::{
 const SO_NETNS_COOKIE: libc::c_int = 71;
 const SOCK_DESTROY: u16 = 21;
 
+/// Resets at most this many connections a second: each may walk `/proc` and enter
+/// namespaces on the agent's event path, and an application retrying a refused call in a loop
+/// must not stall it. Past the limit the kernel still drops what the connections send; they
+/// time out instead.
+pub const RESETS_PER_SECOND: u32 = 200;
+
 /// Network namespace cookies by the namespace file's inode, as found so far.
 #[derive(Default)]
 pub struct Resetter {
     cookies: HashMap<u64, u64>,
+    /// The second being counted, and the resets in it.
+    second: Option<std::time::Instant>,
+    resets: u32,
 }
 
 /// One TCP socket, as the agent knows it.
@@ -37,7 +46,22 @@ pub struct Socket {
 }
 
 impl Resetter {
+    /// Whether one more reset fits in the current second.
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        if self
+            .second
+            .is_none_or(|s| now.duration_since(s) >= std::time::Duration::from_secs(1))
+        {
+            (self.second, self.resets) = (Some(now), 0);
+        }
+        self.resets += 1;
+        self.resets <= RESETS_PER_SECOND
+    }
+
     pub fn reset(&mut self, socket: Socket) -> Result<(), String> {
+        if !self.admit(std::time::Instant::now()) {
+            return Err(format!("over {RESETS_PER_SECOND} resets this second"));
+        }
         let mut candidates: Vec<std::path::PathBuf> = socket
             .pid
             .map(|pid| format!("/proc/{pid}/ns/net").into())
@@ -193,6 +217,15 @@ fn destroy(socket: &Socket) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resets_are_limited_per_second() {
+        let mut r = Resetter::default();
+        let t0 = std::time::Instant::now();
+        let admitted = (0..RESETS_PER_SECOND + 50).filter(|_| r.admit(t0)).count();
+        assert_eq!(admitted, RESETS_PER_SECOND as usize);
+        assert!(r.admit(t0 + std::time::Duration::from_secs(1)), "a new second");
+    }
 
     #[test]
     fn a_destroy_request_names_one_socket_by_its_addresses_and_cookie() {
