@@ -71,19 +71,13 @@ fn is_bypass_scenario(name: &str) -> bool {
     ENFORCED.iter().any(|(s, ..)| *s == name)
 }
 
-/// The record of one enforced end among `records`.
-fn enforced_end<'a>(
-    node: &Node,
-    records: &'a [Value],
-    scenario: &str,
-    what: &str,
-) -> Option<&'a Value> {
+/// One end a scenario states.
+fn expected(scenario: &str, what: &str) -> scenarios::Expected {
     let s = scenarios::all()
         .into_iter()
         .find(|s| s.name == scenario)
         .unwrap();
-    let e = s.expect.iter().find(|e| e.what == what).unwrap().clone();
-    records.iter().find(|r| e.matches(node, r))
+    s.expect.iter().find(|e| e.what == what).unwrap().clone()
 }
 
 /// Distinct flows among records.
@@ -107,6 +101,9 @@ fn audit_then_enforce_then_off_without_a_restart() {
     if !privileged() {
         return;
     }
+    // Every scenario with a bypass is one enforcement refuses, and no other.
+    let bypasses: Vec<&str> = scenarios::bypasses().iter().map(|s| s.name).collect();
+    assert_eq!(bypasses, ENFORCED.map(|(s, ..)| s));
     let cgroup = Cgroup::new("enforcement").unwrap();
     let node = Node::up("mgenforce", [245, 11], scenarios::pods()).unwrap();
     let pods = node.dir.join("pods.json");
@@ -120,11 +117,7 @@ fn audit_then_enforce_then_off_without_a_restart() {
         s.run(&node).unwrap();
     }
     for (scenario, what, rule) in ENFORCED {
-        let s = scenarios::all()
-            .into_iter()
-            .find(|s| s.name == scenario)
-            .unwrap();
-        let e = s.expect.iter().find(|e| e.what == what).unwrap().clone();
+        let e = expected(scenario, what);
         let r = agent
             .wait_for(1, &format!("{scenario}: {what}"), |r| {
                 r["event"] == "closed" && e.matches(&node, r)
@@ -190,7 +183,10 @@ fn audit_then_enforce_then_off_without_a_restart() {
         "each bypass refused once: {refused:#?}"
     );
     for (scenario, what, rule) in ENFORCED {
-        let r = enforced_end(&node, &refused, scenario, what)
+        let e = expected(scenario, what);
+        let r = refused
+            .iter()
+            .find(|r| e.matches(&node, r))
             .unwrap_or_else(|| panic!("{scenario}: {what}: not among {refused:#?}"));
         assert_eq!(r["action_rule"], rule, "{r}");
     }

@@ -224,7 +224,10 @@ mod tests {
         let t0 = std::time::Instant::now();
         let admitted = (0..RESETS_PER_SECOND + 50).filter(|_| r.admit(t0)).count();
         assert_eq!(admitted, RESETS_PER_SECOND as usize);
-        assert!(r.admit(t0 + std::time::Duration::from_secs(1)), "a new second");
+        assert!(
+            r.admit(t0 + std::time::Duration::from_secs(1)),
+            "a new second"
+        );
     }
 
     #[test]
