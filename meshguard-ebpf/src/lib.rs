@@ -116,6 +116,9 @@ pub mod flags {
     pub const WOULD_REFUSE: u32 = 1 << 11;
     /// In `enforce`: refused; every payload packet of the flow is dropped, from the first.
     pub const REFUSED: u32 = 1 << 12;
+    /// Enforcement waits for the record after the flow's first TLS handshake record (at
+    /// `FlowState::enforce_at`): a genuine ClientHello followed by plaintext is plaintext.
+    pub const ENFORCE_AFTER_HELLO: u32 = 1 << 13;
 }
 
 /// `Enforce::mode`: judge and record, refuse nothing.
@@ -256,7 +259,9 @@ pub struct FlowState {
     pub sample_want: [u16; 2],
     /// `Sample` events written each way.
     pub samples: [u8; 2],
-    pub _pad0: [u8; 2],
+    /// With `flags::ENFORCE_AFTER_HELLO`: where, in the stream the socket sends (or receives,
+    /// for a server), the record after its first TLS handshake record starts.
+    pub enforce_at: u16,
     pub flags: u32,
     /// The socket owner's uid (valid once `flags::UID` is set).
     pub uid: u32,

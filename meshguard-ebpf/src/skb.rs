@@ -170,7 +170,11 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> bool {
         note_nat(ctx, state, &packet);
     }
     if state.flags & flags::ENFORCE_JUDGED == 0 && state.tuple.direction == direction {
-        state.flags |= flags::ENFORCE_JUDGED | refusal(ctx, state, &packet, direction);
+        state.flags |= if state.flags & flags::ENFORCE_AFTER_HELLO == 0 {
+            refusal(ctx, state, &packet, direction)
+        } else {
+            after_hello(ctx, state, &packet)
+        };
     }
 
     let d = usize::from(direction == DIRECTION_INGRESS);
@@ -179,7 +183,9 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> bool {
         sample_packet(ctx, key, direction, state, &packet, sampled);
     }
     let c = &state.counters;
-    if state.flags & (EVIDENCE_TAKEN | flags::MIDSTREAM | sampled) == EVIDENCE_TAKEN | sampled
+    // (Not while enforcement waits for the record after a handshake: that needs the full path.)
+    let waiting = flags::MIDSTREAM | flags::ENFORCE_AFTER_HELLO;
+    if state.flags & (EVIDENCE_TAKEN | waiting | sampled) == EVIDENCE_TAKEN | sampled
         && c.packets_sent + c.packets_received >= QUIET_AFTER
     {
         go_quiet(ctx, d, sampled, state);
@@ -188,38 +194,53 @@ fn on_packet(ctx: &SkBuffContext, direction: u8) -> bool {
 }
 
 /// What enforcement makes of a flow, at the first payload packet its socket sent (a client's)
-/// or received (a server's): `flags::REFUSED`, `flags::WOULD_REFUSE`, or nothing. The agent
-/// says which containers are enforced and what the policy expects; here only what this packet
-/// shows is added: plaintext (not a TLS handshake record, not an SSH banner, as the agent's
-/// fingerprint tells them), not over the loopback device, not redirected into the sidecar.
-/// A first payload too short to tell is never refused here (the agent's verdict still is).
+/// or received (a server's): `flags::ENFORCE_JUDGED` with `flags::REFUSED`,
+/// `flags::WOULD_REFUSE` or nothing, or, for a TLS handshake record, `ENFORCE_AFTER_HELLO`.
+/// The agent says which containers are enforced and what the policy expects; here only what
+/// this packet shows is added: plaintext (not a TLS handshake record, not an SSH banner, as
+/// the agent's fingerprint tells them), not over the loopback device, not redirected into the
+/// sidecar. A first payload too short to tell is never refused here (the agent's verdict
+/// still is).
 #[inline(always)]
-fn refusal(ctx: &SkBuffContext, state: &FlowState, packet: &Packet, direction: u8) -> u32 {
+fn refusal(ctx: &SkBuffContext, state: &mut FlowState, packet: &Packet, direction: u8) -> u32 {
     const HANDSHAKE: u8 = 22;
-    if packet.protocol != IPPROTO_TCP || state.flags & flags::REDIRECTED != 0 {
-        return 0;
+    let Some(action) = enforced(ctx, state, packet, direction) else {
+        return flags::ENFORCE_JUDGED;
+    };
+    let Some(b) = read::<[u8; 5]>(ctx, packet.payload_off as usize) else {
+        return flags::ENFORCE_JUDGED;
+    };
+    if b[0] == HANDSHAKE && b[1] == 3 {
+        // Judged at the next record's first byte: in this packet, or a later one.
+        state.enforce_at = 5u16.saturating_add(u16::from_be_bytes([b[3], b[4]]));
+        return after_hello(ctx, state, packet);
+    }
+    if b[..4] == *b"SSH-" {
+        return flags::ENFORCE_JUDGED;
+    }
+    flags::ENFORCE_JUDGED | action
+}
+
+/// The action for a flow enforcement covers (`REFUSED` or `WOULD_REFUSE`), if it does and its
+/// first payload packet is past the sidecar and not what the policy expects; `None` otherwise.
+#[inline(always)]
+fn enforced(ctx: &SkBuffContext, state: &FlowState, packet: &Packet, direction: u8) -> Option<u32> {
+    if packet.protocol != IPPROTO_TCP
+        || state.flags & flags::REDIRECTED != 0
+        || packet.payload_len < 5
+    {
+        return None;
     }
     // SAFETY: a map value read once, then copied.
-    let Some(rule) = (unsafe { ENFORCE.get(state.cgroup) }).copied() else {
-        return 0;
-    };
+    let rule = (unsafe { ENFORCE.get(state.cgroup) }).copied()?;
     if direction == DIRECTION_INGRESS && rule.inbound == 0 {
-        return 0;
+        return None;
     }
     // Past the agent's word, nothing is refused.
     let vouched = ENFORCE_UNTIL.get(0).copied().unwrap_or(0);
     // SAFETY: `skb` is this program's context.
     if vouched < unsafe { bpf_ktime_get_ns() } || unsafe { (*ctx.skb.skb).ifindex } == 1 {
-        return 0;
-    }
-    if packet.payload_len < 4 {
-        return 0;
-    }
-    let Some(b) = read::<[u8; 4]>(ctx, packet.payload_off as usize) else {
-        return 0;
-    };
-    if (b[0] == HANDSHAKE && b[1] == 3) || b == *b"SSH-" {
-        return 0;
+        return None;
     }
     let mut key = Key::new(
         ALLOW_FIXED_BITS + if packet.family == AF_INET { 32 } else { 128 },
@@ -235,17 +256,56 @@ fn refusal(ctx: &SkBuffContext, state: &FlowState, packet: &Packet, direction: u
         key.data.port = state.tuple.local_port.to_be();
     }
     if ALLOWED.get(&key).is_some() {
-        return 0;
+        return None;
     }
     key.data.scope = [0, 0];
     if ALLOWED.get(&key).is_some() {
-        return 0;
+        return None;
     }
-    if rule.mode == MODE_ENFORCE {
+    Some(if rule.mode == MODE_ENFORCE {
         flags::REFUSED
     } else {
         flags::WOULD_REFUSE
+    })
+}
+
+/// A flow that began with a TLS handshake record, at a packet of that direction: judged once
+/// the packet holding the next record's first byte comes (a TLS record type, or plaintext
+/// after a handshake, which is refused as plaintext). Before it, nothing changes; past it (a
+/// gap in what was seen), the flow is left to the agent's verdict.
+#[inline(always)]
+fn after_hello(ctx: &SkBuffContext, state: &FlowState, packet: &Packet) -> u32 {
+    const CHANGE_CIPHER_SPEC: u8 = 20;
+    const APPLICATION_DATA: u8 = 23;
+    let d = usize::from(state.tuple.direction == DIRECTION_INGRESS);
+    // The first packet's offset is 0 (its sequence number is not kept yet).
+    let offset = if state.flags & flags::ENFORCE_AFTER_HELLO == 0 {
+        0
+    } else {
+        packet.seq.wrapping_sub(state.sample_seq[d])
+    };
+    let at = u32::from(state.enforce_at);
+    if at < offset {
+        return flags::ENFORCE_JUDGED;
     }
+    let into = at - offset;
+    if into >= packet.payload_len {
+        return flags::ENFORCE_AFTER_HELLO;
+    }
+    // Through the helper: a variable offset into the packet, which direct access cannot bound.
+    let Ok(kind) = ctx.load::<u8>((packet.payload_off + (into & 0xffff)) as usize) else {
+        return flags::ENFORCE_JUDGED;
+    };
+    if (CHANGE_CIPHER_SPEC..=APPLICATION_DATA).contains(&kind) {
+        return flags::ENFORCE_JUDGED;
+    }
+    // SAFETY: as in `enforced`: the same socket's rule, again.
+    let action = match unsafe { ENFORCE.get(state.cgroup) } {
+        Some(rule) if rule.mode == MODE_ENFORCE => flags::REFUSED,
+        Some(_) => flags::WOULD_REFUSE,
+        None => 0,
+    };
+    flags::ENFORCE_JUDGED | action
 }
 
 /// What netfilter's NAT did at this end, from an egress packet's addresses: sent elsewhere than

@@ -226,7 +226,19 @@ impl Judge {
     ) -> Option<FlowRecord> {
         match update {
             Update::Evidence(key) => {
-                let flow = table.get(key).filter(|f| f.published.is_none())?;
+                let flow = table.get(key)?;
+                let acts = flow.kernel.flags & (flags::REFUSED | flags::WOULD_REFUSE) != 0;
+                if flow.published.is_some() {
+                    // Once published, a flow is reported again before its close only when
+                    // enforcement acted on it since (at the record after a handshake).
+                    if !acts || flow.acted {
+                        return None;
+                    }
+                    let judged = self.judge(flow, inventory, policy, now_ns);
+                    let record = record_of(flow, node, Change::Enforced, judged);
+                    table.acted(key);
+                    return Some(record);
+                }
                 let judged = self.judge(flow, inventory, policy, now_ns);
                 if judged.awaiting.is_some() {
                     table.wait(key);
@@ -235,6 +247,9 @@ impl Judge {
                 let published = (judged.decision.verdict, judged.decision.reason);
                 let record = record_of(flow, node, Change::Classified, judged);
                 table.published(key, published);
+                if acts {
+                    table.acted(key);
+                }
                 Some(record)
             }
             Update::Closed(flow) => {
@@ -694,6 +709,41 @@ mod tests {
             .collect::<Vec<_>>();
         assert_eq!(later.len(), 1);
         assert!(!later[0].verdict.is_bypass(), "{:?}", later[0]);
+    }
+
+    /// Enforcement acting on a flow after its first record (a handshake, then plaintext) makes
+    /// one more record, `enforced`, and only one.
+    #[test]
+    fn enforcement_after_the_first_record_is_reported_once() {
+        let (inventory, mut judge) = node();
+        let policy = Policy::default();
+        let mut table = FlowTable::new(8, SystemTime::UNIX_EPOCH);
+        let mut feed = |table: &mut FlowTable, state: FlowState, offset: u32, bytes: &[u8]| {
+            let (mut updates, mut forget) = (Vec::new(), Vec::new());
+            table.apply(
+                &decode(&sample_at(1, state, DIRECTION_EGRESS, offset, bytes)).unwrap(),
+                &mut updates,
+                &mut forget,
+            );
+            updates
+                .into_iter()
+                .filter_map(|u| judge.record(table, u, &inventory, &policy, &"n".into(), 10))
+                .map(|r| (r.event, r.action))
+                .collect::<Vec<_>>()
+        };
+        let mut socket = proxy_socket();
+        socket.cgroup = 12; // the application's container
+        let request = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            feed(&mut table, socket, 0, request),
+            [(Change::Classified, None)]
+        );
+        socket.flags |= flags::REFUSED;
+        assert_eq!(
+            feed(&mut table, socket, 20, request),
+            [(Change::Enforced, Some(Action::Refused))]
+        );
+        assert_eq!(feed(&mut table, socket, 40, request), []);
     }
 
     /// A sidecar's accepted connection is first reported once its reply shows the address its

@@ -319,6 +319,20 @@ impl Metrics {
     pub fn observe(&self, record: &FlowRecord) {
         let count_flow = record.first_report;
         let closed = record.event == Change::Closed;
+        if let (true, Some(action)) = (
+            count_flow || record.event == Change::Enforced,
+            record.action,
+        ) {
+            // The enforced end is this socket's own.
+            let (namespace, workload) = record.local.workload_labels();
+            let mode = match action {
+                Action::Refused => Mode::Enforce,
+                Action::WouldRefuse => Mode::Audit,
+            };
+            self.enforcement_actions
+                .with_label_values(&[mode.as_str(), namespace, workload, &record.reason])
+                .inc();
+        }
         if !count_flow && !closed {
             return;
         }
@@ -329,17 +343,6 @@ impl Metrics {
             let (namespace, workload) = record.local.workload_labels();
             self.policy_violations
                 .with_label_values(&[namespace, workload, mode, reason.as_str()])
-                .inc();
-        }
-        if let (true, Some(action)) = (count_flow, record.action) {
-            // The enforced end is this socket's own.
-            let (namespace, workload) = record.local.workload_labels();
-            let mode = match action {
-                Action::Refused => Mode::Enforce,
-                Action::WouldRefuse => Mode::Audit,
-            };
-            self.enforcement_actions
-                .with_label_values(&[mode.as_str(), namespace, workload, &record.reason])
                 .inc();
         }
         let mut book = self.series.lock().unwrap_or_else(|e| e.into_inner());

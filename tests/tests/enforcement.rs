@@ -214,6 +214,36 @@ fn audit_then_enforce_then_off_without_a_restart() {
         "{reached:#?}"
     );
 
+    // A genuine ClientHello, then plaintext, past the sidecar: refused at the plaintext after the
+    // handshake record (an `enforced` record, after the flow's first). catalog saw the hello
+    // and never the request.
+    let spoofed = scenarios::adversarial()
+        .into_iter()
+        .find(|s| s.name == "spoofed-alpn")
+        .unwrap();
+    // Its client takes a refused request in its stride: the records say what happened.
+    let _ = spoofed.run(&node);
+    let (client_end, server_end) = (&spoofed.expect[0], &spoofed.expect[1]);
+    let refused = agent
+        .wait_for(1, "the spoofed handshake's client, refused", |r| {
+            r["action"] == "refused" && client_end.matches(&node, r)
+        })
+        .unwrap();
+    assert_eq!(refused[0]["action_rule"], "egress-bypass", "{}", refused[0]);
+    let reached = agent
+        .wait_for(1, "the spoofed handshake's server end", |r| {
+            r["event"] == "closed" && server_end.matches(&node, r)
+        })
+        .unwrap();
+    let (sent, received) = (
+        refused[0]["bytes_sent"].as_u64().unwrap(),
+        reached[0]["bytes_received"].as_u64().unwrap(),
+    );
+    assert!(
+        received < sent,
+        "only the hello reached catalog: {received} of the {sent} bytes sent"
+    );
+
     // 1,000 mesh requests, each on a connection of its own: not one refused.
     let web = node.pod("web");
     let api = node.pod("api");

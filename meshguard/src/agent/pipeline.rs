@@ -152,12 +152,13 @@ impl Publisher {
                 .with_label_values(&[from.verdict.as_str(), record.verdict.as_str()])
                 .inc();
         }
-        if record.first_report {
+        if record.first_report || record.event == Change::Enforced {
             self.enforced(&record);
         }
         match record.event {
             // Kept in the kernel: an agent after this one will not report it again.
             Change::Classified => kernel.remember(record.cookie(), reported(&record)),
+            Change::Enforced => {}
             Change::Closed if !record.first_report => kernel.forget_reported(record.cookie()),
             Change::Closed => {}
         }

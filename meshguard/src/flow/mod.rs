@@ -47,6 +47,8 @@ pub struct Flow {
     /// Kernel time of its first payload sample: the evidence it still waits for is waited for
     /// from then, and for a bounded time only.
     pub sampled_ns: u64,
+    /// A record says what enforcement did to it (refused, or would have).
+    pub acted: bool,
 }
 
 /// What a flow's payload samples said.

@@ -34,6 +34,9 @@ wire_enum! {
     pub enum Change ("event") {
         /// The flow's evidence was whole (or waited for long enough) to judge it.
         Classified = "classified",
+        /// Enforcement acted on an open flow after its first record: a TLS handshake record,
+        /// then plaintext.
+        Enforced = "enforced",
         Closed = "closed",
     }
 }

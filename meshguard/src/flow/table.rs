@@ -124,6 +124,13 @@ impl FlowTable {
         }
     }
 
+    /// Notes that a published record says what enforcement did to the flow.
+    pub fn acted(&mut self, cookie: u64) {
+        if let Some(flow) = self.flows.get_mut(&cookie) {
+            flow.acted = true;
+        }
+    }
+
     /// Holds an open flow's first record back until its evidence is whole or its wait is over.
     pub fn wait(&mut self, cookie: u64) {
         self.waiting.insert(cookie, ());
@@ -150,7 +157,11 @@ impl FlowTable {
         let capture_redacted = self.capture_redacted;
         let new_peer = !self.flows.contains_key(&key) && event.flow.socket != key;
         let flow = self.entry(key, &event.flow, at);
+        let before = flow.kernel.flags;
         merge(&mut flow.kernel, &event.flow);
+        // Enforcement acting is evidence of its own, whatever the event carries.
+        let acted = flags::REFUSED | flags::WOULD_REFUSE;
+        let mut judge_again = flow.kernel.flags & !before & acted != 0;
         flow.last_seen = flow.last_seen.max(at);
         let udp = flow.kernel.tuple.protocol == 17;
         if new_peer && event.flow.socket != 0 {
@@ -181,8 +192,11 @@ impl FlowTable {
                 if flow.payload.as_ref().is_some_and(|p| p.hello_complete) {
                     self.assembling.remove(&key);
                 }
-                out.push(Update::Evidence(key));
+                judge_again = true;
             }
+        }
+        if judge_again && event.kind != EventKind::Close {
+            out.push(Update::Evidence(key));
         }
         if event.kind == EventKind::Close {
             self.close(key, at, out);
@@ -264,6 +278,7 @@ impl FlowTable {
                 published: None,
                 restored: false,
                 sampled_ns: 0,
+                acted: false,
             })
         })
     }
