@@ -435,11 +435,13 @@ AGENT_READS = {("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),
                ("security.istio.io", "peerauthentications", "watch"),
                ("networking.istio.io", "destinationrules", "list"),
                ("networking.istio.io", "destinationrules", "watch")}
+# Its one write: enforcement's decisions as Events (a repeated one is patched to count it).
+AGENT_WRITES = {("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch")}
 
 
 def rbac_problems(docs):
-    """No rule grants Secrets or a wildcard; the agent's ClusterRole only reads pods,
-    namespaces and the mesh's PeerAuthentications and DestinationRules."""
+    """No rule grants Secrets or a wildcard; the agent's ClusterRole only reads what the
+    inventory watches, and writes Events."""
     problems = []
     for d in docs:
         if d["kind"] not in ("Role", "ClusterRole"):
@@ -457,9 +459,11 @@ def rbac_problems(docs):
             granted = {(group, res, verb) for r in d.get("rules", [])
                        for group in r.get("apiGroups", []) for res in r.get("resources", [])
                        for verb in r.get("verbs", [])}
-            if not granted <= AGENT_READS:
-                problems.append(f"{name_of(d)} grants {sorted(granted - AGENT_READS)} beyond "
-                                f"what the inventory reads ({sorted(AGENT_READS)})")
+            allowed = AGENT_READS | AGENT_WRITES
+            if not granted <= allowed:
+                problems.append(f"{name_of(d)} grants {sorted(granted - allowed)} beyond "
+                                f"what the inventory reads and the Events it writes "
+                                f"({sorted(allowed)})")
     return problems
 
 

@@ -6,6 +6,8 @@
 //! the event path, [`serving`] runs the endpoints on a runtime of their own, and the event loop
 //! below only says when each runs.
 
+#[cfg(feature = "kubernetes")]
+mod events;
 mod losses;
 mod pipeline;
 mod serving;
@@ -76,6 +78,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         policy,
         serving.not_served.clone(),
     )?;
+    // Enforcement's decisions as Events on their pods, where the API server is at hand.
+    #[cfg(feature = "kubernetes")]
+    if config.flows.inventory == Source::Kubernetes {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                pipeline.publish_events(events::Events::start(client, &config.node.node_name))
+            }
+            Err(e) => warn!(error = %e, "no API server for enforcement events"),
+        }
+    }
     info!(node = %config.node.node_name, "watching flows");
 
     let mut tick = interval(TICK_EVERY);

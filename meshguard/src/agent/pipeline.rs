@@ -140,6 +140,9 @@ struct Publisher {
     node: Arc<str>,
     log: Option<std::io::BufWriter<std::io::StdoutLock<'static>>>,
     resetter: Resetter,
+    /// Enforcement's decisions as Kubernetes Events (`--inventory kubernetes`).
+    #[cfg(feature = "kubernetes")]
+    events: Option<super::events::Events>,
 }
 
 impl Publisher {
@@ -176,6 +179,10 @@ impl Publisher {
         let (Some(action), Some(rule)) = (record.action, record.action_rule) else {
             return;
         };
+        #[cfg(feature = "kubernetes")]
+        if let Some(events) = &mut self.events {
+            events.send(record);
+        }
         let (namespace, workload) = record.local.workload_labels();
         let what = (record.verdict.as_str(), &*record.reason);
         if action == Action::WouldRefuse {
@@ -253,6 +260,8 @@ impl Pipeline {
                     .log_flows
                     .then(|| std::io::BufWriter::new(std::io::stdout().lock())),
                 resetter: Resetter::default(),
+                #[cfg(feature = "kubernetes")]
+                events: None,
             },
             losses: Losses::default(),
             reconcile: Schedule::default(),
@@ -271,6 +280,12 @@ impl Pipeline {
         }
         pipeline.reconcile("start")?;
         Ok(pipeline)
+    }
+
+    /// Publishes enforcement's decisions as Kubernetes Events from now on.
+    #[cfg(feature = "kubernetes")]
+    pub(super) fn publish_events(&mut self, events: super::events::Events) {
+        self.publisher.events = Some(events);
     }
 
     fn state(&self) -> &AgentState {
