@@ -21,9 +21,9 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use meshguard_ebpf::{
-    flags, peer_key, AllowKey, EventKind, FlowState, FlowTuple, Redirect, Stat, ALLOW_FIXED_BITS,
-    DIRECTION_EGRESS, DIRECTION_INGRESS, HEAD_LEN, HELLO_MAX, MODE_ENFORCE, PLAIN_SAMPLE,
-    SAMPLES_PER_DIRECTION, SAMPLE_HEADER_LEN, SAMPLE_MAX,
+    flags, peer_key, AllowKey, Enforce, EventKind, FlowState, FlowTuple, Redirect, Stat,
+    ALLOW_FIXED_BITS, DIRECTION_EGRESS, DIRECTION_INGRESS, HEAD_LEN, HELLO_MAX, MODE_ENFORCE,
+    PLAIN_SAMPLE, SAMPLES_PER_DIRECTION, SAMPLE_HEADER_LEN, SAMPLE_MAX,
 };
 
 use crate::{
@@ -262,11 +262,17 @@ fn enforced(ctx: &SkBuffContext, state: &FlowState, packet: &Packet, direction: 
     if ALLOWED.get(&key).is_some() {
         return None;
     }
-    Some(if rule.mode == MODE_ENFORCE {
+    Some(action(&rule))
+}
+
+/// What a container's rule does to plaintext past its sidecar.
+#[inline(always)]
+fn action(rule: &Enforce) -> u32 {
+    if rule.mode == MODE_ENFORCE {
         flags::REFUSED
     } else {
         flags::WOULD_REFUSE
-    })
+    }
 }
 
 /// A flow that began with a TLS handshake record, at a packet of that direction: judged once
@@ -300,12 +306,7 @@ fn after_hello(ctx: &SkBuffContext, state: &FlowState, packet: &Packet) -> u32 {
         return flags::ENFORCE_JUDGED;
     }
     // SAFETY: as in `enforced`: the same socket's rule, again.
-    let action = match unsafe { ENFORCE.get(state.cgroup) } {
-        Some(rule) if rule.mode == MODE_ENFORCE => flags::REFUSED,
-        Some(_) => flags::WOULD_REFUSE,
-        None => 0,
-    };
-    flags::ENFORCE_JUDGED | action
+    flags::ENFORCE_JUDGED | unsafe { ENFORCE.get(state.cgroup) }.map_or(0, action)
 }
 
 /// What netfilter's NAT did at this end, from an egress packet's addresses: sent elsewhere than

@@ -71,10 +71,27 @@ wire_enum! {
 
 /// A pod's mode, and what set it.
 pub fn pod_mode(pod: &PodInfo, inventory: &Inventory, default: Mode) -> (Mode, ModeSource) {
-    match (pod.enforce, inventory.enforcement.get(&pod.namespace)) {
-        (Some(mode), _) => (mode, ModeSource::Pod),
-        (None, Some(mode)) => (*mode, ModeSource::Namespace),
-        (None, None) => (default, ModeSource::Default),
+    match pod.enforce {
+        Some(mode) => (mode, ModeSource::Pod),
+        None => namespace_mode(inventory, &pod.namespace, default),
+    }
+}
+
+/// A namespace's mode, and what set it: its label, else the default.
+fn namespace_mode(inventory: &Inventory, namespace: &str, default: Mode) -> (Mode, ModeSource) {
+    match inventory.enforcement.get(namespace) {
+        Some(mode) => (*mode, ModeSource::Namespace),
+        None => (default, ModeSource::Default),
+    }
+}
+
+impl Action {
+    /// The mode that takes this action.
+    pub fn mode(self) -> Mode {
+        match self {
+            Action::Refused => Mode::Enforce,
+            Action::WouldRefuse => Mode::Audit,
+        }
     }
 }
 
@@ -86,10 +103,7 @@ pub fn by_namespace(inventory: &Inventory, default: Mode) -> Vec<NamespaceEnforc
         .iter()
         .filter(|p| p.mesh == MeshMode::Sidecar)
     {
-        let (mode, source) = match inventory.enforcement.get(&pod.namespace) {
-            Some(mode) => (*mode, ModeSource::Namespace),
-            None => (default, ModeSource::Default),
-        };
+        let (mode, source) = namespace_mode(inventory, &pod.namespace, default);
         let ns = out
             .entry(&pod.namespace)
             .or_insert_with(|| NamespaceEnforcement {

@@ -15,7 +15,6 @@ use prometheus::{
 };
 
 use crate::{
-    enforce::{Action, Mode},
     flow::record::{Change, FlowRecord},
     intent::contradicted,
     inventory::Inventory,
@@ -319,18 +318,11 @@ impl Metrics {
     pub fn observe(&self, record: &FlowRecord) {
         let count_flow = record.first_report;
         let closed = record.event == Change::Closed;
-        if let (true, Some(action)) = (
-            count_flow || record.event == Change::Enforced,
-            record.action,
-        ) {
+        if let (true, Some(action)) = (record.reports_action(), record.action) {
             // The enforced end is this socket's own.
             let (namespace, workload) = record.local.workload_labels();
-            let mode = match action {
-                Action::Refused => Mode::Enforce,
-                Action::WouldRefuse => Mode::Audit,
-            };
             self.enforcement_actions
-                .with_label_values(&[mode.as_str(), namespace, workload, &record.reason])
+                .with_label_values(&[action.mode().as_str(), namespace, workload, &record.reason])
                 .inc();
         }
         if !count_flow && !closed {

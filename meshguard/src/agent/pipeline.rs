@@ -155,7 +155,7 @@ impl Publisher {
                 .with_label_values(&[from.verdict.as_str(), record.verdict.as_str()])
                 .inc();
         }
-        if record.first_report || record.event == Change::Enforced {
+        if record.reports_action() {
             self.enforced(&record);
         }
         match record.event {

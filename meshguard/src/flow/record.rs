@@ -143,6 +143,12 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
+    /// Whether this record is the one that first says what enforcement did to its flow: its
+    /// first, or the `enforced` one that came after it.
+    pub fn reports_action(&self) -> bool {
+        self.action.is_some() && (self.first_report || self.event == Change::Enforced)
+    }
+
     /// The flow key: the socket cookie, or a UDP socket's per-peer key.
     pub fn cookie(&self) -> u64 {
         self.id.0
